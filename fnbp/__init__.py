@@ -1,0 +1,20 @@
+"""fnbp -- functional backprop.
+
+Neural-network layers as pure JAX functions whose gradients are the hand-derived
+backprop rules of the lecture notes, encoded with ``jax.custom_vjp``:
+
+    h_0 = x;  a_k = W_k h_{k-1} + b_k;  h_k = g_k(a_k);  y = h_L;  E = L(y; d)
+    delta_k = grad_{h_k} E (.) g'_k(a_k);  grad_{b_k} E = delta_k;
+    grad_{W_k} E = delta_k h_{k-1}^T;      grad_{h_{k-1}} E = W_k^T delta_k
+"""
+from . import activations, losses, reference, mlp
+from .backprop import backprop
+from . import optim
+from .activations import identity, sigmoid, tanh, relu, leaky_relu, prelu, step, sign, softmax
+from .layers import dense
+from .crosscheck import check
+
+__version__ = "0.1.0"
+
+__all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
+           "losses", "mlp", "backprop", "check", "activations", "reference"]

@@ -1,0 +1,92 @@
+"""The explicit backpropagation algorithm of the notes, as one jit-compatible function.
+
+No ``jax.grad`` or ``jax.vjp`` inside: the loop calls the very same forward and
+backward functions that the custom_vjp layers use (``rule.fwd``/``rule.bwd`` of
+each activation and loss, ``dense_forward``/``dense_backward``), so the loop and
+``jax.grad`` through ``fnbp.mlp.apply`` cannot drift apart.
+"""
+import functools
+
+import jax.numpy as jnp
+
+from . import activations, losses
+from .layers import dense_backward, dense_forward
+from .mlp import activation_rule, check_params, layer_activations
+
+__all__ = ["backprop", "loss_rule"]
+
+
+def loss_rule(loss, name="fnbp.backprop"):
+    """(rule, reduction) of a loss spec such as ``functools.partial(fnbp.losses.half_sse, reduction='sum')``."""
+    fn, kwargs = (loss.func, loss.keywords) if isinstance(loss, functools.partial) else (loss, {})
+    rule = getattr(fn, "rule", None)
+    if rule is None or fn is losses.l2_penalty:
+        raise ValueError(f"{name}: loss {loss!r} has no hand-written rule (use one of fnbp.losses; "
+                         f"the L2 penalty goes in the l2= argument)")
+    reduction = kwargs.get("reduction", "mean")
+    losses._check_reduction(fn.__name__, reduction)
+    return fn, rule, reduction
+
+
+def backprop(params, x, d, *, activation=activations.relu, output=activations.identity,
+             loss=losses.half_sse, l2=0.0):
+    """E and its gradient w.r.t. every parameter, by the notes' explicit algorithm.
+
+    Forward (store a_k and h_k):
+        h_0 = x;  a_k = W_k h_{k-1} + b_k;  h_k = g_k(a_k);  y = h_L;  E = L(y; d) + l2 * Omega
+    Backward:
+        grad_{h_L} E = grad_y L(y; d)
+        for k = L ... 1:
+            delta_k          = grad_{h_k} E (.) g'_k(a_k)     (activation rule's bwd)
+            grad_{b_k} E     = delta_k                        (summed over the batch)
+            grad_{W_k} E     = delta_k h_{k-1}^T              (delta^T H on a batch)
+            grad_{h_{k-1}} E = W_k^T delta_k
+        plus l2 * W_k for the L2 penalty, and grad_alpha for learnable PReLU slopes.
+
+    Args:
+      params: list of ``{"W", "b"}`` dicts (``"alpha"`` for PReLU layers).
+      x: one example (n_0,) or a mini-batch (batch, n_0).
+      d: the target: same shape as y for regression losses and ``cross_entropy``,
+        integer labels for ``softmax_cross_entropy``.
+      activation, output: as in ``fnbp.mlp.apply``.
+      loss: any of ``fnbp.losses`` (except l2_penalty), optionally a
+        ``functools.partial`` with ``reduction='sum'``.
+      l2: lambda of the L2 penalty lambda * 1/2 sum_k ||W_k||^2 (weights only).
+
+    Returns ``(E, grads)`` with ``grads`` structured like ``params``.
+    """
+    check_params(params, x, name="fnbp.backprop")
+    loss_fn, rule_L, reduction = loss_rule(loss)
+    gs = layer_activations(len(params), activation, output)
+
+    # Forward pass: store what each backward rule needs (a_k's mask/output, h_{k-1}, W_k).
+    h, stored = x, []
+    for layer, g in zip(params, gs):
+        rule_g, extra = activation_rule(g, layer)
+        a, dense_res = dense_forward(layer["W"], layer["b"], h)     # a_k = W_k h_{k-1} + b_k
+        h, act_res = rule_g.fwd(a, *extra)                          # h_k = g_k(a_k)
+        stored.append((rule_g, dense_res, act_res))
+    y = h
+    if loss_fn is losses.softmax_cross_entropy:
+        losses.softmax_cross_entropy(y, d, reduction=reduction)     # shape/label checks only (trace time)
+    else:
+        losses._check_same_shape(loss_fn.__name__, y, d)
+    E, loss_res = rule_L.fwd(y, d, reduction)
+
+    # Backward pass: k = L ... 1.
+    grad_h = rule_L.bwd(reduction, loss_res, jnp.ones((), E.dtype))[0]   # grad_{h_L} E = grad_y L
+    grads = [None] * len(params)
+    for k in reversed(range(len(params))):
+        rule_g, dense_res, act_res = stored[k]
+        delta, *extra_grads = rule_g.bwd(act_res, grad_h)                 # delta_k = grad_{h_k} E (.) g'(a_k)
+        grad_W, grad_b, grad_h = dense_backward(dense_res, delta)         # delta h^T, delta, W^T delta
+        grads[k] = {"W": grad_W, "b": grad_b}
+        if "alpha" in params[k]:
+            grads[k]["alpha"] = (extra_grads[0] if extra_grads and extra_grads[0] is not None
+                                 else jnp.zeros_like(params[k]["alpha"]))
+    if not (isinstance(l2, (int, float)) and l2 == 0):
+        penalty, penalty_res = losses.l2_penalty.rule.fwd(params, l2)
+        grad_penalty, _ = losses.l2_penalty.rule.bwd(penalty_res, jnp.ones((), E.dtype))
+        E = E + penalty
+        grads = [{n: g + grad_penalty[k][n] for n, g in layer.items()} for k, layer in enumerate(grads)]
+    return E, grads

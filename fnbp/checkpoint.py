@@ -1,0 +1,364 @@
+"""Checkpoints: one atomic ``.npz`` file holding params, optimiser state, step, epoch, PRNG key.
+
+Layout of the file (a plain ``numpy.savez`` zip, readable with ``np.load(path)``; no pickles):
+
+* one entry per pytree leaf, named ``"params" + keystr(path)`` / ``"opt_state" + keystr(path)``
+  (e.g. ``params['layers'][0]['w']``, ``opt_state[0].mu['w']``), where ``keystr`` is
+  ``jax.tree_util.keystr`` of the leaf's path from ``tree_flatten_with_path``;
+* the PRNG key under ``"key"`` (its raw ``uint32`` data; for a typed key from ``jax.random.key``
+  the data from ``jax.random.key_data`` plus the implementation's name in the metadata);
+* ``"__fnbp_meta__"``: UTF-8 JSON as a uint8 array with ``format``, ``step``, ``epoch``, ``extra``,
+  ``treedef`` (the params / opt_state treedefs' strings, informative only) and ``leaves`` (one record
+  per entry: ``name``, ``tree``, ``path``, ``kind``, ``dtype``, ``shape``, plus ``impl`` for keys).
+
+Arrays are stored with their exact dtype and bytes, so a loaded checkpoint equals the saved state
+bit for bit. Dtypes numpy cannot store natively (e.g. bfloat16) are stored as unsigned integers of
+the same width and viewed back on load.
+"""
+from __future__ import annotations
+
+import json
+import operator
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["CheckpointError", "save", "load", "read_metadata", "FORMAT"]
+
+FORMAT = "fnbp-checkpoint-v1"
+_META = "__fnbp_meta__"
+_KEY = "key"
+_TREES = ("params", "opt_state")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt, not an fnbp checkpoint, or does not match the templates."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaf encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_typed_key(x) -> bool:
+    dt = getattr(x, "dtype", None)
+    return dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
+
+
+def _encode(name: str, leaf, fn: str) -> tuple[np.ndarray, dict]:
+    """Leaf -> (array to store, metadata record)."""
+    if _is_typed_key(leaf):
+        data = np.asarray(jax.random.key_data(leaf))
+        rec = {"kind": "key", "impl": str(jax.random.key_impl(leaf)), "dtype": str(data.dtype),
+               "shape": list(leaf.shape)}
+        return data, rec
+    if isinstance(leaf, (bool, int, float, complex)):
+        kind = "python"
+    elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        kind = "array"
+    else:
+        raise TypeError(
+            f"{fn}: leaf {name} has unsupported type {type(leaf).__name__}; expected a jax/numpy "
+            f"array, a numpy scalar, a Python bool/int/float/complex or a jax PRNG key"
+        )
+    arr = np.asarray(leaf)
+    if arr.dtype.kind in "OUSV" and not _is_user_dtype(arr.dtype):
+        raise TypeError(f"{fn}: leaf {name} has unsupported dtype {arr.dtype}")
+    rec = {"kind": kind, "dtype": arr.dtype.name, "shape": list(arr.shape)}
+    if _is_user_dtype(arr.dtype):  # e.g. ml_dtypes bfloat16: np.save would write it as raw void
+        arr = arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
+    return arr, rec
+
+
+def _is_user_dtype(dt: np.dtype) -> bool:
+    return dt.num >= 256  # NPY_USERDEF: dtypes registered by extensions such as ml_dtypes
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(jnp.dtype(name))  # jnp.dtype knows bfloat16, float8_*, int4, ...
+
+
+def _stored_array(arr: np.ndarray, rec: dict) -> np.ndarray:
+    """Undo the unsigned-int view used for extension dtypes."""
+    dt = _np_dtype(rec["dtype"])
+    if _is_user_dtype(dt):
+        arr = arr.view(dt)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_int(fn: str, what: str, v) -> int:
+    if isinstance(v, bool):
+        raise TypeError(f"{fn}: {what} must be an integer, got bool {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        pass
+    try:  # 0-d jax / numpy integer arrays
+        a = np.asarray(v)
+        if a.shape == () and np.issubdtype(a.dtype, np.integer):
+            return int(a)
+    except Exception:
+        pass
+    raise TypeError(f"{fn}: {what} must be an integer, got {type(v).__name__} {v!r}")
+
+
+def save(path, *, params, opt_state, step, epoch, key, extra=None) -> Path:
+    """Write a checkpoint to ``path`` atomically and return ``Path(path)``.
+
+    ``params`` and ``opt_state`` are arbitrary pytrees (dicts, lists, tuples, NamedTuples such as
+    optax states) whose leaves are jax/numpy arrays, numpy scalars, Python bool/int/float/complex or
+    typed PRNG keys. ``key`` is a raw ``uint32`` key (``jax.random.PRNGKey``), a typed key
+    (``jax.random.key``) or ``None``. ``step`` and ``epoch`` are integers; ``extra`` is any
+    JSON-serialisable value (checked before anything is written).
+
+    Steps: the parent directory is created if missing; the npz is written to a temporary file
+    ``.<name>.*.tmp`` in the same directory, flushed and ``os.fsync``-ed, then moved over ``path``
+    with ``os.replace`` (atomic on POSIX); the directory is then fsync-ed where the OS allows. If
+    anything fails the temporary file is removed and the exception propagates, so an existing
+    checkpoint at ``path`` is either fully replaced or left untouched. The file is written exactly at
+    ``path`` (no ``.npz`` suffix is added).
+    """
+    fn = "fnbp.checkpoint.save"
+    path = Path(path)
+    step = _as_int(fn, "step", step)
+    epoch = _as_int(fn, "epoch", epoch)
+    try:
+        extra_json = json.loads(json.dumps(extra, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{fn}: extra must be JSON-serialisable (no NaN/inf), got {type(extra).__name__}: {e}") from e
+
+    arrays: dict[str, np.ndarray] = {}
+    records: list[dict] = []
+    treedefs = {}
+    for tree_name, tree in (("params", params), ("opt_state", opt_state)):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        treedefs[tree_name] = str(treedef)
+        for kp, leaf in leaves:
+            name = tree_name + jax.tree_util.keystr(kp)
+            if name in arrays:
+                raise ValueError(f"{fn}: two leaves map to the same entry name {name!r}")
+            arr, rec = _encode(name, leaf, fn)
+            arrays[name] = arr
+            records.append({"name": name, "tree": tree_name, "path": jax.tree_util.keystr(kp), **rec})
+    if key is None:
+        key_rec = None
+    else:
+        if not (_is_typed_key(key) or isinstance(key, (jax.Array, np.ndarray))):
+            raise TypeError(f"{fn}: key must be a jax PRNG key (raw uint32 or typed) or None, got {type(key).__name__}")
+        if not _is_typed_key(key) and np.asarray(key).dtype != np.uint32:
+            raise TypeError(
+                f"{fn}: a raw key must be a uint32 array as made by jax.random.PRNGKey, got dtype {np.asarray(key).dtype}"
+            )
+        arr, key_rec = _encode(_KEY, key, fn)
+        key_rec = {"name": _KEY, "tree": _KEY, "path": "", **key_rec}
+        arrays[_KEY] = arr
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "epoch": epoch,
+        "extra": extra_json,
+        "treedef": treedefs,
+        "leaves": records,
+        "key": key_rec,
+    }
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_all(path: Path, fn: str) -> tuple[dict, dict[str, np.ndarray]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{fn}: checkpoint file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{fn}: {path} is a directory, expected a checkpoint .npz file")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{fn}: {path} is a single .npy array, not an fnbp checkpoint (.npz archive)")
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{fn}: {path} is not a readable checkpoint (corrupt, truncated or not an .npz zip): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if _META not in arrays:
+        raise CheckpointError(f"{fn}: {path} is an .npz file but not an fnbp checkpoint (no {_META!r} entry)")
+    try:
+        meta = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{fn}: {path}: metadata entry {_META!r} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{fn}: {path}: unknown checkpoint format: expected {FORMAT!r}, found {found!r}")
+    names = {r["name"] for r in meta["leaves"]} | ({_KEY} if meta.get("key") else set())
+    missing = sorted(names - set(arrays))
+    if missing:
+        raise CheckpointError(f"{fn}: {path}: metadata lists entries that the file lacks: {missing}")
+    return meta, arrays
+
+
+def read_metadata(path) -> dict:
+    """Return the JSON metadata of the checkpoint at ``path`` (step, epoch, extra, leaves, ...).
+
+    Reads (and CRC-checks) the whole file; raises like :func:`load` for missing or corrupt files.
+    """
+    meta, _ = _read_all(Path(path), "fnbp.checkpoint.read_metadata")
+    return meta
+
+
+def _template_info(leaf):
+    """(kind, dtype name, shape, impl) expected from a template leaf."""
+    if _is_typed_key(leaf):
+        return "key", str(np.asarray(jax.random.key_data(leaf)).dtype), tuple(leaf.shape), str(jax.random.key_impl(leaf))
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return "array", np.dtype(leaf.dtype).name, tuple(leaf.shape), None
+    if isinstance(leaf, (bool, int, float, complex)):
+        return "python", np.asarray(leaf).dtype.name, (), None
+    arr = np.asarray(leaf)
+    return "array", arr.dtype.name, tuple(arr.shape), None
+
+
+def _rebuild_leaf(template, arr: np.ndarray, rec: dict):
+    if rec["kind"] == "key":
+        return jax.random.wrap_key_data(jnp.asarray(arr), impl=rec["impl"])
+    arr = _stored_array(arr, rec)
+    if isinstance(template, (jax.Array, jax.ShapeDtypeStruct)):
+        return jnp.asarray(arr)
+    if isinstance(template, np.ndarray):
+        return arr
+    if isinstance(template, np.generic):
+        return arr[()]
+    if isinstance(template, (bool, int, float, complex)):
+        return type(template)(arr.item())
+    return arr
+
+
+def _diff_lines(tree_name: str, expected: dict, saved: dict) -> list[str]:
+    lines = []
+    miss = [n for n in expected if n not in saved]
+    extra = [n for n in saved if n not in expected]
+    for n in miss:
+        lines.append(f"missing from the file: {n} (template has {expected[n][1]}{list(expected[n][2])})")
+    for n in extra:
+        lines.append(f"extra in the file (not in {tree_name}_like): {n} ({saved[n]['dtype']}{saved[n]['shape']})")
+    for n, (kind, dtype, shape, impl) in expected.items():
+        rec = saved.get(n)
+        if rec is None:
+            continue
+        if (kind == "key") != (rec["kind"] == "key"):
+            lines.append(f"kind mismatch at {n}: template is {'a typed PRNG key' if kind == 'key' else 'an array'}, "
+                         f"file has {'a typed PRNG key' if rec['kind'] == 'key' else 'an array'}")
+            continue
+        if kind == "key" and impl != rec.get("impl"):
+            lines.append(f"key implementation mismatch at {n}: template {impl}, file {rec.get('impl')}")
+        if tuple(rec["shape"]) != shape:
+            lines.append(f"shape mismatch at {n}: template {shape}, file {tuple(rec['shape'])}")
+        if rec["dtype"] != dtype:
+            lines.append(f"dtype mismatch at {n}: template {dtype}, file {rec['dtype']}")
+    return lines
+
+
+def load(path, *, params_like, opt_state_like) -> dict:
+    """Read the checkpoint at ``path`` into the structures of ``params_like`` / ``opt_state_like``.
+
+    The templates give the pytree structure and each leaf's expected shape and dtype (their values
+    are ignored; ``jax.ShapeDtypeStruct`` leaves are accepted). Every template leaf path must be in
+    the file and vice versa, with equal shape and dtype; otherwise a :class:`CheckpointError`
+    (``ValueError``) lists every difference: leaf paths missing from the file, extra leaf paths in
+    the file, and shape / dtype mismatches, each with the path and both values.
+
+    Leaves come back as the template leaf's type: jax arrays for jax-array (or ShapeDtypeStruct)
+    templates, numpy arrays / scalars for numpy ones, Python scalars for Python ones, typed keys
+    for typed-key templates, always with the saved dtype and exact bytes.
+
+    Returns ``{"params", "opt_state", "step", "epoch", "key", "extra"}``; ``key`` is rebuilt from
+    the file alone: a uint32 jax array for a raw key, a typed key (same implementation) for a
+    typed one, ``None`` if none was saved. A missing file raises ``FileNotFoundError``; a file that
+    is not a zip, is truncated, fails its CRC check or lacks fnbp metadata raises
+    :class:`CheckpointError`; all messages name the file.
+    """
+    fn = "fnbp.checkpoint.load"
+    path = Path(path)
+    meta, arrays = _read_all(path, fn)
+    by_tree: dict[str, dict[str, dict]] = {t: {} for t in _TREES}
+    for rec in meta["leaves"]:
+        by_tree.setdefault(rec["tree"], {})[rec["name"]] = rec
+
+    out = {}
+    problems = []
+    plans = {}
+    for tree_name, template in (("params", params_like), ("opt_state", opt_state_like)):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        expected = {tree_name + jax.tree_util.keystr(kp): _template_info(leaf) for kp, leaf in leaves}
+        problems += _diff_lines(tree_name, expected, by_tree[tree_name])
+        plans[tree_name] = (leaves, treedef)
+    if problems:
+        shown = problems[:40]
+        more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
+        raise CheckpointError(
+            f"{fn}: {path} does not match the templates ({len(problems)} difference(s)):\n  "
+            + "\n  ".join(shown) + more
+        )
+    for tree_name, (leaves, treedef) in plans.items():
+        rebuilt = []
+        for kp, leaf in leaves:
+            name = tree_name + jax.tree_util.keystr(kp)
+            rebuilt.append(_rebuild_leaf(leaf, arrays[name], by_tree[tree_name][name]))
+        out[tree_name] = jax.tree_util.tree_unflatten(treedef, rebuilt)
+
+    key_rec = meta.get("key")
+    if key_rec is None:
+        key = None
+    elif key_rec["kind"] == "key":
+        key = jax.random.wrap_key_data(jnp.asarray(arrays[_KEY]), impl=key_rec["impl"])
+    else:
+        key = jnp.asarray(arrays[_KEY])
+    out.update(step=meta["step"], epoch=meta["epoch"], key=key, extra=meta["extra"])
+    return out

@@ -1,0 +1,94 @@
+"""The dense (fully connected) layer and its hand-derived backward rule.
+
+Notation of the notes: h_{k-1} is the layer's input, W_k of shape (n_out, n_in)
+(W[i, j] links node j of the previous layer to node i), b_k of shape (n_out,),
+a_k = W_k h_{k-1} + b_k its pre-activation and delta_k = grad_{a_k} E.
+
+One rule covers one example (h of shape (n_in,)) and a mini-batch (h of shape
+(batch, n_in), or any number of leading batch axes): the weight gradient is a
+single matrix product that contracts the batch axes (delta^T H), never a
+batch x n_out x n_in tensor that is then summed.  ``jax.vmap`` is for what
+really is per example (per-example gradients), ensembles and sweeps; batches go
+through this matrix-form rule.
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["dense", "dense_forward", "dense_backward", "check_dense_shapes"]
+
+
+def check_dense_shapes(W, b, h, name="fnbp.dense"):
+    """Raise ValueError at trace time when W, b and h do not fit together."""
+    if jnp.ndim(W) != 2:
+        raise ValueError(f"{name}: W must be a matrix of shape (n_out, n_in), got shape {jnp.shape(W)}")
+    n_out, n_in = jnp.shape(W)
+    if jnp.shape(b) != (n_out,):
+        raise ValueError(f"{name}: b must have shape (n_out,) = ({n_out},) to match W of shape {jnp.shape(W)}, "
+                         f"got shape {jnp.shape(b)}")
+    if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != n_in:
+        raise ValueError(f"{name}: h must have shape (n_in,) or (batch, n_in) with n_in = {n_in} "
+                         f"(the width of W of shape {jnp.shape(W)}), got shape {jnp.shape(h)}")
+
+
+def dense_forward(W, b, h_prev):
+    """Forward: a = W h_prev + b, for h_prev of shape (..., n_in); returns (a, residuals).
+
+    For a mini-batch H (rows are examples) this is A = H W^T + b.  The residuals
+    (W, h_prev) are what the backward rule needs.
+    """
+    a = lax.dot_general(h_prev, W, (((h_prev.ndim - 1,), (1,)), ((), ()))) + b
+    return a, (W, h_prev)
+
+
+def dense_backward(residuals, delta):
+    """Backward of a = W h + b, given delta = grad_a E of shape (..., n_out).
+
+        grad_W E = delta h^T              (one example)
+                 = sum_n delta_n h_n^T    (mini-batch: one product delta^T H)
+        grad_b E = delta                  (summed over the batch)
+        grad_h E = W^T delta              (per example)
+
+    The weight gradient is laid out as (n_out x B)(B x n_in): the batch axis is
+    contracted directly with ``dot_general``, so XLA sees a plain GEMM and no
+    batch x n_out x n_in temporary ever exists.
+    """
+    W, h_prev = residuals
+    n_out, n_in = W.shape
+    delta2 = delta.reshape(-1, n_out)      # (B, n_out); B = 1 for one example
+    h2 = h_prev.reshape(-1, n_in)          # (B, n_in)
+    grad_W = lax.dot_general(delta2, h2, (((0,), (0,)), ((), ())))   # delta^T H: (n_out, n_in)
+    grad_b = jnp.sum(delta2, axis=0)
+    grad_h = lax.dot_general(delta, W, (((delta.ndim - 1,), (0,)), ((), ())))  # W^T delta per example
+    return grad_W, grad_b, grad_h
+
+
+@jax.custom_vjp
+def _dense(W, b, h):
+    return dense_forward(W, b, h)[0]
+
+
+_dense.defvjp(dense_forward, dense_backward)
+
+
+def dense(W, b, h):
+    """Dense layer a = W h + b with the hand-derived backward rule.
+
+    Args:
+      W: weights of shape (n_out, n_in); W[i, j] links input node j to output node i.
+      b: biases of shape (n_out,).
+      h: the previous layer's output h_{k-1}, shape (n_in,) or (batch, n_in).
+
+    Returns:
+      a of shape (n_out,) or (batch, n_out).
+
+    Backward (see ``dense_backward``): grad_W = delta h^T (delta^T H on a batch),
+    grad_b = delta (summed over the batch), grad_h = W^T delta.
+
+    Raises ValueError at trace time when the shapes do not fit.
+    """
+    check_dense_shapes(W, b, h)
+    return _dense(W, b, h)
+
+
+dense.rule = _dense

@@ -1,0 +1,310 @@
+"""Loss functions E = L(y; d), each with its gradient grad_y E written by hand.
+
+Shapes: ``y`` is the network output, (n,) for one example or (batch, n) for a
+mini-batch (any number of leading batch axes).  Per example the loss sums (or
+averages, for ``mse``/``mae``) over the n output components; over the batch it
+is reduced with ``reduction``:
+
+* ``'mean'`` (default): E = (1/M) sum_n E_n, the notes' mini-batch average;
+* ``'sum'``: E = sum_n E_n, the notes' sum over the training set.
+
+For one example (``y`` of shape (n,)) both reductions give E_1.
+
+Each public loss carries its ``jax.custom_vjp`` rule as ``fn.rule`` with
+``fn.rule.fwd(y, d, reduction) -> (E, residuals)`` and
+``fn.rule.bwd(reduction, residuals, g) -> (grad_y, grad_d)``; the explicit
+backprop loop starts from exactly that ``grad_y``.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
+           "LOSSES"]
+
+REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(name, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"fnbp.losses.{name}: reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _check_same_shape(name, y, d):
+    if jnp.shape(y) != jnp.shape(d):
+        raise ValueError(f"fnbp.losses.{name}: y and d must have the same shape, "
+                         f"got y {jnp.shape(y)} and d {jnp.shape(d)}")
+
+
+def _batch_scale(shape, reduction, has_components=True):
+    """1/M for 'mean' (M = number of examples), 1 for 'sum'."""
+    batch_shape = shape[:-1] if has_components else shape
+    return 1.0 / max(math.prod(batch_shape), 1) if reduction == "mean" else 1.0
+
+
+def _reduce(per_example, reduction):
+    return jnp.mean(per_example) if reduction == "mean" else jnp.sum(per_example)
+
+
+def _components(x):
+    """Sum over the output components (the last axis); a scalar is one component."""
+    return jnp.sum(x, axis=-1) if x.ndim else x
+
+
+def _n_components(shape):
+    return shape[-1] if len(shape) else 1
+
+
+# --- 1/2 ||y - d||^2 ---------------------------------------------------------
+def _half_sse_fwd(y, d, reduction):
+    r = y - d
+    return _reduce(0.5 * _components(r * r), reduction), r
+
+
+def _half_sse_bwd(reduction, r, g):
+    grad_y = g * _batch_scale(r.shape, reduction) * r          # grad_y E = y - d
+    return grad_y, -grad_y
+
+
+_half_sse = jax.custom_vjp(lambda y, d, reduction: _half_sse_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
+_half_sse.defvjp(_half_sse_fwd, _half_sse_bwd)
+
+
+def half_sse(y, d, *, reduction="mean"):
+    """Half squared error E = 1/2 ||y - d||^2 per example.  grad_y E = y - d."""
+    _check_reduction("half_sse", reduction)
+    _check_same_shape("half_sse", y, d)
+    return _half_sse(y, d, reduction)
+
+
+half_sse.rule = _half_sse
+
+
+# --- (y - d)^2 ---------------------------------------------------------------
+def _sse_fwd(y, d, reduction):
+    r = y - d
+    return _reduce(_components(r * r), reduction), r
+
+
+def _sse_bwd(reduction, r, g):
+    grad_y = g * _batch_scale(r.shape, reduction) * 2 * r      # grad_y E = 2 (y - d)
+    return grad_y, -grad_y
+
+
+_sse = jax.custom_vjp(lambda y, d, reduction: _sse_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
+_sse.defvjp(_sse_fwd, _sse_bwd)
+
+
+def sse(y, d, *, reduction="mean"):
+    """Squared error E = ||y - d||^2 = sum_i (y_i - d_i)^2 per example (the notes' single-neuron
+    chain (a - y)^2).  grad_y E = 2 (y - d)."""
+    _check_reduction("sse", reduction)
+    _check_same_shape("sse", y, d)
+    return _sse(y, d, reduction)
+
+
+sse.rule = _sse
+
+
+# --- mean squared error --------------------------------------------------------
+def _mse_fwd(y, d, reduction):
+    r = y - d
+    return _reduce(_components(r * r) / _n_components(r.shape), reduction), r
+
+
+def _mse_bwd(reduction, r, g):
+    grad_y = g * _batch_scale(r.shape, reduction) * 2 * r / _n_components(r.shape)   # grad_y E = 2 (y - d) / n
+    return grad_y, -grad_y
+
+
+_mse = jax.custom_vjp(lambda y, d, reduction: _mse_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
+_mse.defvjp(_mse_fwd, _mse_bwd)
+
+
+def mse(y, d, *, reduction="mean"):
+    """Mean squared error E = (1/n) sum_i (y_i - d_i)^2 per example (n outputs).  grad_y E = 2 (y - d) / n.
+
+    With reduction='mean' this is the mean over every element, as in the notes' MSE example.
+    """
+    _check_reduction("mse", reduction)
+    _check_same_shape("mse", y, d)
+    return _mse(y, d, reduction)
+
+
+mse.rule = _mse
+
+
+# --- mean absolute error -------------------------------------------------------
+def _mae_fwd(y, d, reduction):
+    r = y - d
+    return _reduce(_components(jnp.abs(r)) / _n_components(r.shape), reduction), r
+
+
+def _mae_bwd(reduction, r, g):
+    grad_y = g * _batch_scale(r.shape, reduction) * jnp.sign(r) / _n_components(r.shape)  # sign(y - d) / n
+    return grad_y, -grad_y
+
+
+_mae = jax.custom_vjp(lambda y, d, reduction: _mae_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
+_mae.defvjp(_mae_fwd, _mae_bwd)
+
+
+def mae(y, d, *, reduction="mean"):
+    """Mean absolute error E = (1/n) sum_i |y_i - d_i| per example.  grad_y E = sign(y - d) / n
+    (0 where y = d, the subgradient JAX also picks)."""
+    _check_reduction("mae", reduction)
+    _check_same_shape("mae", y, d)
+    return _mae(y, d, reduction)
+
+
+mae.rule = _mae
+
+
+# --- cross-entropy on probabilities ------------------------------------------
+def _cross_entropy_fwd(p, d, reduction):
+    log_p = jnp.log(p)
+    d_log_p = jnp.where(d == 0, 0, d * log_p)            # 0 log 0 = 0
+    return _reduce(-_components(d_log_p), reduction), (p, d, log_p)
+
+
+def _cross_entropy_bwd(reduction, res, g):
+    p, d, log_p = res
+    scale = g * _batch_scale(p.shape, reduction)
+    grad_p = scale * jnp.where(d == 0, 0, -d / p)        # grad_p E = -d / p
+    grad_d = scale * -log_p                              # grad_d E = -log p
+    return grad_p, grad_d
+
+
+_cross_entropy = jax.custom_vjp(lambda p, d, reduction: _cross_entropy_fwd(p, d, reduction)[0],
+                                nondiff_argnums=(2,))
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def cross_entropy(p, d, *, reduction="mean"):
+    """Cross-entropy on probabilities (after a softmax layer): E = -sum_i d_i log p_i.
+
+    ``d`` is one-hot or a probability vector, same shape as ``p``.
+    Backward: grad_p E = -d / p (and grad_d E = -log p).  Composed with
+    ``fnbp.softmax`` this gives delta = p - d at the logits, as the notes show;
+    ``softmax_cross_entropy`` computes that fused and stably.
+    """
+    _check_reduction("cross_entropy", reduction)
+    _check_same_shape("cross_entropy", p, d)
+    return _cross_entropy(p, d, reduction)
+
+
+cross_entropy.rule = _cross_entropy
+
+
+# --- softmax cross-entropy on logits -----------------------------------------
+def _softmax_cross_entropy_fwd(logits, labels, reduction):
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    z = logits - m
+    log_sum_exp = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
+    z_label = jnp.take_along_axis(z, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    p = jnp.exp(z - log_sum_exp[..., None])               # softmax(logits), kept for the backward
+    return _reduce(log_sum_exp - z_label, reduction), (p, labels)
+
+
+def _softmax_cross_entropy_bwd(reduction, res, g):
+    p, labels = res
+    onehot = jax.nn.one_hot(labels, p.shape[-1], dtype=p.dtype)
+    grad_logits = g * _batch_scale(p.shape, reduction) * (p - onehot)   # softmax(y) - onehot(d)
+    return grad_logits, None                              # integer labels: no cotangent
+
+
+_softmax_cross_entropy = jax.custom_vjp(
+    lambda y, labels, reduction: _softmax_cross_entropy_fwd(y, labels, reduction)[0], nondiff_argnums=(2,))
+_softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
+
+
+def softmax_cross_entropy(logits, labels, *, reduction="mean"):
+    """Softmax cross-entropy on logits with integer labels (PyTorch's ``cross_entropy`` convention).
+
+    E_n = -log softmax(y_n)[d_n] = logsumexp(y_n) - y_n[d_n], computed through
+    log-sum-exp with the max subtracted (stable for |y| up to 1e4 and beyond).
+    Backward (fused): grad_y E = softmax(y) - onehot(d).
+
+    Args:
+      logits: (n_classes,) or (batch, n_classes).
+      labels: integer class indices, shape () or (batch,).  An ordinary
+        argument whose cotangent is None.
+
+    Labels out of range [0, n_classes) raise ValueError when the function is
+    called outside ``jit`` on concrete arrays.  Inside ``jit`` labels are not
+    inspected (no host round-trip): an out-of-range label then selects nothing
+    (clamped by ``take_along_axis``, a zero one-hot row in the backward), so the
+    loss and gradient are silently wrong -- validate labels before training, as
+    ``fnbp.data`` does.
+    """
+    _check_reduction("softmax_cross_entropy", reduction)
+    logits_shape, labels_shape = jnp.shape(logits), jnp.shape(labels)
+    if len(logits_shape) < 1 or logits_shape[:-1] != labels_shape:
+        raise ValueError("fnbp.losses.softmax_cross_entropy: logits must have shape labels.shape + (n_classes,); "
+                         f"got logits {logits_shape} and labels {labels_shape} (batch sizes must match)")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError("fnbp.losses.softmax_cross_entropy: labels must be integer class indices, "
+                         f"got dtype {jnp.result_type(labels)} (use cross_entropy for one-hot/probability targets)")
+    lab = _concrete(labels)
+    if lab is not None:
+        if lab.size and (lab.min() < 0 or lab.max() >= logits_shape[-1]):
+            raise ValueError(f"fnbp.losses.softmax_cross_entropy: labels must be in [0, {logits_shape[-1]}) "
+                             f"for {logits_shape[-1]} classes, got values in [{lab.min()}, {lab.max()}]")
+    return _softmax_cross_entropy(logits, labels, reduction)
+
+
+softmax_cross_entropy.rule = _softmax_cross_entropy
+
+
+def _concrete(x):
+    """x as a numpy array when it is concrete (outside jit), else None."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+# --- L2 penalty lambda * Omega -------------------------------------------------
+def _is_weight(path):
+    last = path[-1] if path else None
+    return isinstance(last, jax.tree_util.DictKey) and last.key == "W"
+
+
+def _omega(params):
+    leaves = [x for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if _is_weight(p)]
+    return 0.5 * sum(jnp.sum(W * W) for W in leaves) if leaves else jnp.zeros(())
+
+
+def _l2_penalty_fwd(params, lam):
+    omega = _omega(params)
+    return lam * omega, (params, lam, omega)
+
+
+def _l2_penalty_bwd(res, g):
+    params, lam, omega = res
+    grads = jax.tree_util.tree_map_with_path(                     # grad_W (lambda Omega) = lambda W
+        lambda p, x: g * lam * x if _is_weight(p) else jnp.zeros_like(x), params)
+    return grads, g * omega
+
+
+_l2_penalty = jax.custom_vjp(lambda params, lam: _l2_penalty_fwd(params, lam)[0])
+_l2_penalty.defvjp(_l2_penalty_fwd, _l2_penalty_bwd)
+
+
+def l2_penalty(params, lam):
+    """L2 penalty lambda Omega(theta), Omega = 1/2 sum_k ||W_k||^2 over the weights only.
+
+    "Weights" are the leaves stored under the key ``"W"`` (biases ``"b"`` and
+    anything else are not penalised).  Backward: grad_W = lambda W, grad_b = 0,
+    grad_lambda = Omega.  Add it to a data loss: J = L + lambda Omega.
+    """
+    return _l2_penalty(params, lam)
+
+
+l2_penalty.rule = _l2_penalty
+
+
+LOSSES = {"half_sse": half_sse, "sse": sse, "mse": mse, "mae": mae, "cross_entropy": cross_entropy,
+          "softmax_cross_entropy": softmax_cross_entropy}

@@ -1,0 +1,163 @@
+"""Multi-layer perceptrons as a plain pytree of parameters and a forward function.
+
+A network of L layers is a list of dicts ``{"W": (n_out, n_in), "b": (n_out,)}``
+(plus ``"alpha"`` for a learnable PReLU slope).  The forward pass composes the
+custom_vjp layers of ``fnbp.layers`` and ``fnbp.activations``:
+
+    h_0 = x;  a_k = W_k h_{k-1} + b_k;  h_k = g_k(a_k);  y = h_L
+
+so ``jax.grad`` through ``apply`` runs our hand-written rules layer by layer.
+``fnbp.backprop`` runs the same rules as the explicit loop of the notes.
+"""
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+
+from . import activations
+from .layers import dense
+
+__all__ = ["init", "apply", "num_params", "layer_activations", "check_params", "INITS"]
+
+INITS = ("uniform", "glorot", "he")
+
+
+def init(key, sizes, *, init="glorot", dtype=jnp.float32, prelu_alpha=None):
+    """Random parameters for a network with layer widths ``sizes`` = (n_0, n_1, ..., n_L).
+
+    Args:
+      key: a ``jax.random`` key; same key, same parameters.
+      sizes: input width followed by each layer's width, e.g. (784, 512, 512, 10).
+      init: the weight initialiser:
+        * ``"uniform"``: W and b uniform in [-1, 1] (the notes' "random between -1 and 1");
+        * ``"glorot"``: W uniform in [-r, r], r = sqrt(6 / (n_in + n_out)) (Glorot & Bengio 2010), b = 0;
+        * ``"he"``: W normal with std sqrt(2 / n_in) (He et al. 2015, for ReLU), b = 0.
+      dtype: parameter dtype (float32 by default; pass jnp.float64 under x64 for checks).
+      prelu_alpha: if given, every hidden layer also gets ``"alpha"``, one
+        learnable PReLU slope per unit initialised to this value.
+
+    Returns a list of L dicts ``{"W": (n_out, n_in), "b": (n_out,)}``.
+    """
+    sizes = tuple(int(n) for n in sizes)
+    if len(sizes) < 2 or any(n < 1 for n in sizes):
+        raise ValueError(f"fnbp.mlp.init: sizes must list the input width and at least one layer width, "
+                         f"all >= 1, got {sizes}")
+    if init not in INITS:
+        raise ValueError(f"fnbp.mlp.init: init must be one of {INITS}, got {init!r}")
+    params = []
+    keys = jax.random.split(key, len(sizes) - 1)
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        k_W, k_b = jax.random.split(keys[k])
+        if init == "uniform":
+            W = jax.random.uniform(k_W, (n_out, n_in), dtype, -1.0, 1.0)
+            b = jax.random.uniform(k_b, (n_out,), dtype, -1.0, 1.0)
+        elif init == "glorot":
+            r = math.sqrt(6.0 / (n_in + n_out))
+            W = jax.random.uniform(k_W, (n_out, n_in), dtype, -r, r)
+            b = jnp.zeros((n_out,), dtype)
+        else:
+            W = jax.random.normal(k_W, (n_out, n_in), dtype) * math.sqrt(2.0 / n_in)
+            b = jnp.zeros((n_out,), dtype)
+        layer = {"W": W, "b": b}
+        if prelu_alpha is not None and k < len(sizes) - 2:
+            layer["alpha"] = jnp.full((n_out,), prelu_alpha, dtype)
+        params.append(layer)
+    return params
+
+
+def num_params(sizes):
+    """Number of parameters sum_k (n_{k-1} + 1) n_k of a dense network with widths ``sizes``.
+
+    The notes' exercise: 1600-100-100-100-10 has 181,310 parameters.
+    """
+    sizes = [int(n) for n in sizes]
+    return sum((n_in + 1) * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+
+
+def check_params(params, x=None, name="fnbp.mlp.apply"):
+    """Raise ValueError naming the layer index and the widths when the layers do not chain."""
+    if not isinstance(params, (list, tuple)) or not params:
+        raise ValueError(f"{name}: params must be a non-empty list of {{'W', 'b'}} dicts, got {type(params).__name__}")
+    for k, layer in enumerate(params):
+        if not isinstance(layer, dict) or "W" not in layer or "b" not in layer:
+            raise ValueError(f"{name}: layer {k} must be a dict with 'W' and 'b', got {layer!r:.80}")
+        W, b = layer["W"], layer["b"]
+        if jnp.ndim(W) != 2:
+            raise ValueError(f"{name}: layer {k}: W must have shape (n_out, n_in), got {jnp.shape(W)}")
+        if jnp.shape(b) != (jnp.shape(W)[0],):
+            raise ValueError(f"{name}: layer {k}: b has shape {jnp.shape(b)} but W has {jnp.shape(W)[0]} rows "
+                             f"(expected b of shape ({jnp.shape(W)[0]},))")
+    for k in range(1, len(params)):
+        n_prev, n_in = jnp.shape(params[k - 1]["W"])[0], jnp.shape(params[k]["W"])[1]
+        if n_prev != n_in:
+            raise ValueError(f"{name}: layer widths do not chain: layer {k - 1} outputs {n_prev} units but "
+                             f"layer {k} expects {n_in} inputs (W of layer {k} has shape {jnp.shape(params[k]['W'])})")
+    if x is not None:
+        n_in = jnp.shape(params[0]["W"])[1]
+        if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != n_in:
+            raise ValueError(f"{name}: input x has shape {jnp.shape(x)} but layer 0 expects {n_in} inputs "
+                             f"(x of shape ({n_in},) or (batch, {n_in}))")
+
+
+def layer_activations(n_layers, activation, output):
+    """The list g_1 ... g_L: ``activation`` for the hidden layers (or a list of L - 1
+    per-layer activations), ``output`` for the last layer."""
+    if isinstance(activation, (list, tuple)):
+        if len(activation) != n_layers - 1:
+            raise ValueError(f"fnbp.mlp: a per-layer activation list needs one entry per hidden layer "
+                             f"({n_layers - 1} for {n_layers} layers), got {len(activation)}")
+        return list(activation) + [output]
+    return [activation] * (n_layers - 1) + [output]
+
+
+def _is_prelu(act):
+    return (act.func if isinstance(act, functools.partial) else act) is activations.prelu
+
+
+def activation_rule(act, layer, name="fnbp.backprop"):
+    """(rule, extra_args) for an activation spec: the custom_vjp rule and the
+    arguments that follow ``a`` (e.g. the leaky slope, or PReLU's alpha from the layer)."""
+    fn, args, kwargs = ((act.func, act.args, act.keywords) if isinstance(act, functools.partial) else (act, (), {}))
+    rule = getattr(fn, "rule", None)
+    if rule is None:
+        raise ValueError(f"{name}: activation {act!r} has no hand-written rule (use one of fnbp's activations)")
+    names = list(inspect.signature(fn).parameters)[1:]
+    bound = dict(zip(names, args), **kwargs)
+    if fn is activations.prelu and "alpha" not in bound:
+        if "alpha" not in layer:
+            raise ValueError(f"{name}: prelu needs a learnable 'alpha' in the layer's parameters "
+                             f"(fnbp.mlp.init(..., prelu_alpha=0.25) adds one)")
+        bound["alpha"] = layer["alpha"]
+    sig = inspect.signature(fn).bind_partial(None, **bound)
+    sig.apply_defaults()
+    return rule, tuple(sig.arguments[n] for n in names)
+
+
+def apply_activation(act, a, layer):
+    """h = g(a), passing PReLU its learnable alpha from the layer."""
+    if _is_prelu(act) and "alpha" not in getattr(act, "keywords", {}):
+        return act(a, layer["alpha"])
+    return act(a)
+
+
+def apply(params, x, *, activation=activations.relu, output=activations.identity):
+    """Forward pass y = h_L of the network (custom_vjp layers, so ``jax.grad`` runs our rules).
+
+    Args:
+      params: list of layer dicts ``{"W", "b"}`` (``"alpha"`` for PReLU layers).
+      x: one example (n_0,) or a mini-batch (batch, n_0).
+      activation: g for the hidden layers, or a list of L - 1 per-layer activations;
+        any of fnbp's activations (``functools.partial(fnbp.leaky_relu, slope=0.2)``
+        for options; ``fnbp.prelu`` takes its alpha from the layer).
+      output: g_L for the output layer (identity: logits for softmax_cross_entropy).
+
+    Raises ValueError naming the layer index and the widths when the layers do not chain.
+    """
+    check_params(params, x)
+    h = x
+    for layer, g in zip(params, layer_activations(len(params), activation, output)):
+        a = dense(layer["W"], layer["b"], h)      # a_k = W_k h_{k-1} + b_k
+        h = apply_activation(g, a, layer)         # h_k = g_k(a_k)
+    return h

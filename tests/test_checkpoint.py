@@ -1,0 +1,246 @@
+"""Tests for fnbp.checkpoint: bit-exact round trips, atomic writes, structure and corruption errors."""
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fnbp import checkpoint as ckpt
+
+
+class Pair(NamedTuple):
+    a: jax.Array
+    b: tuple
+
+
+def _params(seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {
+        "layers": [
+            {"w": jax.random.normal(k1, (3, 4), jnp.float32), "b": jnp.zeros(4, jnp.float32)},
+            {"w": jax.random.normal(k2, (4, 2), jnp.float64), "b": jnp.arange(2, dtype=jnp.bfloat16)},
+        ],
+        "pair": Pair(jax.random.uniform(k3, (5,)), (np.int32(7), np.arange(3, dtype=np.int16))),
+        "scale": 0.5,
+        "count": 3,
+    }
+
+
+def _float_params(p):
+    """The differentiable part of _params (optax needs inexact leaves)."""
+    return {"layers": p["layers"], "pair_a": p["pair"].a}
+
+
+def _adam_state(params, steps=3):
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+    for i in range(steps):
+        grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.1 * (i + 1)), params)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _assert_bit_identical(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert type(x) is type(y) or (isinstance(x, jax.Array) and isinstance(y, jax.Array))
+        if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+            assert x.dtype == y.dtype
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        xa, ya = np.asarray(x), np.asarray(y)
+        assert xa.dtype == ya.dtype and xa.shape == ya.shape
+        assert xa.tobytes() == ya.tobytes()
+
+
+@pytest.mark.parametrize("key_kind", ["raw", "typed", "none"])
+def test_round_trip_bit_identical(tmp_path, key_kind):
+    key = {"raw": jax.random.PRNGKey(42), "typed": jax.random.key(42), "none": None}[key_kind]
+    if key is not None:
+        key = jax.random.split(key)[1]  # not a trivially reconstructible key
+    p = _params()
+    fp, opt_state = _adam_state(_float_params(p))
+    params = {**p, "trained": fp}
+    path = tmp_path / "ckpt.npz"
+    ckpt.save(path, params=params, opt_state=opt_state, step=123, epoch=4, key=key,
+              extra={"lr": 1e-2, "note": "ünïcode", "hist": [1, 2]})
+    out = ckpt.load(path, params_like=params, opt_state_like=opt_state)
+    assert set(out) == {"params", "opt_state", "step", "epoch", "key", "extra"}
+    _assert_bit_identical(out["params"], params)
+    _assert_bit_identical(out["opt_state"], opt_state)
+    assert isinstance(out["opt_state"][0], optax.ScaleByAdamState)
+    assert out["opt_state"][0].count.dtype == jnp.int32 and int(out["opt_state"][0].count) == 3
+    assert out["params"]["layers"][1]["b"].dtype == jnp.bfloat16
+    assert out["params"]["layers"][1]["w"].dtype == jnp.float64
+    assert type(out["params"]["scale"]) is float and type(out["params"]["count"]) is int
+    assert isinstance(out["params"]["pair"].b[0], np.int32)
+    assert out["step"] == 123 and out["epoch"] == 4
+    assert out["extra"] == {"lr": 1e-2, "note": "ünïcode", "hist": [1, 2]}
+    if key is None:
+        assert out["key"] is None
+    else:
+        _assert_bit_identical(out["key"], key)
+        np.testing.assert_array_equal(jax.random.normal(out["key"], (3,)), jax.random.normal(key, (3,)))
+    names = ckpt.read_metadata(path)["leaves"]
+    assert "params['layers'][0]['w']" in {r["name"] for r in names}
+    assert "opt_state[0].mu['layers'][1]['b']" in {r["name"] for r in names}
+    assert os.listdir(tmp_path) == ["ckpt.npz"]
+
+
+def test_typed_key_leaf_inside_tree_and_shape_dtype_templates(tmp_path):
+    params = {"w": jnp.ones((2, 2), jnp.float32), "k": jax.random.split(jax.random.key(1), 3)}
+    state = optax.sgd(0.1).init({"w": params["w"]})
+    ckpt.save(tmp_path / "c", params=params, opt_state=state, step=0, epoch=0, key=None)
+    like = jax.eval_shape(lambda: {"w": params["w"]})
+    like = {"w": like["w"], "k": params["k"]}
+    out = ckpt.load(tmp_path / "c", params_like=like, opt_state_like=state)
+    _assert_bit_identical(out["params"], params)
+
+
+def _train(params, opt_state, key, n, opt):
+    """A tiny noisy regression loop: bit-identical resumption needs exact params, state and key."""
+    x = jnp.linspace(-1, 1, 16, dtype=jnp.float32)[:, None]
+
+    def loss(p, noise):
+        return jnp.mean((x @ p["w"] + p["b"] - (2 * x + noise)) ** 2)
+
+    for _ in range(n):
+        key, sub = jax.random.split(key)
+        g = jax.grad(loss)(params, 0.1 * jax.random.normal(sub, x.shape, jnp.float32))
+        upd, opt_state = opt.update(g, opt_state, params)
+        params = optax.apply_updates(params, upd)
+    return params, opt_state, key
+
+
+def test_resumed_training_is_bit_identical(tmp_path):
+    opt = optax.adam(0.05)
+    p0 = {"w": jnp.zeros((1, 1), jnp.float32), "b": jnp.zeros((1,), jnp.float32)}
+    key0 = jax.random.key(0)
+    straight = _train(p0, opt.init(p0), key0, 6, opt)
+    p, s, k = _train(p0, opt.init(p0), key0, 3, opt)
+    ckpt.save(tmp_path / "mid.npz", params=p, opt_state=s, step=3, epoch=0, key=k)
+    r = ckpt.load(tmp_path / "mid.npz", params_like=p0, opt_state_like=opt.init(p0))
+    resumed = _train(r["params"], r["opt_state"], r["key"], 3, opt)
+    _assert_bit_identical(resumed[:2], straight[:2])
+    _assert_bit_identical(resumed[2], straight[2])
+
+
+def _simple(step):
+    params = {"w": jnp.full((2,), float(step), jnp.float32)}
+    return params, optax.sgd(0.1).init(params)
+
+
+def test_atomic_write_when_replace_fails(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "ckpt.npz"
+    p1, s1 = _simple(1)
+    ckpt.save(path, params=p1, opt_state=s1, step=1, epoch=0, key=jax.random.PRNGKey(1))
+    before = path.read_bytes()
+
+    def boom(src, dst):
+        assert os.path.exists(src) and os.path.dirname(src) == str(path.parent)  # temp file, same dir
+        raise OSError("simulated crash during os.replace")
+
+    monkeypatch.setattr(os, "replace", boom)
+    p2, s2 = _simple(2)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save(path, params=p2, opt_state=s2, step=2, epoch=0, key=jax.random.PRNGKey(2))
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == ["ckpt.npz"]  # no temp files left
+    monkeypatch.undo()
+    out = ckpt.load(path, params_like=p1, opt_state_like=s1)
+    assert out["step"] == 1 and float(out["params"]["w"][0]) == 1.0
+
+
+def test_atomic_write_when_savez_fails_midway(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    p1, s1 = _simple(1)
+    ckpt.save(path, params=p1, opt_state=s1, step=1, epoch=0, key=None)
+    before = path.read_bytes()
+
+    def half_then_fail(file, **arrays):
+        file.write(b"PK\x03\x04 partial zip bytes")
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save(path, params=p1, opt_state=s1, step=2, epoch=0, key=None)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.npz"]
+
+
+def test_structure_mismatch_names_paths_and_values(tmp_path):
+    params, state = _simple(1)
+    params = {**params, "v": jnp.zeros((3,), jnp.float32)}
+    state = optax.sgd(0.1).init(params)
+    path = tmp_path / "c.npz"
+    ckpt.save(path, params=params, opt_state=state, step=0, epoch=0, key=None)
+
+    missing = {**params, "extra_leaf": jnp.zeros(1)}
+    with pytest.raises(ValueError) as ei:
+        ckpt.load(path, params_like=missing, opt_state_like=state)
+    msg = str(ei.value)
+    assert str(path) in msg and "missing from the file: params['extra_leaf']" in msg
+
+    fewer = {"w": params["w"]}
+    with pytest.raises(ckpt.CheckpointError, match=r"extra in the file.*params\['v'\]"):
+        ckpt.load(path, params_like=fewer, opt_state_like=state)
+
+    reshaped = {**params, "v": jnp.zeros((4,), jnp.float32)}
+    with pytest.raises(ckpt.CheckpointError, match=r"shape mismatch at params\['v'\]: template \(4,\), file \(3,\)"):
+        ckpt.load(path, params_like=reshaped, opt_state_like=state)
+
+    retyped = {**params, "w": params["w"].astype(jnp.float64)}
+    with pytest.raises(ckpt.CheckpointError, match=r"dtype mismatch at params\['w'\]: template float64, file float32"):
+        ckpt.load(path, params_like=retyped, opt_state_like=state)
+
+    adam = optax.adam(1e-3).init(params)  # a different optimiser's state
+    with pytest.raises(ckpt.CheckpointError, match=r"opt_state\[0\]\.mu\['w'\]"):
+        ckpt.load(path, params_like=params, opt_state_like=adam)
+
+
+def test_missing_and_corrupt_files_name_the_file(tmp_path):
+    params, state = _simple(1)
+    with pytest.raises(FileNotFoundError, match="nothing.npz"):
+        ckpt.load(tmp_path / "nothing.npz", params_like=params, opt_state_like=state)
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a zip file at all" * 10)
+    with pytest.raises(ckpt.CheckpointError, match="garbage.npz"):
+        ckpt.load(garbage, params_like=params, opt_state_like=state)
+
+    good = tmp_path / "good.npz"
+    ckpt.save(good, params=params, opt_state=state, step=1, epoch=1, key=jax.random.PRNGKey(0))
+    raw = good.read_bytes()
+    for name, blob in [("truncated.npz", raw[: len(raw) // 2]), ("empty.npz", b""),
+                       ("flipped.npz", raw[:60] + bytes([raw[60] ^ 0xFF]) + raw[61:])]:
+        p = tmp_path / name
+        p.write_bytes(blob)
+        with pytest.raises(ckpt.CheckpointError, match=name):
+            ckpt.load(p, params_like=params, opt_state_like=state)
+
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, w=np.zeros(2))
+    with pytest.raises(ckpt.CheckpointError, match=r"plain.npz.*not an fnbp checkpoint"):
+        ckpt.load(plain, params_like=params, opt_state_like=state)
+
+
+def test_save_rejects_bad_arguments_before_writing(tmp_path):
+    params, state = _simple(1)
+    path = tmp_path / "c.npz"
+    with pytest.raises(TypeError, match="JSON"):
+        ckpt.save(path, params=params, opt_state=state, step=0, epoch=0, key=None, extra={"f": object()})
+    with pytest.raises(TypeError, match="step"):
+        ckpt.save(path, params=params, opt_state=state, step=1.5, epoch=0, key=None)
+    with pytest.raises(TypeError, match="uint32"):
+        ckpt.save(path, params=params, opt_state=state, step=0, epoch=0, key=jnp.zeros(2, jnp.float32))
+    with pytest.raises(TypeError, match=r"leaf params\['s'\]"):
+        ckpt.save(path, params={"s": "text"}, opt_state=state, step=0, epoch=0, key=None)
+    assert os.listdir(tmp_path) == []
+    # jax / numpy integer scalars are fine as step and epoch
+    ckpt.save(path, params=params, opt_state=state, step=jnp.int32(5), epoch=np.int64(2), key=None)
+    assert ckpt.read_metadata(path)["step"] == 5
