@@ -7,7 +7,8 @@ backprop rules of the lecture notes, encoded with ``jax.custom_vjp``:
     delta_k = grad_{h_k} E (.) g'_k(a_k);  grad_{b_k} E = delta_k;
     grad_{W_k} E = delta_k h_{k-1}^T;      grad_{h_{k-1}} E = W_k^T delta_k
 """
-from . import activations, losses, reference, mlp
+from . import activations, losses, reference, mlp, norm
+from .norm import batch_norm, dropout
 from .backprop import backprop
 from . import optim
 from .activations import identity, sigmoid, tanh, relu, leaky_relu, prelu, step, sign, softmax
@@ -17,4 +18,4 @@ from .crosscheck import check
 __version__ = "0.1.0"
 
 __all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
-           "losses", "mlp", "backprop", "check", "activations", "reference"]
+           "losses", "mlp", "backprop", "norm", "batch_norm", "dropout", "check", "activations", "reference"]

@@ -56,6 +56,9 @@ def backprop(params, x, d, *, activation=activations.relu, output=activations.id
     Returns ``(E, grads)`` with ``grads`` structured like ``params``.
     """
     check_params(params, x, name="fnbp.backprop")
+    if any("gamma" in layer for layer in params):
+        raise ValueError("fnbp.backprop: the explicit loop covers dense layers and activations; for batch norm "
+                         "use jax.grad through fnbp.mlp.apply_stateful (it runs the batch-norm rule)")
     loss_fn, rule_L, reduction = loss_rule(loss)
     gs = layer_activations(len(params), activation, output)
 

@@ -215,6 +215,14 @@ def _read_all(path: Path, fn: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise FileNotFoundError(f"{fn}: checkpoint file not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{fn}: {path} is a directory, expected a checkpoint .npz file")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] != b"PK":
+        what = "an empty file" if not head else f"a file starting with {head!r}"
+        raise CheckpointError(
+            f"{fn}: {path} is not a readable checkpoint: expected an .npz (zip) archive starting with "
+            f"b'PK', found {what}"
+        )
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):

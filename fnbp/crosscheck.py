@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import activations, layers, losses, reference
+from . import activations, layers, losses, norm, reference
 
 __all__ = ["check", "CheckResult", "CASES", "check_all", "format_table", "AUTODIFF_RTOL", "FD_TOL"]
 
@@ -171,6 +171,10 @@ def _inputs(kind, key, batch):
         return (jax.nn.softmax(normal(k1, lead + (n_cls,))), jax.nn.softmax(normal(k2, lead + (n_cls,))))
     if kind == "labels":
         return (3.0 * normal(k1, lead + (n_cls,)), jax.random.randint(k2, lead, 0, n_cls))
+    if kind == "batch_norm":
+        return (normal(k1, (batch or 5, n_out)) * 2 + 1, 1 + 0.2 * normal(k2, (n_out,)), normal(k3, (n_out,)))
+    if kind == "dropout":
+        return (normal(k1, lead + (n_out,)), k2)
     if kind == "params":
         params = [{"W": normal(k1, (n_out, n_in)), "b": normal(k2, (n_out,))},
                   {"W": normal(k3, (2, n_out)), "b": normal(k4, (2,))}]
@@ -192,6 +196,9 @@ def _cases():
             cases.append((f"{loss}[{reduction}]", functools.partial(getattr(losses, loss), reduction=reduction),
                           functools.partial(getattr(reference, loss), reduction=reduction), kind))
     cases.append(("l2_penalty", losses.l2_penalty, reference.l2_penalty, "params"))
+    cases.append(("batch_norm", norm.batch_norm, reference.batch_norm, "batch_norm"))
+    cases.append(("dropout(p=0.3)", lambda x, key: norm.dropout(x, 0.3, key),
+                  lambda x, key: reference.dropout(x, 0.3, key), "dropout"))
     return cases
 
 
@@ -205,7 +212,9 @@ def check_all(key=None, batch_sizes=(None, 7)):
     with jax.enable_x64(True):
         for n, (name, rule, ref, kind) in enumerate(CASES):
             for batch in batch_sizes:
-                if kind == "params" and batch is not None:
+                if kind in ("params", "batch_norm") and batch is None:
+                    continue
+                if kind == "params" and batch is not None and batch != batch_sizes[-1]:
                     continue
                 label = f"{name} ({'params' if kind == 'params' else 'one example' if batch is None else f'batch {batch}'})"
                 args = _inputs(kind, jax.random.fold_in(key, n), batch)

@@ -233,11 +233,13 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean"):
         argument whose cotangent is None.
 
     Labels out of range [0, n_classes) raise ValueError when the function is
-    called outside ``jit`` on concrete arrays.  Inside ``jit`` labels are not
-    inspected (no host round-trip): an out-of-range label then selects nothing
-    (clamped by ``take_along_axis``, a zero one-hot row in the backward), so the
-    loss and gradient are silently wrong -- validate labels before training, as
-    ``fnbp.data`` does.
+    called outside ``jit`` on concrete arrays.  Inside ``jit`` (or ``vmap``)
+    labels are not inspected (no host round-trip) and nothing is raised: a label
+    >= n_classes (or < -n_classes) makes that example's loss NaN
+    (``take_along_axis`` fills out-of-bounds gathers with NaN), one in
+    [-n_classes, 0) wraps around as in Python indexing, and the backward uses a
+    zero one-hot row for any of them, so the gradient is silently wrong --
+    validate labels before training, as ``fnbp.data`` does.
     """
     _check_reduction("softmax_cross_entropy", reduction)
     logits_shape, labels_shape = jnp.shape(logits), jnp.shape(labels)
@@ -252,7 +254,7 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean"):
         if lab.size and (lab.min() < 0 or lab.max() >= logits_shape[-1]):
             raise ValueError(f"fnbp.losses.softmax_cross_entropy: labels must be in [0, {logits_shape[-1]}) "
                              f"for {logits_shape[-1]} classes, got values in [{lab.min()}, {lab.max()}]")
-    return _softmax_cross_entropy(logits, labels, reduction)
+    return _softmax_cross_entropy(logits, jnp.asarray(labels), reduction)   # a Python int label works too
 
 
 softmax_cross_entropy.rule = _softmax_cross_entropy

@@ -16,15 +16,16 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import activations
+from . import activations, norm
 from .layers import dense
 
-__all__ = ["init", "apply", "num_params", "layer_activations", "check_params", "INITS"]
+__all__ = ["init", "init_state", "apply", "apply_stateful", "num_params", "layer_activations", "check_params",
+           "INITS"]
 
 INITS = ("uniform", "glorot", "he")
 
 
-def init(key, sizes, *, init="glorot", dtype=jnp.float32, prelu_alpha=None):
+def init(key, sizes, *, init="glorot", dtype=jnp.float32, prelu_alpha=None, batch_norm=False):
     """Random parameters for a network with layer widths ``sizes`` = (n_0, n_1, ..., n_L).
 
     Args:
@@ -37,6 +38,8 @@ def init(key, sizes, *, init="glorot", dtype=jnp.float32, prelu_alpha=None):
       dtype: parameter dtype (float32 by default; pass jnp.float64 under x64 for checks).
       prelu_alpha: if given, every hidden layer also gets ``"alpha"``, one
         learnable PReLU slope per unit initialised to this value.
+      batch_norm: if True, every hidden layer also gets batch-norm parameters
+        ``"gamma"`` (ones) and ``"beta"`` (zeros); see ``apply_stateful``.
 
     Returns a list of L dicts ``{"W": (n_out, n_in), "b": (n_out,)}``.
     """
@@ -63,6 +66,9 @@ def init(key, sizes, *, init="glorot", dtype=jnp.float32, prelu_alpha=None):
         layer = {"W": W, "b": b}
         if prelu_alpha is not None and k < len(sizes) - 2:
             layer["alpha"] = jnp.full((n_out,), prelu_alpha, dtype)
+        if batch_norm and k < len(sizes) - 2:
+            layer["gamma"] = jnp.ones((n_out,), dtype)
+            layer["beta"] = jnp.zeros((n_out,), dtype)
         params.append(layer)
     return params
 
@@ -138,6 +144,9 @@ def activation_rule(act, layer, name="fnbp.backprop"):
 def apply_activation(act, a, layer):
     """h = g(a), passing PReLU its learnable alpha from the layer."""
     if _is_prelu(act) and "alpha" not in getattr(act, "keywords", {}):
+        if "alpha" not in layer:
+            raise ValueError("fnbp.mlp.apply: prelu needs a learnable 'alpha' in the layer's parameters "
+                             "(fnbp.mlp.init(..., prelu_alpha=0.25) adds one)")
         return act(a, layer["alpha"])
     return act(a)
 
@@ -161,3 +170,66 @@ def apply(params, x, *, activation=activations.relu, output=activations.identity
         a = dense(layer["W"], layer["b"], h)      # a_k = W_k h_{k-1} + b_k
         h = apply_activation(g, a, layer)         # h_k = g_k(a_k)
     return h
+
+
+def init_state(params):
+    """Running batch-norm statistics for ``apply_stateful``: one dict per layer,
+    ``{"mean", "var"}`` for layers with batch norm (``"gamma"`` in the layer), ``{}`` otherwise."""
+    return [norm.init_batch_norm_state(jnp.shape(layer["W"])[0], jnp.result_type(layer["W"]))
+            if "gamma" in layer else {} for layer in params]
+
+
+def apply_stateful(params, state, x, *, train, key=None, activation=activations.relu,
+                   output=activations.identity, dropout=0.0, bn_position="before", bn_momentum=0.1, bn_eps=1e-5):
+    """Forward pass with batch norm and/or dropout between layers; returns ``(y, new_state)``.
+
+    Hidden layer k (every layer but the last):
+        a_k = W_k h_{k-1} + b_k
+        a_k = BN(a_k)          if the layer has "gamma"/"beta" and bn_position == "before"
+        h_k = g_k(a_k)
+        h_k = BN(h_k)          if bn_position == "after"
+        h_k = dropout(h_k, p)  if train and dropout > 0 (key folded with k: one mask per layer)
+    The output layer is a plain dense layer and ``output``.
+
+    Args:
+      params: from ``init(..., batch_norm=True)`` for batch norm (or without it).
+      state: running statistics from ``init_state(params)``.
+      train: True uses batch statistics (and updates the running ones) and
+        drops units; False uses the running statistics and no dropout.
+      key: ``jax.random`` key for the dropout masks (needed when train and dropout > 0).
+      dropout: drop probability p (inverted dropout, see ``fnbp.norm.dropout``).
+      bn_position: "before" or "after" the activation.
+      bn_momentum: weight of the new batch in the running averages (PyTorch's
+        convention, 0.1; see ``fnbp.norm``).
+
+    With no batch-norm parameters and dropout == 0 this equals ``apply``.
+    """
+    check_params(params, x)
+    if bn_position not in ("before", "after"):
+        raise ValueError(f"fnbp.mlp.apply_stateful: bn_position must be 'before' or 'after', got {bn_position!r}")
+    if train and dropout and key is None:
+        raise ValueError("fnbp.mlp.apply_stateful: dropout in training mode needs an explicit jax.random key")
+    if len(state) != len(params):
+        raise ValueError(f"fnbp.mlp.apply_stateful: state has {len(state)} entries for {len(params)} layers "
+                         "(use fnbp.mlp.init_state(params))")
+    h, new_state = x, []
+    gs = layer_activations(len(params), activation, output)
+    for k, (layer, g, st) in enumerate(zip(params, gs, state)):
+        a = dense(layer["W"], layer["b"], h)
+        hidden = k < len(params) - 1
+        bn = hidden and "gamma" in layer
+
+        def normalise(v, st=st, layer=layer):
+            if train:
+                return norm.batch_norm_train(v, layer["gamma"], layer["beta"], st, momentum=bn_momentum, eps=bn_eps)
+            return norm.batch_norm_eval(v, layer["gamma"], layer["beta"], st, eps=bn_eps), st
+
+        if bn and bn_position == "before":
+            a, st = normalise(a)
+        h = apply_activation(g, a, layer)
+        if bn and bn_position == "after":
+            h, st = normalise(h)
+        if hidden and train and dropout:
+            h = norm.dropout(h, dropout, jax.random.fold_in(key, k))
+        new_state.append(st)
+    return h, new_state

@@ -82,3 +82,14 @@ def l2_penalty(params, lam):
     weights = [x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
                if isinstance(p[-1], jax.tree_util.DictKey) and p[-1].key == "W"]
     return lam * 0.5 * sum(jnp.sum(W ** 2) for W in weights)
+
+
+def batch_norm(x, gamma, beta, *, eps=1e-5):
+    mu = jnp.mean(x, axis=0)
+    var = jnp.var(x, axis=0)
+    return gamma * (x - mu) / jnp.sqrt(var + eps) + beta
+
+
+def dropout(x, p, key):
+    keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
+    return jnp.where(keep, x / (1.0 - p), 0.0)

@@ -216,8 +216,11 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path):
     good = tmp_path / "good.npz"
     ckpt.save(good, params=params, opt_state=state, step=1, epoch=1, key=jax.random.PRNGKey(0))
     raw = good.read_bytes()
+    npy = raw.index(b"\x93NUMPY")  # first member's .npy header; its array data follows it
+    data_at = npy + 10 + int.from_bytes(raw[npy + 8: npy + 10], "little")
+    flipped = raw[:data_at + 1] + bytes([raw[data_at + 1] ^ 0xFF]) + raw[data_at + 2:]  # CRC must catch it
     for name, blob in [("truncated.npz", raw[: len(raw) // 2]), ("empty.npz", b""),
-                       ("flipped.npz", raw[:60] + bytes([raw[60] ^ 0xFF]) + raw[61:])]:
+                       ("flipped.npz", flipped)]:
         p = tmp_path / name
         p.write_bytes(blob)
         with pytest.raises(ckpt.CheckpointError, match=name):

@@ -1,0 +1,139 @@
+"""Batch normalisation and dropout, with hand-derived backward rules.
+
+Batch norm (Ioffe & Szegedy 2015), training mode, over the batch axis of x (B, n):
+
+    mu = 1/B sum_n x_n;   sigma^2 = 1/B sum_n (x_n - mu)^2      (biased variance)
+    x_hat = (x - mu) / sqrt(sigma^2 + eps);   y = gamma x_hat + beta
+
+Inference mode uses running averages of mu and sigma^2 instead of the batch's.
+The running statistics are updated functionally -- the layer returns them -- with
+PyTorch's convention: ``momentum`` is the weight of the *new* batch,
+
+    running <- (1 - momentum) running + momentum batch_statistic     (default 0.1),
+
+which is Keras's ``momentum=0.9`` style with 0.9 = 1 - 0.1.  This momentum is the
+layer's own hyperparameter, unrelated to the optimizer's.  The running variance
+stores the batch's biased variance (what the normalisation used).
+
+Dropout (Srivastava et al. 2014): in training mode each unit is zeroed with
+probability ``p`` (the *drop* probability) and the survivors are scaled by
+1 / (1 - p) ("inverted dropout"), so the expected activation -- the notes' "same
+energy" -- is unchanged and inference is the identity.
+"""
+import jax
+import jax.numpy as jnp
+
+__all__ = ["batch_norm", "batch_norm_train", "batch_norm_eval", "init_batch_norm_state", "dropout"]
+
+
+# --- batch norm --------------------------------------------------------------
+def _batch_norm_fwd(x, gamma, beta, eps):
+    mu = jnp.mean(x, axis=0)
+    var = jnp.mean(jnp.square(x - mu), axis=0)              # biased variance
+    inv_std = 1.0 / jnp.sqrt(var + eps)
+    x_hat = (x - mu) * inv_std
+    y = gamma * x_hat + beta
+    return y, (x_hat, inv_std, gamma)
+
+
+def _batch_norm_bwd(eps, res, grad_y):
+    x_hat, inv_std, gamma = res
+    grad_gamma = jnp.sum(grad_y * x_hat, axis=0)             # dE/dgamma = sum_n g_n x_hat_n
+    grad_beta = jnp.sum(grad_y, axis=0)                      # dE/dbeta  = sum_n g_n
+    grad_x_hat = grad_y * gamma
+    grad_x = inv_std * (grad_x_hat                           # dE/dx = (1/sigma) (g^ - mean(g^) - x_hat mean(g^ x_hat))
+                        - jnp.mean(grad_x_hat, axis=0)
+                        - x_hat * jnp.mean(grad_x_hat * x_hat, axis=0))
+    return grad_x, grad_gamma, grad_beta
+
+
+_batch_norm = jax.custom_vjp(lambda x, gamma, beta, eps: _batch_norm_fwd(x, gamma, beta, eps)[0],
+                             nondiff_argnums=(3,))
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm(x, gamma, beta, *, eps=1e-5):
+    """Training-mode batch norm y = gamma x_hat + beta over the batch axis of x (B, n).
+
+    Backward (hand-derived; g = grad_y E, g^ = gamma g, sums/means over the batch):
+        grad_gamma E = sum_n g_n x_hat_n
+        grad_beta  E = sum_n g_n
+        grad_x     E = 1/sqrt(sigma^2 + eps) (g^ - mean(g^) - x_hat mean(g^ x_hat))
+    """
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"fnbp.norm.batch_norm: x must be a mini-batch of shape (batch, n), got {jnp.shape(x)}")
+    n = jnp.shape(x)[1]
+    for name, v in (("gamma", gamma), ("beta", beta)):
+        if jnp.shape(v) != (n,):
+            raise ValueError(f"fnbp.norm.batch_norm: {name} must have shape ({n},) to match x of shape "
+                             f"{jnp.shape(x)}, got {jnp.shape(v)}")
+    return _batch_norm(x, gamma, beta, eps)
+
+
+batch_norm.rule = _batch_norm
+
+
+def init_batch_norm_state(n, dtype=jnp.float32):
+    """Running statistics before any batch: mean 0, variance 1."""
+    return {"mean": jnp.zeros((n,), dtype), "var": jnp.ones((n,), dtype)}
+
+
+def batch_norm_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5):
+    """Training mode: normalise with the batch statistics; return (y, new running statistics).
+
+    running <- (1 - momentum) running + momentum (batch mean, batch biased variance).
+    """
+    y = batch_norm(x, gamma, beta, eps=eps)
+    x = jax.lax.stop_gradient(x)
+    mu = jnp.mean(x, axis=0)
+    var = jnp.mean(jnp.square(x - mu), axis=0)
+    new = {"mean": (1 - momentum) * running["mean"] + momentum * mu,
+           "var": (1 - momentum) * running["var"] + momentum * var}
+    return y, new
+
+
+def batch_norm_eval(x, gamma, beta, running, *, eps=1e-5):
+    """Inference mode: y = gamma (x - running_mean) / sqrt(running_var + eps) + beta.
+
+    Uses the running statistics only (nothing from the batch), so one example
+    and a batch give the same per-example outputs.
+    """
+    return gamma * (x - running["mean"]) / jnp.sqrt(running["var"] + eps) + beta
+
+
+# --- dropout -----------------------------------------------------------------
+def _dropout_fwd(x, p, key):
+    keep = jax.random.bernoulli(key, 1.0 - p, jnp.shape(x))
+    scale = 1.0 / (1.0 - p)                                  # inverted dropout: E[y] = x
+    return jnp.where(keep, x * scale, 0).astype(x.dtype), (keep, scale)
+
+
+def _dropout_bwd(res, grad_y):
+    keep, scale = res
+    grad_x = jnp.where(keep, grad_y * scale, 0).astype(grad_y.dtype)   # the same mask, the same scale
+    return grad_x, None, None
+
+
+_dropout = jax.custom_vjp(lambda x, p, key: _dropout_fwd(x, p, key)[0])
+_dropout.defvjp(_dropout_fwd, _dropout_bwd)
+
+
+def dropout(x, p, key, *, train=True):
+    """Inverted dropout: y = x m / (1 - p), m_i ~ Bernoulli(1 - p), p the drop probability.
+
+    Scaling by 1 / (1 - p) keeps the expected activation ("the same energy"):
+    E[y] = x, so inference mode (``train=False``) is the identity.
+    Backward: grad_x = grad_y m / (1 - p) -- zero exactly where the unit was dropped.
+    The mask comes from the explicit ``key``: same key, same mask; under
+    ``jax.vmap`` with one key per example, each example gets its own mask.
+    """
+    if not train:
+        return x
+    if isinstance(p, (int, float)) and not 0 <= p < 1:
+        raise ValueError(f"fnbp.norm.dropout: the drop probability p must be in [0, 1), got {p}")
+    if isinstance(p, (int, float)) and p == 0:
+        return x
+    return _dropout(x, p, key)
+
+
+dropout.rule = _dropout

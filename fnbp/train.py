@@ -1,0 +1,302 @@
+"""The training loop: epochs of shuffled mini-batches, one jit-compiled epoch at a time.
+
+Design (fastest on CPU and GPU for data that fits in device memory): the whole
+epoch -- permutation, gathering each mini-batch, forward, backward, optimizer
+update -- is ONE jit-compiled ``jax.lax.scan`` over the steps, with the
+parameter, optimizer and batch-norm buffers donated.  Python runs once per
+epoch (evaluation, progress bar, checkpoint), never per step.
+
+Randomness: the epoch's permutation comes from ``fold_in(key, epoch)`` and each
+step's dropout key from ``fold_in(epoch_key, step)``; so a run is a pure
+function of (initial parameters, key, hyperparameters), and resuming at epoch e
+reproduces the uninterrupted run bit for bit on CPU.
+"""
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import activations, losses, mlp, optim
+from .backprop import backprop, loss_rule
+
+__all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteLossError",
+           "batch_plan"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What the network is and how one step computes its gradient (hashable, static under jit).
+
+    activation, output: the hidden and output activations (as ``fnbp.mlp.apply``).
+    loss: one of ``fnbp.losses`` (``reduction='mean'`` unless a ``functools.partial`` says 'sum').
+    l2: lambda of the L2 penalty on the weights.
+    grad: ``"autodiff"`` -- ``jax.value_and_grad`` through the custom_vjp layers (any
+      network, batch norm and dropout included), or ``"backprop"`` -- the explicit
+      loop ``fnbp.backprop`` (dense layers and activations only).
+    dropout: drop probability between hidden layers (training only).
+    bn_position, bn_momentum: batch norm placement and running-average momentum,
+      used when the parameters have ``"gamma"``/``"beta"`` (``fnbp.mlp.init(..., batch_norm=True)``).
+    """
+    activation: Callable = activations.relu
+    output: Callable = activations.identity
+    loss: Callable = losses.softmax_cross_entropy
+    l2: float = 0.0
+    grad: str = "autodiff"
+    dropout: float = 0.0
+    bn_position: str = "before"
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        if self.grad not in ("autodiff", "backprop"):
+            raise ValueError(f"fnbp.train.Config: grad must be 'autodiff' or 'backprop', got {self.grad!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"fnbp.train.Config: dropout must be in [0, 1), got {self.dropout}")
+        if self.grad == "backprop" and self.dropout:
+            raise ValueError("fnbp.train.Config: grad='backprop' covers dense layers and activations; "
+                             "use grad='autodiff' with dropout")
+
+    def forward(self, params, state, x, *, train, key=None):
+        return mlp.apply_stateful(params, state, x, train=train, key=key, activation=self.activation,
+                                  output=self.output, dropout=self.dropout if train else 0.0,
+                                  bn_position=self.bn_position, bn_momentum=self.bn_momentum)
+
+
+class TrainResult(NamedTuple):
+    params: Any
+    opt_state: Any
+    state: Any          # batch-norm running statistics (``fnbp.mlp.init_state``)
+    key: Any
+    epoch: int          # epochs completed
+    step: int           # optimizer steps taken
+    history: list       # one dict per epoch
+    compile_seconds: float
+
+
+def _with_reduction(loss, reduction):
+    fn, _, _ = loss_rule(loss, name="fnbp.train")
+    return functools.partial(fn, reduction=reduction)
+
+
+def _accuracy(y, d):
+    if jnp.issubdtype(d.dtype, jnp.integer):
+        return jnp.mean(jnp.argmax(y, axis=-1) == d)
+    if y.shape[-1] == 1:                                  # one sigmoid output vs 0/1 targets
+        return jnp.mean((y[..., 0] > 0.5) == (d[..., 0] > 0.5))
+    return jnp.mean(jnp.argmax(y, axis=-1) == jnp.argmax(d, axis=-1))
+
+
+def make_step(cfg: Config, opt, *, accumulate=1):
+    """One optimizer step ``(params, opt_state, state), (x, d, key) -> (new carry, E)``.
+
+    With ``accumulate = m > 1`` the mini-batch is split into m equal micro-batches
+    whose gradients are summed (the notes' "running gradient": per micro-batch
+    loss with reduction='sum', then divided by the batch size when the loss's
+    reduction is 'mean'), followed by one optimizer update -- the same update as
+    the whole batch at once, with 1/m of the activation memory.  (Batch norm then
+    normalises each micro-batch with its own statistics.)
+    """
+    _, _, reduction = loss_rule(cfg.loss, name="fnbp.train")
+    sum_loss = _with_reduction(cfg.loss, "sum")
+
+    def data_loss_and_grad(params, state, x, d, key):
+        """(sum of per-example losses, new state), grads of that sum (no L2 here)."""
+        if cfg.grad == "backprop":
+            E, grads = backprop(params, x, d, activation=cfg.activation, output=cfg.output, loss=sum_loss)
+            return (E, state), grads
+
+        def objective(p):
+            y, new_state = cfg.forward(p, state, x, train=True, key=key)
+            return sum_loss(y, d), new_state
+
+        return jax.value_and_grad(objective, has_aux=True)(params)
+
+    def step(carry, batch):
+        params, opt_state, state = carry
+        x, d, key = batch
+        at = optim.lookahead_params(params, opt_state)    # = params unless the optimizer looks ahead (Nesterov)
+        if accumulate == 1:
+            (E, state), grads = data_loss_and_grad(at, state, x, d, key)
+        else:
+            micro_x = x.reshape((accumulate, -1) + x.shape[1:])
+            micro_d = d.reshape((accumulate, -1) + d.shape[1:])
+
+            def micro(acc, mb):
+                E_acc, g_acc, st = acc
+                i, xm, dm = mb
+                (E, st), g = data_loss_and_grad(at, st, xm, dm, jax.random.fold_in(key, i))
+                return (E_acc + E, jax.tree_util.tree_map(jnp.add, g_acc, g), st), None
+
+            zero = jax.tree_util.tree_map(jnp.zeros_like, at)
+            (E, grads, state), _ = jax.lax.scan(
+                micro, (jnp.zeros((), x.dtype), zero, state), (jnp.arange(accumulate), micro_x, micro_d))
+        if reduction == "mean":
+            n = x.shape[0]
+            E, grads = E / n, jax.tree_util.tree_map(lambda g: g / n, grads)
+        if not (isinstance(cfg.l2, (int, float)) and cfg.l2 == 0):
+            E_l2, g_l2 = jax.value_and_grad(losses.l2_penalty)(at, cfg.l2)   # runs the l2 rule
+            E, grads = E + E_l2, jax.tree_util.tree_map(jnp.add, grads, g_l2)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optim.apply_updates(params, updates)
+        return (params, opt_state, state), E
+
+    return step
+
+
+def batch_plan(n_examples, batch_size, accumulate=1):
+    """(batch size, steps per epoch); ``batch_size=None`` means full batch.
+
+    Each epoch takes a fresh permutation and cuts it into ``n // B`` batches of
+    B examples; the ``n mod B`` examples left at the end of the permutation are
+    not used in that epoch (different ones each epoch).
+    """
+    B = n_examples if batch_size is None else int(batch_size)
+    if not 1 <= B <= n_examples:
+        raise ValueError(f"fnbp.train: batch_size must be between 1 and the number of training examples "
+                         f"({n_examples}), got {batch_size}")
+    if B % accumulate:
+        raise ValueError(f"fnbp.train: batch_size {B} is not divisible by accumulate={accumulate} "
+                         f"(micro-batches must be equal)")
+    return B, n_examples // B
+
+
+def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_sharding=None):
+    """A function ``(params, opt_state, state, x, d, epoch_key) -> (params, opt_state, state, losses)``
+    running one epoch as a ``lax.scan`` over its steps (jit it; ``train`` does, with donation)."""
+    B, n_steps = batch_plan(n_examples, batch_size, accumulate)
+    step = make_step(cfg, opt, accumulate=accumulate)
+
+    def epoch(params, opt_state, state, x, d, epoch_key):
+        perm = jax.random.permutation(epoch_key, x.shape[0])[: n_steps * B].reshape(n_steps, B)
+
+        def body(carry, i):
+            idx = perm[i]
+            xb, db = x[idx], d[idx]
+            if batch_sharding is not None:                   # data parallel: split the batch over devices
+                xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
+                db = jax.lax.with_sharding_constraint(db, batch_sharding)
+            return step(carry, (xb, db, jax.random.fold_in(epoch_key, i)))
+
+        (params, opt_state, state), step_losses = jax.lax.scan(body, (params, opt_state, state), jnp.arange(n_steps))
+        return params, opt_state, state, step_losses
+
+    return epoch
+
+
+def evaluate(cfg: Config, params, state, x, d):
+    """(mean loss, accuracy) in inference mode (running batch-norm statistics, no dropout)."""
+    y, _ = cfg.forward(params, state, x, train=False)
+    return _with_reduction(cfg.loss, "mean")(y, d), _accuracy(y, d)
+
+
+def _learning_rate(schedule, step):
+    if schedule is None:
+        return None
+    return float(schedule(jnp.asarray(step))) if callable(schedule) else float(schedule)
+
+
+def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_state=None, state=None,
+          accumulate=1, start_epoch=0, start_step=0, learning_rate=None, progress=None, on_epoch=None,
+          mesh=None):
+    """Train ``params`` on ``data`` for ``epochs`` epochs; returns a ``TrainResult``.
+
+    Args:
+      params: network parameters (``fnbp.mlp.init``).
+      opt: an optax-compatible GradientTransformation (``fnbp.optim.adam(1e-3)``, any optax one).
+      data: a ``fnbp.data.Dataset`` (x_train, y_train, x_test, y_test, ...).
+      key: ``jax.random`` key: epoch e shuffles with ``fold_in(key, e)``.
+      epochs: total number of epochs (training runs epochs ``start_epoch .. epochs-1``).
+      batch_size: examples per step: ``None`` = full batch, 1 = one example at a
+        time (SGD), else mini-batch.  See ``batch_plan`` for the remainder.
+      cfg: the network and gradient configuration (``Config``).
+      opt_state, state: optimizer state and batch-norm statistics to resume from
+        (default: fresh ``opt.init(params)`` and ``fnbp.mlp.init_state(params)``).
+      accumulate: micro-batches per step (gradient accumulation).
+      start_epoch, start_step: where a resumed run starts (from a checkpoint).
+      learning_rate: the number or schedule the optimizer uses, for the history only.
+      progress: show a tqdm bar (loss, accuracy, examples/s); default: only when
+        stderr is a terminal.
+      on_epoch: callback ``on_epoch(result_so_far)`` after every good epoch (e.g. to
+        write a checkpoint).
+      mesh: a ``jax.sharding.Mesh`` with one axis ``"data"`` for data-parallel
+        training (see ``fnbp.parallel``); None for one device.
+
+    The epoch's per-step losses are checked after each epoch: a NaN or inf raises
+    ``NonFiniteLossError`` naming the epoch and step, before ``on_epoch`` is
+    called, so the last checkpoint written is the last good one.
+
+    History entries: epoch, loss (mean training loss over the epoch's steps),
+    test_loss, test_accuracy, train_accuracy, learning_rate (at the epoch's last
+    step), seconds, examples_per_s (compile time excluded).
+    """
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    mlp.check_params(params, x_train[:1], name="fnbp.train")
+    opt_state = opt.init(params) if opt_state is None else opt_state
+    state = mlp.init_state(params) if state is None else state
+    n = x_train.shape[0]
+    B, n_steps = batch_plan(n, batch_size, accumulate)
+
+    batch_sharding = None
+    if mesh is not None:
+        from . import parallel
+        params, opt_state, state, x_train, y_train, batch_sharding = parallel.place(
+            mesh, B, params, opt_state, state, x_train, y_train)
+
+    epoch_fn = jax.jit(make_epoch(cfg, opt, batch_size=B, n_examples=n, accumulate=accumulate,
+                                  batch_sharding=batch_sharding), donate_argnums=(0, 1, 2))
+    eval_fn = jax.jit(functools.partial(evaluate, cfg))
+
+    t0 = time.perf_counter()
+    compiled = epoch_fn.lower(params, opt_state, state, x_train, y_train, jax.random.fold_in(key, start_epoch)).compile()
+    compile_seconds = time.perf_counter() - t0
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=epochs - start_epoch, desc="fnbp train", unit="epoch", leave=True)
+
+    history, step = [], start_step
+    result = TrainResult(params, opt_state, state, key, start_epoch, step, history, compile_seconds)
+    for epoch in range(start_epoch, epochs):
+        t = time.perf_counter()
+        params, opt_state, state, step_losses = compiled(params, opt_state, state, x_train, y_train,
+                                                         jax.random.fold_in(key, epoch))
+        step_losses = np.asarray(step_losses)
+        seconds = time.perf_counter() - t
+        bad = np.flatnonzero(~np.isfinite(step_losses))
+        if bad.size:
+            i = int(bad[0])
+            raise NonFiniteLossError(
+                f"fnbp.train: the training loss became {step_losses[i]} at epoch {epoch} (0-based), step {i} of "
+                f"{n_steps} in that epoch (global step {step + i}); training stopped, the parameters of this epoch "
+                f"are discarded and no checkpoint was written for it (lower the learning rate?)")
+        step += n_steps
+        test_loss, test_acc = eval_fn(params, state, x_test, y_test)
+        _, train_acc = eval_fn(params, state, x_train, y_train)
+        record = {"epoch": epoch + 1, "loss": float(step_losses.mean()), "test_loss": float(test_loss),
+                  "test_accuracy": float(test_acc), "train_accuracy": float(train_acc),
+                  "learning_rate": _learning_rate(learning_rate, step - 1), "seconds": seconds,
+                  "examples_per_s": n_steps * B / seconds}
+        history.append(record)
+        result = TrainResult(params, opt_state, state, key, epoch + 1, step, history, compile_seconds)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['test_accuracy']:.4f}",
+                            ex_s=f"{record['examples_per_s']:.0f}")
+            bar.update(1)
+        if on_epoch is not None:
+            on_epoch(result)
+    if bar is not None:
+        bar.close()
+    return result

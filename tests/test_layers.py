@@ -1,0 +1,308 @@
+"""Tests of the dense layer's hand-derived rule (fnbp.layers).
+
+Oracles, all independent of the rule under test: plain numpy (forward and the
+notes' formulas grad_W = delta^T H, grad_b = sum delta, grad_h = delta W),
+``jax.vjp`` of the plain-jnp reference ``fnbp.reference.dense``, and central
+finite differences of our forward.  Also: the mini-batch backward never builds
+a batch x n_out x n_in tensor (read off the lowered and compiled program),
+shape errors at trace time, jit/vmap agreement, and per-example gradients of a
+small net built from our rules.
+"""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.flatten_util import ravel_pytree
+
+import fnbp
+from fnbp import layers, losses, reference
+
+AD_RTOL = 1e-10     # our VJP vs autodiff of the reference (relative, float64)
+FD_RTOL = 1e-6      # our VJP vs central finite differences (relative, float64)
+
+
+# --- helpers (kept local so each test file stands alone) ---------------------------
+def max_rel(x, ref):
+    """max |x - ref| / max |ref|; the absolute error when ref is all zeros."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    if not ref.size:
+        return 0.0
+    diff, scale = np.max(np.abs(x - ref)), np.max(np.abs(ref))
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def fd_grad(f, x, eps=1e-6):
+    """Central finite differences of the scalar f at the pytree x, one coordinate at a time.
+
+    All 2n perturbed inputs are evaluated in one vmapped call of f's forward.
+    """
+    flat, unravel = ravel_pytree(x)
+    flat = np.asarray(flat, np.float64)
+    n = flat.size
+    steps = eps * np.eye(n)
+    xs = jnp.asarray(np.concatenate([flat + steps, flat - steps]))
+    vals = np.asarray(jax.vmap(lambda v: f(unravel(v)))(xs), np.float64)
+    return (vals[:n] - vals[n:]) / (2 * eps)
+
+
+def vjp_errors(rule, ref, args, argnums, seed=0):
+    """Per argnum: (rel error of our VJP vs jax.vjp of ref, rel error vs finite differences).
+
+    The cotangent c is random; finite differences are of <c, rule(...)> along every coordinate.
+    """
+    out, vjp_rule = jax.vjp(rule, *args)
+    out_ref, vjp_ref = jax.vjp(ref, *args)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
+    c = jnp.asarray(np.random.default_rng(seed).standard_normal(np.shape(out)))
+    ours, theirs = vjp_rule(c), vjp_ref(c)
+    errors = {}
+    for i in argnums:
+        g = np.asarray(ravel_pytree(ours[i])[0])
+        ad = max_rel(g, ravel_pytree(theirs[i])[0])
+
+        def along(x, i=i):
+            new = list(args)
+            new[i] = x
+            return jnp.vdot(c, rule(*new))
+
+        fd = fd_grad(along, args[i])
+        scale = max(np.max(np.abs(fd)), np.max(np.abs(g)))
+        errors[i] = (ad, float(np.max(np.abs(fd - g)) / scale) if scale > 0 else 0.0)
+    return errors
+
+
+def dense_args(rng, lead, n_out, n_in):
+    return (jnp.asarray(rng.standard_normal((n_out, n_in))), jnp.asarray(rng.standard_normal(n_out)),
+            jnp.asarray(rng.standard_normal(lead + (n_in,))))
+
+
+LEADS = [(), (1,), (7,), (2, 3)]   # one example, batch of one, a batch, two leading batch axes
+
+
+# --- forward -----------------------------------------------------------------------
+@pytest.mark.parametrize("lead", LEADS)
+def test_dense_forward_matches_numpy(lead):
+    rng = np.random.default_rng(1)
+    W, b, h = dense_args(rng, lead, 4, 5)
+    Wn, bn, hn = map(np.asarray, (W, b, h))
+    # a_i = sum_j W[i, j] h_j + b_i, written out per example
+    expected = np.empty(lead + (4,))
+    for idx in np.ndindex(*lead):
+        for i in range(4):
+            expected[idx + (i,)] = sum(Wn[i, j] * hn[idx + (j,)] for j in range(5)) + bn[i]
+    a = fnbp.dense(W, b, h)
+    assert a.shape == lead + (4,)
+    np.testing.assert_allclose(a, expected, rtol=1e-13, atol=1e-13)
+
+
+# --- backward: the notes' formulas in numpy ----------------------------------------
+@pytest.mark.parametrize("lead", LEADS)
+def test_dense_backward_is_the_notes_formulas(lead):
+    rng = np.random.default_rng(2)
+    W, b, h = dense_args(rng, lead, 3, 6)
+    delta = rng.standard_normal(lead + (3,))
+    gW, gb, gh = jax.vjp(fnbp.dense, W, b, h)[1](jnp.asarray(delta))
+    H = np.asarray(h).reshape(-1, 6)
+    D = delta.reshape(-1, 3)
+    # grad_W = sum over examples of delta_n h_n^T; grad_b = sum_n delta_n; grad_h = W^T delta per example
+    np.testing.assert_allclose(gW, sum(np.outer(D[n], H[n]) for n in range(len(H))), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(gb, D.sum(axis=0), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(gh, (D @ np.asarray(W)).reshape(lead + (6,)), rtol=1e-12, atol=1e-13)
+    # dense_forward / dense_backward (what the explicit loop calls) give the same numbers
+    a, res = layers.dense_forward(W, b, h)
+    np.testing.assert_allclose(a, fnbp.dense(W, b, h), rtol=0, atol=0)
+    for got, want in zip(layers.dense_backward(res, jnp.asarray(delta)), (gW, gb, gh)):
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+
+
+# --- backward: autodiff of the reference and finite differences --------------------
+@pytest.mark.parametrize("lead", LEADS)
+def test_dense_vjp_vs_reference_autodiff_and_finite_differences(lead):
+    rng = np.random.default_rng(3)
+    args = dense_args(rng, lead, 4, 5)
+    errors = vjp_errors(fnbp.dense, reference.dense, args, (0, 1, 2))
+    for i, (ad, fd) in errors.items():
+        assert ad <= AD_RTOL, (i, ad)
+        assert fd <= FD_RTOL, (i, fd)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.one_of(st.none(), st.integers(1, 16)), n_out=st.integers(1, 32), n_in=st.integers(1, 32),
+       seed=st.integers(0, 2**31 - 1))
+def test_dense_vjp_hypothesis_shapes(batch, n_out, n_in, seed):
+    rng = np.random.default_rng(seed)
+    args = dense_args(rng, () if batch is None else (batch,), n_out, n_in)
+    for i, (ad, fd) in vjp_errors(fnbp.dense, reference.dense, args, (0, 1, 2), seed=seed).items():
+        assert ad <= AD_RTOL, (i, ad)
+        assert fd <= FD_RTOL, (i, fd)
+
+
+def test_fnbp_check_on_dense():
+    rng = np.random.default_rng(4)
+    for lead in [(), (5,)]:
+        r = fnbp.check(fnbp.dense, reference.dense, *dense_args(rng, lead, 3, 4))
+        assert r.argnums == (0, 1, 2)
+        assert r.ok, r
+        assert max(r.autodiff_rel) <= AD_RTOL and max(r.fd_rel) <= FD_RTOL
+
+
+# --- no batch x n_out x n_in intermediate ------------------------------------------
+B, N_OUT, N_IN = 64, 48, 40
+_SHAPE_RE = [re.compile(r"tensor<((?:\d+x)+)[a-z]+\d*>"),        # StableHLO: tensor<64x48x40xf32>
+             re.compile(r"\b[a-z]+\d*\[([\d,]+)\]")]              # HLO: f32[64,48,40]{2,1,0}
+
+
+def _shapes(text):
+    shapes = set()
+    for rx in _SHAPE_RE:
+        for m in rx.finditer(text):
+            shapes.add(tuple(int(s) for s in m.group(1).replace("x", ",").split(",") if s))
+    return shapes
+
+
+def _has_outer_product_tensor(text):
+    """A tensor whose dims include all of B, N_OUT and N_IN (in any order)."""
+    need = sorted((B, N_OUT, N_IN))
+    return any(len(s) >= 3 and all(s.count(k) >= need.count(k) for k in need) for s in _shapes(text))
+
+
+def _programs(loss):
+    rng = np.random.default_rng(5)
+    W = jnp.asarray(rng.standard_normal((N_OUT, N_IN)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(N_OUT), jnp.float32)
+    h = jnp.asarray(rng.standard_normal((B, N_IN)), jnp.float32)
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(W, b, h)
+    return lowered.as_text(), lowered.compile().as_text()
+
+
+def test_shape_scanner_sees_shapes():
+    assert _shapes("%0 = stablehlo.add %a : tensor<64x48x40xf32>") == {(64, 48, 40)}
+    assert _shapes("%x = f32[40,64,48]{2,1,0} fusion(...)") == {(40, 64, 48)}
+    assert _has_outer_product_tensor("tensor<48x40x64xf64>")
+    assert not _has_outer_product_tensor("tensor<64x48xf32> tensor<48x40xf32> f32[64,40]")
+
+
+def test_minibatch_dense_backward_has_no_batch_x_out_x_in_tensor():
+    def loss(W, b, h):
+        return jnp.sum(jnp.tanh(fnbp.dense(W, b, h)))
+
+    lowered, compiled = _programs(loss)
+    assert "64x48" in lowered and "48x40" in lowered      # the program is the one we think
+    assert (N_OUT, N_IN) in _shapes(lowered) and (N_OUT, N_IN) in _shapes(compiled)   # grad_W is there
+    assert not _has_outer_product_tensor(lowered), sorted(_shapes(lowered))
+    assert not _has_outer_product_tensor(compiled), sorted(_shapes(compiled))
+
+
+def test_per_example_outer_product_rule_does_show_up():
+    """Positive control: a per-example rule grad_W = outer(delta, h) under vmap builds B x n_out x n_in."""
+    @jax.custom_vjp
+    def dense_one(W, b, h):
+        return W @ h + b
+
+    def fwd(W, b, h):
+        return W @ h + b, (W, h)
+
+    def bwd(res, delta):
+        W, h = res
+        return jnp.outer(delta, h), delta, W.T @ delta
+
+    dense_one.defvjp(fwd, bwd)
+
+    def loss(W, b, h):
+        return jnp.sum(jnp.tanh(jax.vmap(dense_one, in_axes=(None, None, 0))(W, b, h)))
+
+    lowered, _ = _programs(loss)
+    assert _has_outer_product_tensor(lowered)
+
+
+# --- shape errors at trace time --------------------------------------------------------
+def _call(fn, jit, *args):
+    return (jax.jit(fn) if jit else fn)(*args)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dense_shape_errors(jit):
+    W, b = jnp.ones((3, 4)), jnp.ones(3)
+    with pytest.raises(ValueError, match=r"fnbp\.dense.*n_in = 4.*\(3, 4\).*got shape \(2, 5\)"):
+        _call(fnbp.dense, jit, W, b, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"fnbp\.dense.*n_in = 4.*\(3, 4\).*got shape \(5,\)"):
+        _call(fnbp.dense, jit, W, b, jnp.ones(5))
+    with pytest.raises(ValueError, match=r"fnbp\.dense.*b must have shape.*\(3,\).*\(3, 4\).*got shape \(4,\)"):
+        _call(fnbp.dense, jit, W, jnp.ones(4), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"fnbp\.dense.*W must be a matrix.*got shape \(3,\)"):
+        _call(fnbp.dense, jit, jnp.ones(3), b, jnp.ones(4))
+    with pytest.raises(ValueError, match=r"fnbp\.dense.*h must have shape"):
+        _call(fnbp.dense, jit, W, b, jnp.ones(()))
+
+
+def test_dense_shape_error_inside_grad():
+    W, b = jnp.ones((3, 4)), jnp.ones(3)
+    with pytest.raises(ValueError, match=r"fnbp\.dense"):
+        jax.jit(jax.grad(lambda W: jnp.sum(fnbp.dense(W, b, jnp.ones((2, 5))))))(W)
+
+
+# --- jit and vmap equal the plain call ---------------------------------------------------
+@pytest.mark.parametrize("lead", [(), (6,)])
+def test_dense_jit_and_vmap_match_plain_call(lead):
+    rng = np.random.default_rng(6)
+    args = dense_args(rng, lead, 3, 4)
+    c = jnp.asarray(rng.standard_normal(lead + (3,)))
+
+    def value_and_vjp(W, b, h):
+        out, f = jax.vjp(fnbp.dense, W, b, h)
+        return out, f(c)
+
+    plain = value_and_vjp(*args)
+    jitted = jax.jit(value_and_vjp)(*args)
+    for x, y in zip(jax.tree_util.tree_leaves(jitted), jax.tree_util.tree_leaves(plain)):
+        assert max_rel(x, y) <= 1e-12
+    # vmap over a stack of 3 parameter/input sets equals 3 separate calls
+    stacks = [dense_args(rng, lead, 3, 4) for _ in range(3)]
+    stacked = [jnp.stack(xs) for xs in zip(*stacks)]
+    batched = jax.vmap(value_and_vjp)(*stacked)
+    for k, one in enumerate(stacks):
+        want = value_and_vjp(*one)
+        for x, y in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(want)):
+            assert max_rel(x[k], y) <= 1e-12
+
+
+# --- per-example gradients of a small net through our rules ------------------------------
+def _net_loss(mods, params, x, label, reduction="mean"):
+    dense, relu, sce = mods
+    h = relu(dense(params[0]["W"], params[0]["b"], x))
+    return sce(dense(params[1]["W"], params[1]["b"], h), label, reduction=reduction)
+
+
+OURS = (fnbp.dense, fnbp.relu, losses.softmax_cross_entropy)
+REFS = (reference.dense, reference.relu, reference.softmax_cross_entropy)
+
+
+def test_per_example_gradients_match_reference_and_sum_to_batch_gradient():
+    rng = np.random.default_rng(7)
+    n_in, n_hid, n_cls, batch = 5, 8, 4, 11
+    params = [{"W": jnp.asarray(rng.standard_normal((n_hid, n_in))), "b": jnp.asarray(rng.standard_normal(n_hid))},
+              {"W": jnp.asarray(rng.standard_normal((n_cls, n_hid))), "b": jnp.asarray(rng.standard_normal(n_cls))}]
+    x = jnp.asarray(rng.standard_normal((batch, n_in)))
+    labels = jnp.asarray(rng.integers(0, n_cls, batch))
+
+    per_ex = jax.vmap(jax.grad(functools.partial(_net_loss, OURS)), in_axes=(None, 0, 0))(params, x, labels)
+    per_ex_ref = jax.vmap(jax.grad(functools.partial(_net_loss, REFS)), in_axes=(None, 0, 0))(params, x, labels)
+    for got, want in zip(jax.tree_util.tree_leaves(per_ex), jax.tree_util.tree_leaves(per_ex_ref)):
+        assert got.shape[0] == batch
+        assert max_rel(got, want) <= AD_RTOL
+    # example 3 alone, without vmap, is the same row
+    one = jax.grad(functools.partial(_net_loss, OURS))(params, x[3], labels[3])
+    for got, want in zip(jax.tree_util.tree_leaves(per_ex), jax.tree_util.tree_leaves(one)):
+        assert max_rel(got[3], want) <= 1e-12
+
+    summed = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_ex)
+    batch_sum = jax.grad(lambda p: _net_loss(OURS, p, x, labels, reduction="sum"))(params)
+    batch_mean = jax.grad(lambda p: _net_loss(OURS, p, x, labels, reduction="mean"))(params)
+    for s, g, m in zip(*map(jax.tree_util.tree_leaves, (summed, batch_sum, batch_mean))):
+        assert max_rel(g, s) <= 1e-12
+        assert max_rel(m, s / batch) <= 1e-12

@@ -1,0 +1,670 @@
+"""Tests of fnbp.optim: optax twins, the notes' pseudocode in numpy, deliberate differences,
+Nesterov's two forms, descent, validation, schedules and docstrings."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from fnbp import optim
+
+STEPS = 500
+
+
+# --------------------------------------------------------------------------- problems
+def quadratic_problem(dtype=np.float64, seed=0):
+    """A random nested pytree θ (22 numbers) and C(θ) = ½xᵀAx − bᵀx, x = ravel(θ), A SPD.
+
+    Returns (params, loss, A, b) with A, b as float64 numpy arrays (for numpy references).
+    """
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.normal(size=(3, 4)),
+              "layers": [{"b": rng.normal(size=5)}, (rng.normal(size=2), rng.normal(size=(1, 3)))]}
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    n = ravel_pytree(params)[0].size
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = (q * np.geomspace(0.05, 1.0, n)) @ q.T
+    b = rng.normal(size=n)
+    a_j, b_j = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+
+    def loss(p):
+        x = ravel_pytree(p)[0]
+        return 0.5 * x @ (a_j @ x) - b_j @ x
+
+    return params, loss, a, b
+
+
+def mlp_problem(dtype=np.float64, seed=1):
+    """A tiny plain-jnp 3-8-2 tanh MLP with a mean-squared-error loss on random data."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(16, 3)), dtype)
+    y = jnp.asarray(rng.normal(size=(16, 2)), dtype)
+    params = {"w1": rng.normal(size=(3, 8)) / math.sqrt(3), "b1": 0.1 * rng.normal(size=8),
+              "w2": rng.normal(size=(8, 2)) / math.sqrt(8), "b2": 0.1 * rng.normal(size=2)}
+    params = jax.tree_util.tree_map(lambda v: jnp.asarray(v, dtype), params)
+
+    def loss(p):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+    return params, loss
+
+
+def rosenbrock(p):
+    return (1 - p["x"]) ** 2 + 100 * (p["y"] - p["x"] ** 2) ** 2
+
+
+ROSEN_START = {"x": jnp.asarray(-1.2), "y": jnp.asarray(1.0)}
+
+
+def trajectory(opt, loss, params, steps=STEPS):
+    """θ_1 … θ_steps (raveled, one row per step) and the final state; one lax.scan.
+
+    The gradient is taken at ``lookahead_params`` (θ itself unless ``opt`` is the look-ahead
+    Nesterov), so the same loop serves every optimizer.
+    """
+    grad = jax.grad(loss)
+
+    def step(carry, _):
+        p, s = carry
+        u, s = opt.update(grad(optim.lookahead_params(p, s)), s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), ravel_pytree(p)[0]
+
+    (_, state), traj = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return traj, state
+
+
+def rel_diff(a, b):
+    """max over steps of ‖a_k − b_k‖ / ‖b_k‖ (computed in float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)))
+
+
+# --------------------------------------------------------------------------- the twin table
+def optax_ema_momentum(learning_rate, beta):
+    return optax.chain(optax.ema(beta, debias=False), optax.scale_by_learning_rate(learning_rate))
+
+
+SCHED = optim.inverse_decay(0.05, 0.01)          # a schedule that both libraries are handed
+EXP_SCHED = optim.exponential_decay(0.5, 0.002)
+
+# (id, ours, ours' kwargs, optax twin, twin's kwargs)
+TWINS = [
+    ("sgd", optim.sgd, dict(learning_rate=0.5), optax.sgd, dict(learning_rate=0.5)),
+    ("sgd-schedule", optim.sgd, dict(learning_rate=EXP_SCHED), optax.sgd, dict(learning_rate=EXP_SCHED)),
+    ("momentum", optim.momentum, dict(learning_rate=0.05, beta=0.9),
+     optax.sgd, dict(learning_rate=0.05, momentum=0.9)),
+    ("ema_momentum", optim.ema_momentum, dict(learning_rate=0.3, beta=0.8),
+     optax_ema_momentum, dict(learning_rate=0.3, beta=0.8)),
+    ("ema_momentum-schedule", optim.ema_momentum, dict(learning_rate=SCHED, beta=0.8),
+     optax_ema_momentum, dict(learning_rate=SCHED, beta=0.8)),
+    ("simplified_nesterov", optim.simplified_nesterov, dict(learning_rate=0.05, beta=0.9),
+     optax.sgd, dict(learning_rate=0.05, momentum=0.9, nesterov=True)),
+    ("adagrad-optax-form", optim.adagrad,
+     dict(learning_rate=0.3, eps=1e-7, initial_accumulator_value=0.1, eps_in_sqrt=True),
+     optax.adagrad, dict(learning_rate=0.3, initial_accumulator_value=0.1, eps=1e-7)),
+    ("adagrad-optax-form-schedule", optim.adagrad,
+     dict(learning_rate=SCHED, initial_accumulator_value=0.1, eps_in_sqrt=True),
+     optax.adagrad, dict(learning_rate=SCHED, initial_accumulator_value=0.1, eps=1e-7)),
+    ("rmsprop", optim.rmsprop, dict(learning_rate=0.01, decay=0.9, eps=1e-8),
+     optax.rmsprop, dict(learning_rate=0.01, decay=0.9, eps=1e-8)),
+    ("rmsprop-eps-outside", optim.rmsprop, dict(learning_rate=0.01, decay=0.95, eps=1e-6, eps_in_sqrt=False),
+     optax.rmsprop, dict(learning_rate=0.01, decay=0.95, eps=1e-6, eps_in_sqrt=False)),
+    ("adadelta", optim.adadelta, dict(rho=0.9, eps=1e-6),
+     optax.adadelta, dict(learning_rate=1.0, rho=0.9, eps=1e-6)),
+    ("adadelta-schedule", optim.adadelta, dict(learning_rate=EXP_SCHED, rho=0.95, eps=1e-4),
+     optax.adadelta, dict(learning_rate=EXP_SCHED, rho=0.95, eps=1e-4)),
+    ("adam", optim.adam, dict(learning_rate=0.02, b1=0.9, b2=0.999, eps=1e-8),
+     optax.adam, dict(learning_rate=0.02, b1=0.9, b2=0.999, eps=1e-8)),
+    ("adam-schedule", optim.adam, dict(learning_rate=SCHED, b1=0.8, b2=0.99, eps=1e-6),
+     optax.adam, dict(learning_rate=SCHED, b1=0.8, b2=0.99, eps=1e-6)),
+]
+
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def twin_diffs(ours, twin, dtype):
+    """Relative trajectory differences (quadratic, MLP) of ours vs the twin over 500 steps."""
+    qp, qloss, _, _ = quadratic_problem(dtype)
+    mp, mloss = mlp_problem(dtype)
+
+    @jax.jit
+    def both(qp, mp):
+        return (trajectory(ours, qloss, qp)[0], trajectory(twin, qloss, qp)[0],
+                trajectory(ours, mloss, mp)[0], trajectory(twin, mloss, mp)[0])
+
+    qa, qb, ma, mb = both(qp, mp)
+    assert qa.dtype == dtype and ma.dtype == dtype
+    return rel_diff(qa, qb), rel_diff(ma, mb)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name, ours, kw, twin, twin_kw", TWINS, ids=[t[0] for t in TWINS])
+def test_twin_trajectories_equal(name, ours, kw, twin, twin_kw, dtype):
+    quad, mlp = twin_diffs(ours(**kw), twin(**twin_kw), dtype)
+    assert quad <= TOL[dtype], f"quadratic: {quad:.3g}"
+    assert mlp <= TOL[dtype], f"MLP: {mlp:.3g}"
+
+
+def test_trajectories_actually_move():
+    """The twin test is not vacuous: every pair travels far from its start on both problems."""
+    qp, qloss, _, _ = quadratic_problem()
+    mp, mloss = mlp_problem()
+    for _, ours, kw, _, _ in TWINS:
+        for p, loss in ((qp, qloss), (mp, mloss)):
+            traj, _ = jax.jit(lambda p: trajectory(ours(**kw), loss, p, 100))(p)
+            x0 = ravel_pytree(p)[0]
+            assert float(jnp.linalg.norm(traj[-1] - x0)) > 1e-2 * float(jnp.linalg.norm(x0))
+
+
+# --------------------------------------------------------------------------- deliberate differences
+def halving(eta0):
+    return lambda k: eta0 * 0.5 ** k
+
+
+def linear_runs(ours, twin, steps):
+    """Cumulative displacements θ_n − θ_0 for a linear loss C(θ) = θ (gradient 1), ours and optax."""
+    c = lambda p: p  # noqa: E731
+    traj_a, _ = trajectory(ours, c, jnp.asarray(0.0), steps)
+    traj_b, _ = trajectory(twin, c, jnp.asarray(0.0), steps)
+    return np.asarray(traj_a)[:, 0], np.asarray(traj_b)[:, 0]
+
+
+@pytest.mark.parametrize("simplified", [False, True], ids=["momentum", "simplified_nesterov"])
+def test_momentum_vs_optax_under_halving_schedule_closed_form(simplified):
+    """Notes: η inside v, so v_k = −Σ_j β^(k−j) η_j g.  optax: η outside, Δθ_k = −η_k Σ_j β^(k−j) g.
+
+    With g = 1 and η_k = η₀ 2^(−k) both are proved against their closed forms; the difference
+    is large (the notes' velocity remembers the larger early rates)."""
+    beta, eta0, n = 0.9, 0.1, 30
+    eta = eta0 * 0.5 ** np.arange(n)
+    m = np.array([sum(beta ** (k - j) for j in range(k + 1)) for k in range(n)])           # optax trace
+    v = np.array([-sum(beta ** (k - j) * eta[j] for j in range(k + 1)) for k in range(n)])  # notes velocity
+    if simplified:
+        v_prev = np.concatenate([[0.0], v[:-1]])
+        notes_step = beta ** 2 * v_prev - eta * (1 + beta)        # Θ ← Θ + δ²v − η(1 + δ)g
+        optax_step = -eta * (1 + beta * m)                        # −η_k (g + β m_k)
+        ours = optim.simplified_nesterov(halving(eta0), beta)
+        twin = optax.sgd(halving(eta0), momentum=beta, nesterov=True)
+    else:
+        notes_step, optax_step = v, -eta * m
+        ours, twin = optim.momentum(halving(eta0), beta), optax.sgd(halving(eta0), momentum=beta)
+    a, b = linear_runs(ours, twin, n)
+    np.testing.assert_allclose(a, np.cumsum(notes_step), rtol=1e-13)
+    np.testing.assert_allclose(b, np.cumsum(optax_step), rtol=1e-13)
+    # The size: after 30 steps the notes' form has moved (1 − β/2)^(−1)... ≈ 1.5–2x further.
+    assert abs(a[-1]) > 1.4 * abs(b[-1])
+
+
+@pytest.mark.parametrize("ours, twin", [
+    (lambda s: optim.momentum(s, 0.9), lambda s: optax.sgd(s, momentum=0.9)),
+    (lambda s: optim.simplified_nesterov(s, 0.9), lambda s: optax.sgd(s, momentum=0.9, nesterov=True)),
+], ids=["momentum", "simplified_nesterov"])
+def test_momentum_vs_optax_schedule_difference_on_problems(ours, twin):
+    """Under a schedule (halving every 100 steps) the forms part: a visible trajectory difference,
+    while at constant η they agree to rounding (twin table)."""
+    sched = lambda k: 0.05 * 0.5 ** (k // 100)  # noqa: E731
+    qp, qloss, _, _ = quadratic_problem()
+    mp, mloss = mlp_problem()
+    for p, loss in ((qp, qloss), (mp, mloss)):
+        a = jax.jit(lambda p: trajectory(ours(sched), loss, p)[0])(p)
+        b = jax.jit(lambda p: trajectory(twin(sched), loss, p)[0])(p)
+        assert rel_diff(a, b) > 1e-4
+
+
+def test_adagrad_notes_defaults_vs_optax_defaults():
+    """Notes: r₀ = 0, δ outside √ → first step −η g/(δ + |g|) ≈ −η sign(g).
+    optax: r₀ = 0.1, δ inside √ → first step −η g/√(0.1 + g² + δ)."""
+    g = jnp.asarray([0.01, -0.3, 2.0])
+    eta, eps = 0.1, 1e-7
+    u_notes, _ = optim.adagrad(eta).update(g, optim.adagrad(eta).init(g))
+    u_optax, _ = optax.adagrad(eta).update(g, optax.adagrad(eta).init(g))
+    gn = np.asarray(g)
+    np.testing.assert_allclose(u_notes, -eta * gn / (eps + np.abs(gn)), rtol=1e-14)
+    np.testing.assert_allclose(u_optax, -eta * gn / np.sqrt(0.1 + gn ** 2 + eps), rtol=1e-14)
+    assert abs(float(u_notes[0]) / float(u_optax[0])) > 30   # tiny gradients: notes step ~η, optax ~η·g/√0.1
+    qp, qloss, _, _ = quadratic_problem()
+    a = jax.jit(lambda p: trajectory(optim.adagrad(0.3), qloss, p)[0])(qp)
+    b = jax.jit(lambda p: trajectory(optax.adagrad(0.3), qloss, p)[0])(qp)
+    assert rel_diff(a, b) > 1e-3
+
+
+def test_optax_adadelta_default_learning_rate_ascends():
+    """optax.adadelta(learning_rate=None) returns +√(δ+s)/√(δ+r)⊙g (the sign of the gradient):
+    exactly the negative of ours."""
+    p, loss, _, _ = quadratic_problem()
+    g = jax.grad(loss)(p)
+    ours, twin = optim.adadelta(), optax.adadelta()
+    s_a, s_b = ours.init(p), twin.init(p)
+    for _ in range(3):
+        u_a, s_a = ours.update(g, s_a)
+        u_b, s_b = twin.update(g, s_b)
+        np.testing.assert_allclose(ravel_pytree(u_a)[0], -ravel_pytree(u_b)[0], rtol=1e-14)
+    assert float(ravel_pytree(u_b)[0] @ ravel_pytree(g)[0]) > 0
+
+
+# --------------------------------------------------------------------------- numpy pseudocode
+def np_sgd(grad, x, steps, eta):
+    out = []
+    for i in range(1, steps + 1):
+        g = grad(x)
+        x = x - eta(i - 1) * g
+        out.append(x)
+    return out
+
+
+def np_momentum(grad, x, steps, eta, delta):
+    v, out = np.zeros_like(x), []
+    for i in range(1, steps + 1):
+        g = grad(x)
+        v = delta * v - eta(i - 1) * g
+        x = x + v
+        out.append(x)
+    return out
+
+
+def np_ema_momentum(grad, x, steps, gamma, beta):
+    avg, out = np.zeros_like(x), []
+    for i in range(1, steps + 1):
+        avg = beta * avg + (1 - beta) * grad(x)
+        x = x - gamma(i - 1) * avg
+        out.append(x)
+    return out
+
+
+def np_nesterov(grad, x, steps, eta, delta):
+    v, out = np.zeros_like(x), []
+    for i in range(1, steps + 1):
+        x_tilde = x + delta * v
+        g = grad(x_tilde)
+        v = delta * v - eta(i - 1) * g
+        x = x + v
+        out.append(x)
+    return out
+
+
+def np_simplified_nesterov(grad, x, steps, eta, delta):
+    v, big, out = np.zeros_like(x), x.copy(), []
+    for i in range(1, steps + 1):
+        g = grad(big)
+        big = big + delta ** 2 * v - eta(i - 1) * (1 + delta) * g
+        v = delta * v - eta(i - 1) * g
+        out.append(big)
+    return out
+
+
+def np_adagrad(grad, x, steps, eta, delta):
+    r, out = np.zeros_like(x), []
+    for i in range(1, steps + 1):
+        g = grad(x)
+        r = r + g * g
+        v = -eta(i - 1) / (delta + np.sqrt(r)) * g
+        x = x + v
+        out.append(x)
+    return out
+
+
+def np_rmsprop(grad, x, steps, eta, delta, rho):
+    r, out = np.zeros_like(x), []
+    for i in range(1, steps + 1):
+        g = grad(x)
+        r = rho * r + (1 - rho) * (g * g)
+        v = -eta(i - 1) / np.sqrt(delta + r) * g
+        x = x + v
+        out.append(x)
+    return out
+
+
+def np_adadelta(grad, x, steps, delta, rho):
+    r, s, out = np.zeros_like(x), np.zeros_like(x), []
+    for i in range(1, steps + 1):
+        g = grad(x)
+        r = rho * r + (1 - rho) * (g * g)
+        v = -np.sqrt(delta + s) / np.sqrt(delta + r) * g
+        s = rho * s + (1 - rho) * (v * v)
+        x = x + v
+        out.append(x)
+    return out
+
+
+def np_adam(grad, x, steps, eta, delta, rho1, rho2):
+    s, r, out = np.zeros_like(x), np.zeros_like(x), []
+    for i in range(1, steps + 1):
+        g = grad(x)
+        s = rho1 * s + (1 - rho1) * g
+        r = rho2 * r + (1 - rho2) * (g * g)
+        s_hat = s / (1 - rho1 ** i)
+        r_hat = r / (1 - rho2 ** i)
+        v = -eta(i - 1) * s_hat / (delta + np.sqrt(r_hat))
+        x = x + v
+        out.append(x)
+    return out
+
+
+def np_delta_bar_delta(grad, x, steps, eps0, kappa, phi, theta):
+    """Jacobs (1988) in his own variables: per-weight rates ε, increment κ, decrease φ, average θ."""
+    eps, bar, out = np.full_like(x, eps0), np.zeros_like(x), []
+    for _ in range(steps):
+        d = grad(x)
+        eps = np.where(bar * d > 0, eps + kappa, np.where(bar * d < 0, eps - phi * eps, eps))
+        x = x - eps * d
+        bar = (1 - theta) * d + theta * bar
+        out.append(x)
+    return out
+
+
+CONST = lambda eta: (lambda k: eta)  # noqa: E731
+INV = lambda eta0, d: (lambda k: eta0 / (1 + k * d))  # noqa: E731
+
+# (id, ours, numpy reference with its arguments)
+NOTES_FORMS = [
+    ("sgd", optim.sgd(0.5), lambda gr, x, n: np_sgd(gr, x, n, CONST(0.5))),
+    ("sgd-inverse-decay", optim.sgd(optim.inverse_decay(0.8, 0.05)),
+     lambda gr, x, n: np_sgd(gr, x, n, INV(0.8, 0.05))),
+    ("momentum", optim.momentum(0.05, 0.9), lambda gr, x, n: np_momentum(gr, x, n, CONST(0.05), 0.9)),
+    ("momentum-inverse-decay", optim.momentum(optim.inverse_decay(0.1, 0.02), 0.8),
+     lambda gr, x, n: np_momentum(gr, x, n, INV(0.1, 0.02), 0.8)),
+    ("ema_momentum", optim.ema_momentum(0.3, 0.8), lambda gr, x, n: np_ema_momentum(gr, x, n, CONST(0.3), 0.8)),
+    ("nesterov", optim.nesterov(0.05, 0.9), lambda gr, x, n: np_nesterov(gr, x, n, CONST(0.05), 0.9)),
+    ("nesterov-inverse-decay", optim.nesterov(optim.inverse_decay(0.1, 0.02), 0.8),
+     lambda gr, x, n: np_nesterov(gr, x, n, INV(0.1, 0.02), 0.8)),
+    ("simplified_nesterov", optim.simplified_nesterov(0.05, 0.9),
+     lambda gr, x, n: np_simplified_nesterov(gr, x, n, CONST(0.05), 0.9)),
+    ("simplified_nesterov-inverse-decay", optim.simplified_nesterov(optim.inverse_decay(0.1, 0.02), 0.8),
+     lambda gr, x, n: np_simplified_nesterov(gr, x, n, INV(0.1, 0.02), 0.8)),
+    ("adagrad", optim.adagrad(0.3), lambda gr, x, n: np_adagrad(gr, x, n, CONST(0.3), 1e-7)),
+    ("adagrad-inverse-decay", optim.adagrad(optim.inverse_decay(0.3, 0.01), eps=1e-3),
+     lambda gr, x, n: np_adagrad(gr, x, n, INV(0.3, 0.01), 1e-3)),
+    ("rmsprop", optim.rmsprop(0.01, 0.9, 1e-8), lambda gr, x, n: np_rmsprop(gr, x, n, CONST(0.01), 1e-8, 0.9)),
+    ("adadelta", optim.adadelta(rho=0.9, eps=1e-6), lambda gr, x, n: np_adadelta(gr, x, n, 1e-6, 0.9)),
+    ("adam", optim.adam(0.02), lambda gr, x, n: np_adam(gr, x, n, CONST(0.02), 1e-8, 0.9, 0.999)),
+    ("adam-inverse-decay", optim.adam(optim.inverse_decay(0.05, 0.01), 0.8, 0.99, 1e-6),
+     lambda gr, x, n: np_adam(gr, x, n, INV(0.05, 0.01), 1e-6, 0.8, 0.99)),
+    ("delta_bar_delta", optim.delta_bar_delta(0.05, kappa=0.05, phi=0.3, theta=0.7),
+     lambda gr, x, n: np_delta_bar_delta(gr, x, n, 0.05, 0.05 * 0.05, 0.3, 0.7)),
+]
+
+
+@pytest.mark.parametrize("name, ours, reference", NOTES_FORMS, ids=[t[0] for t in NOTES_FORMS])
+def test_notes_form_matches_numpy_pseudocode(name, ours, reference):
+    params, loss, a, b = quadratic_problem()
+    steps = 200
+    traj, _ = jax.jit(lambda p: trajectory(ours, loss, p, steps))(params)
+    x0 = np.asarray(ravel_pytree(params)[0])
+    ref = np.stack(reference(lambda x: a @ x - b, x0, steps))
+    assert rel_diff(traj, ref) <= 1e-12
+    assert np.linalg.norm(ref[-1] - x0) > 1e-2 * np.linalg.norm(x0)
+
+
+def test_delta_bar_delta_rates_grow_and_shrink():
+    """Gains grow by κ while the sign holds and shrink by (1 − φ) when it flips."""
+    opt = optim.delta_bar_delta(1.0, kappa=0.1, phi=0.5, theta=0.0)
+    state = opt.init(jnp.zeros(2))
+    for g in ([1.0, 1.0], [1.0, -1.0], [1.0, 1.0], [1.0, 0.0]):
+        updates, state = opt.update(jnp.asarray(g), state)
+    np.testing.assert_allclose(state.gain, [1.3, 0.25])   # [+κ, +κ, +κ] and [·½, ·½, unchanged]
+    np.testing.assert_allclose(updates, [-1.3, 0.0])
+
+
+# --------------------------------------------------------------------------- Nesterov's two forms
+@pytest.mark.parametrize("lr", [0.05, optim.inverse_decay(0.08, 0.01)], ids=["constant", "inverse-decay"])
+@pytest.mark.parametrize("problem", ["quadratic", "mlp"])
+def test_simplified_nesterov_is_lookahead_point(problem, lr):
+    """Θ_n = θ_n + δ·v_n along a whole trajectory (Bengio et al. 2012)."""
+    params, loss = (quadratic_problem()[:2] if problem == "quadratic" else mlp_problem())
+    beta = 0.9
+    look, simple = optim.nesterov(lr, beta), optim.simplified_nesterov(lr, beta)
+    grad = jax.grad(loss)
+
+    def step(carry, _):
+        (p, s), (q, t) = carry
+        u, s = look.update(grad(optim.lookahead_params(p, s)), s, p)
+        p = optim.apply_updates(p, u)
+        w, t = simple.update(grad(q), t, q)
+        q = optim.apply_updates(q, w)
+        return ((p, s), (q, t)), (ravel_pytree(optim.lookahead_params(p, s))[0], ravel_pytree(q)[0])
+
+    @jax.jit
+    def run(params):
+        return jax.lax.scan(step, ((params, look.init(params)), (params, simple.init(params))), None,
+                            length=STEPS)[1]
+
+    theta_plus_dv, big_theta = run(params)
+    assert rel_diff(big_theta, theta_plus_dv) <= 1e-12
+
+
+def test_simplified_nesterov_equals_theta_once_v_vanishes():
+    """Θ = θ once v = 0: at the start, and at convergence on a strongly convex quadratic."""
+    params, loss, a, b = quadratic_problem()
+    look, simple = optim.nesterov(0.3, 0.5), optim.simplified_nesterov(0.3, 0.5)
+    state = look.init(params)
+    assert optim.lookahead_params(params, state) is not params
+    np.testing.assert_array_equal(ravel_pytree(optim.lookahead_params(params, state))[0],
+                                  ravel_pytree(params)[0])
+    theta, s_look = jax.jit(lambda p: trajectory(look, loss, p, 3000))(params)
+    big, _ = jax.jit(lambda p: trajectory(simple, loss, p, 3000))(params)
+    v = ravel_pytree(s_look.v)[0]
+    assert float(jnp.max(jnp.abs(v))) < 1e-13
+    np.testing.assert_allclose(big[-1], theta[-1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(theta[-1], np.linalg.solve(a, b), atol=1e-10)
+
+
+def test_lookahead_params_inside_chain_and_errors():
+    params, loss, _, _ = quadratic_problem()
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optim.nesterov(0.1, 0.9))
+    state = opt.init(params)
+    g = jax.grad(loss)(params)
+    _, state = opt.update(g, state, params)
+    v = state[1].v
+    expected = jax.tree_util.tree_map(lambda p, v: p + 0.9 * v, params, v)
+    got = optim.lookahead_params(params, state)
+    np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(expected)[0], rtol=1e-15)
+    assert optim.lookahead_params(params, optim.adam(0.1).init(params)) is params
+    with pytest.raises(ValueError, match="NesterovState"):
+        optim.lookahead_params(params, (state[1], state[1]))
+
+
+# --------------------------------------------------------------------------- descent and composition
+ALL = {
+    "sgd": lambda: optim.sgd(1e-3),
+    "momentum": lambda: optim.momentum(2e-4, 0.9),
+    "ema_momentum": lambda: optim.ema_momentum(1e-3, 0.9),
+    "nesterov": lambda: optim.nesterov(2e-4, 0.9),
+    "simplified_nesterov": lambda: optim.simplified_nesterov(2e-4, 0.9),
+    "adagrad": lambda: optim.adagrad(0.05),
+    "rmsprop": lambda: optim.rmsprop(0.01),
+    "adadelta": lambda: optim.adadelta(),
+    "adam": lambda: optim.adam(0.01),
+    "delta_bar_delta": lambda: optim.delta_bar_delta(5e-4),
+    "sgd-exponential-decay": lambda: optim.sgd(optim.exponential_decay(1e-3, 1e-3)),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_decreases_rosenbrock_and_quadratic_bare_and_in_chain(name):
+    """From a fixed start: C decreases for the optimizer alone and inside
+    optax.chain(optax.clip_by_global_norm(1.0), ours), both under jit."""
+    qp, qloss, _, _ = quadratic_problem()
+    for params, loss in ((ROSEN_START, rosenbrock), (qp, qloss)):
+        bare, chained = ALL[name](), optax.chain(optax.clip_by_global_norm(1.0), ALL[name]())
+
+        @jax.jit
+        def final_losses(p):
+            out = []
+            for opt in (bare, chained):
+                traj, _ = trajectory(opt, loss, p, 300)
+                out.append(loss(ravel_pytree(p)[1](traj[-1])))
+            return out
+
+        c0 = float(loss(params))
+        c_bare, c_chain = map(float, final_losses(params))
+        assert np.isfinite(c_bare) and c_bare < c0
+        assert np.isfinite(c_chain) and c_chain < c0
+
+
+def test_masked_and_vmapped_learning_rate():
+    """optax.masked composes with ours; learning_rate may be a traced scalar (vmap over rates)."""
+    params, loss, _, _ = quadratic_problem()
+    mask = {"w": True, "layers": [{"b": False}, (True, True)]}
+    opt = optax.masked(optim.adam(0.05), mask)
+    traj, _ = jax.jit(lambda p: trajectory(opt, loss, p, 10))(params)
+    end = ravel_pytree(params)[1](traj[-1])
+    np.testing.assert_array_equal(end["layers"][0]["b"], params["layers"][0]["b"])
+    assert not np.allclose(end["w"], params["w"])
+
+    rates = jnp.asarray([0.01, 0.05, 0.1])
+    for make in (optim.adam, optim.momentum, optim.nesterov, optim.delta_bar_delta):
+        batched = jax.jit(jax.vmap(lambda lr: trajectory(make(lr), loss, params, 50)[0][-1]))(rates)
+        for lr, row in zip(rates.tolist(), batched):
+            single = jax.jit(lambda p: trajectory(make(lr), loss, p, 50)[0][-1])(params)
+            np.testing.assert_allclose(row, single, rtol=1e-12)
+
+
+def test_float32_dtypes_preserved_with_float64_rate():
+    """A float64 (e.g. vmapped) learning rate does not promote float32 updates or state."""
+    p = {"a": jnp.ones(3, jnp.float32)}
+    for make in (optim.sgd, optim.momentum, optim.adam, optim.adagrad, optim.rmsprop,
+                 optim.adadelta, optim.delta_bar_delta, optim.nesterov, optim.simplified_nesterov,
+                 optim.ema_momentum):
+        opt = make(jnp.asarray(0.1, jnp.float64))
+        u, s = opt.update(p, opt.init(p))
+        u, s = opt.update(p, s)
+        assert u["a"].dtype == jnp.float32, make.__name__
+        for leaf in jax.tree_util.tree_leaves(s):
+            assert leaf.dtype in (jnp.float32, jnp.int32, jnp.float64), make.__name__
+        assert s.count.dtype == jnp.int32 and s.count.shape == () and int(s.count) == 2
+
+
+# --------------------------------------------------------------------------- validation and errors
+BAD = [
+    (optim.sgd, dict(learning_rate=-0.1), "learning_rate"),
+    (optim.sgd, dict(learning_rate=float("nan")), "learning_rate"),
+    (optim.momentum, dict(learning_rate=0.1, beta=1.0), "beta"),
+    (optim.momentum, dict(learning_rate=-1.0), "learning_rate"),
+    (optim.ema_momentum, dict(learning_rate=0.1, beta=-0.1), "beta"),
+    (optim.nesterov, dict(learning_rate=0.1, beta=1.5), "beta"),
+    (optim.simplified_nesterov, dict(learning_rate=0.1, beta=1.0), "beta"),
+    (optim.adagrad, dict(learning_rate=0.1, eps=0.0), "eps"),
+    (optim.adagrad, dict(learning_rate=0.1, eps=-1e-7), "eps"),
+    (optim.adagrad, dict(learning_rate=0.1, initial_accumulator_value=-0.1), "initial_accumulator_value"),
+    (optim.adagrad, dict(learning_rate=-0.1), "learning_rate"),
+    (optim.rmsprop, dict(learning_rate=0.1, decay=1.0), "decay"),
+    (optim.rmsprop, dict(learning_rate=0.1, eps=0.0), "eps"),
+    (optim.rmsprop, dict(learning_rate=-0.1), "learning_rate"),
+    (optim.adadelta, dict(rho=1.0), "rho"),
+    (optim.adadelta, dict(eps=0.0), "eps"),
+    (optim.adadelta, dict(learning_rate=-1.0), "learning_rate"),
+    (optim.adam, dict(learning_rate=-1e-3), "learning_rate"),
+    (optim.adam, dict(learning_rate=1e-3, b1=1.0), "b1"),
+    (optim.adam, dict(learning_rate=1e-3, b2=-0.5), "b2"),
+    (optim.adam, dict(learning_rate=1e-3, eps=0.0), "eps"),
+    (optim.delta_bar_delta, dict(learning_rate=0.1, kappa=-0.1), "kappa"),
+    (optim.delta_bar_delta, dict(learning_rate=0.1, phi=1.0), "phi"),
+    (optim.delta_bar_delta, dict(learning_rate=0.1, theta=1.0), "theta"),
+    (optim.delta_bar_delta, dict(learning_rate=-0.1), "learning_rate"),
+    (optim.inverse_decay, dict(init_value=0.1, decay=-0.1), "decay"),
+    (optim.inverse_decay, dict(init_value=-0.1, decay=0.1), "init_value"),
+    (optim.exponential_decay, dict(init_value=0.1, decay=-0.1), "decay"),
+    (optim.exponential_decay, dict(init_value=-0.1, decay=0.1), "init_value"),
+    (optim.constant, dict(value=-0.1), "value"),
+]
+
+
+@pytest.mark.parametrize("make, kwargs, arg", BAD, ids=[f"{m.__name__}-{a}-{i}" for i, (m, _, a) in enumerate(BAD)])
+def test_bad_hyperparameters_raise_naming_argument(make, kwargs, arg):
+    with pytest.raises(ValueError, match=rf"^{arg} must be"):
+        make(**kwargs)
+
+
+def test_traced_hyperparameters_are_not_validated():
+    """Under jit the values are tracers: construction must not try to check them."""
+    p = jnp.ones(3)
+
+    @jax.jit
+    def step(lr, b):
+        opt = optim.adam(lr, b1=b)
+        return opt.update(p, opt.init(p))[0]
+
+    np.testing.assert_allclose(step(0.1, 0.9), -0.1 * np.ones(3), rtol=1e-6)
+
+
+STATEFUL = [optim.momentum, optim.ema_momentum, optim.nesterov, optim.simplified_nesterov,
+            optim.adagrad, optim.rmsprop, optim.adadelta, optim.adam, optim.delta_bar_delta]
+
+
+@pytest.mark.parametrize("make", STATEFUL, ids=[m.__name__ for m in STATEFUL])
+def test_structure_mismatch_shows_both_structures(make):
+    params = {"a": jnp.ones(2), "b": [jnp.ones(3)]}
+    grads = {"a": jnp.ones(2), "c": jnp.ones(3)}
+    opt = make(0.1)
+    state = opt.init(params)
+    with pytest.raises(ValueError) as err:
+        opt.update(grads, state)
+    msg = str(err.value)
+    assert str(jax.tree_util.tree_structure(grads)) in msg
+    assert str(jax.tree_util.tree_structure(params)) in msg
+
+
+# --------------------------------------------------------------------------- schedules
+def test_schedules_closed_forms():
+    k = jnp.arange(50)
+    np.testing.assert_allclose(optim.inverse_decay(0.3, 0.1)(k), 0.3 / (1 + 0.1 * np.arange(50)), rtol=1e-15)
+    np.testing.assert_allclose(optim.exponential_decay(0.3, 0.1)(k), 0.3 * np.exp(-0.1 * np.arange(50)),
+                               rtol=1e-15)
+    np.testing.assert_allclose(optim.constant(0.3)(k), np.full(50, 0.3), rtol=0)
+    assert float(optim.inverse_decay(0.3, 0.1)(0)) == 0.3
+    assert float(optim.exponential_decay(0.3, 0.1)(0)) == 0.3
+    # ours equals optax's exponential_decay with transition_steps=1, decay_rate=exp(−δ)
+    np.testing.assert_allclose(optim.exponential_decay(0.3, 0.1)(k),
+                               optax.exponential_decay(0.3, 1, math.exp(-0.1))(k), rtol=1e-13)
+
+
+def test_schedule_first_update_uses_step_zero():
+    """sgd on C(θ) = θ: the n-th update (n = 1, 2, …) is −η_(n−1) — the first uses k = 0."""
+    for sched, closed in ((optim.inverse_decay(0.3, 0.5), lambda k: 0.3 / (1 + 0.5 * k)),
+                          (optim.exponential_decay(0.3, 0.5), lambda k: 0.3 * np.exp(-0.5 * k))):
+        traj, state = trajectory(optim.sgd(sched), lambda p: p, jnp.asarray(0.0), 5)
+        np.testing.assert_allclose(np.diff(np.concatenate([[0.0], traj[:, 0]])),
+                                   [-closed(k) for k in range(5)], rtol=1e-14)
+        assert int(state.count) == 5
+
+
+@pytest.mark.parametrize("make", [optim.sgd] + STATEFUL, ids=[m.__name__ for m in [optim.sgd] + STATEFUL])
+def test_every_optimizer_first_update_uses_schedule_at_zero(make):
+    """With η_0 = 0.3 and η_k = 100 afterwards, the first update equals the constant-0.3 one."""
+    p, loss, _, _ = quadratic_problem()
+    g = jax.grad(loss)(p)
+    sched = lambda k: jnp.where(k == 0, 0.3, 100.0)  # noqa: E731
+    a = make(sched).update(g, make(sched).init(p))[0]
+    b = make(0.3).update(g, make(0.3).init(p))[0]
+    np.testing.assert_array_equal(ravel_pytree(a)[0], ravel_pytree(b)[0])
+
+
+# --------------------------------------------------------------------------- docstrings
+DOCS = {
+    optim.sgd: ["Δθ = −η_k · g"],
+    optim.momentum: ["v ← β·v − η_k·g", "Δθ = v", "optax", "η outside the velocity"],
+    optim.ema_momentum: ["ḡ ← β·ḡ + (1 − β)·g", "Δθ = −η_k·ḡ", "optax.ema"],
+    optim.nesterov: ["θ̃ = θ + β·v", "g = ∇_θ C(θ̃)", "v ← β·v − η_k·g", "lookahead_params"],
+    optim.simplified_nesterov: ["Bengio et al. 2012", "Θ ← Θ + β²·v − η_k·(1 + β)·g", "v ← β·v − η_k·g",
+                                "nesterov=True"],
+    optim.adagrad: ["Duchi", "2011", "r ← r + g⊙g", "Δθ = −η_k / (δ + √r) ⊙ g", "initial_accumulator_value=0.1"],
+    optim.rmsprop: ["Hinton 2012", "r ← ρ·r + (1 − ρ)·g⊙g", "Δθ = −η_k / √(δ + r) ⊙ g", "eps_in_sqrt"],
+    optim.adadelta: ["Zeiler 2012", "Δ = −√(δ + s) / √(δ + r) ⊙ g", "s ← ρ·s + (1 − ρ)·Δ⊙Δ", "None"],
+    optim.adam: ["Kingma & Ba 2014", "s ← ρ₁·s + (1 − ρ₁)·g", "r ← ρ₂·r + (1 − ρ₂)·g⊙g", "ŝ = s / (1 − ρ₁^i)",
+                 "r̂ = r / (1 − ρ₂^i)", "Δθ = −η_k · ŝ / (δ + √r̂)"],
+    optim.delta_bar_delta: ["Jacobs 1988", "full-batch", "α ← α + κ", "α ← (1 − φ)·α", "Δθ = −η_k·α ⊙ g"],
+    optim.inverse_decay: ["η_k = η₀ / (1 + k·δ)", "k = 0 for the first update"],
+    optim.exponential_decay: ["η_k = η₀ · exp(−k·δ)", "k = 0 for the first update"],
+}
+
+
+@pytest.mark.parametrize("fn", list(DOCS), ids=[f.__name__ for f in DOCS])
+def test_docstrings_state_equations_papers_conventions(fn):
+    for fragment in DOCS[fn]:
+        assert fragment in fn.__doc__, fragment
+    assert "first ``update`` uses k = 0" in optim.__doc__
