@@ -245,12 +245,15 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
     state = mlp.init_state(params) if state is None else state
     n = x_train.shape[0]
     B, n_steps = batch_plan(n, batch_size, accumulate)
+    # The epoch donates its buffers; work on copies so the caller's arrays stay valid.
+    params, opt_state, state = jax.tree_util.tree_map(lambda v: jnp.array(v, copy=True), (params, opt_state, state))
 
     batch_sharding = None
     if mesh is not None:
         from . import parallel
         params, opt_state, state, x_train, y_train, batch_sharding = parallel.place(
             mesh, B, params, opt_state, state, x_train, y_train)
+        x_test, y_test = parallel.replicate(mesh, (x_test, y_test))    # evaluation inputs on the same devices
 
     epoch_fn = jax.jit(make_epoch(cfg, opt, batch_size=B, n_examples=n, accumulate=accumulate,
                                   batch_sharding=batch_sharding), donate_argnums=(0, 1, 2))

@@ -1,0 +1,353 @@
+"""Tests of the activation rules (fnbp.activations).
+
+Each rule's custom VJP is compared with three independent oracles: ``jax.vjp``
+of the plain-jnp reference (fnbp.reference), central finite differences of our
+forward, and g'(a) written out by hand in numpy (softmax: the full Jacobian
+diag(p) - p p^T).  Inputs are drawn away from the kinks at 0 (ReLU, leaky ReLU,
+PReLU, step, sign).  Also: forward values against numpy, the conventions at the
+kink, PReLU's alpha gradient for a scalar and a per-unit alpha, float32
+stability for |a| up to 1e4, jit/vmap agreement and the ``.rule.fwd/.bwd``
+contract the explicit backprop loop relies on.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnbp
+from fnbp import activations, reference
+
+AD_RTOL = 1e-10     # our VJP vs autodiff of the reference (relative, float64)
+FD_RTOL = 1e-6      # our VJP vs central finite differences (relative, float64)
+
+
+
+def max_rel(x, ref):
+    """max |x - ref| / max |ref|; the absolute error when ref is all zeros."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    if not ref.size:
+        return 0.0
+    diff, scale = np.max(np.abs(x - ref)), np.max(np.abs(ref))
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def _flat(x):
+    """The leaves of the pytree x, flattened into one float64 numpy vector (no jax op: nothing to compile)."""
+    return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree_util.tree_leaves(x)])
+
+
+def _unravel_like(x):
+    """Inverse of _flat for pytrees shaped like x, traceable inside jit."""
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    shapes = [np.shape(leaf) for leaf in leaves]
+    offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+
+    def unravel(v):
+        return treedef.unflatten([v[offsets[k]:offsets[k + 1]].reshape(shapes[k]) for k in range(len(shapes))])
+    return unravel
+
+
+def vjp_errors(rule, ref, args, argnums, seed=0, eps=1e-6):
+    """Per argnum: (rel error of our VJP vs jax.vjp of ref, rel error vs finite differences).
+
+    The output cotangent c is random; the finite differences are those of the
+    scalar <c, rule(...)> along every coordinate of every argument in argnums
+    (x +- eps e_k), all 2n evaluations of our forward in one vmapped call.
+    Everything runs in one ``jax.jit`` (one compilation per case); jit vs plain
+    calls is tested separately.
+    """
+    out_shape = jax.eval_shape(rule, *args).shape
+    c = np.random.default_rng(seed).standard_normal(out_shape)
+    diff_args = [args[i] for i in argnums]
+    flat = _flat(diff_args)
+    steps = eps * np.eye(flat.size)
+    stack = np.concatenate([flat + steps, flat - steps])
+    unravel = _unravel_like(diff_args)
+
+    @jax.jit
+    def run(args, c, stack):
+        out, vjp_rule = jax.vjp(rule, *args)
+        out_ref, vjp_ref = jax.vjp(ref, *args)
+        ours, theirs = vjp_rule(c), vjp_ref(c)
+
+        def along(v):
+            new = list(args)
+            for i, x in zip(argnums, unravel(v)):
+                new[i] = x
+            return jnp.vdot(c, rule(*new))
+        vals = jax.vmap(along)(stack)
+        n = stack.shape[0] // 2
+        return out, out_ref, [ours[i] for i in argnums], [theirs[i] for i in argnums], (vals[:n] - vals[n:]) / (2 * eps)
+
+    out, out_ref, ours, theirs, fd = run(tuple(args), c, stack)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
+    errors, start = {}, 0
+    for i, g, g_ref in zip(argnums, ours, theirs):
+        g, g_ref = _flat(g), _flat(g_ref)
+        fd_i = np.asarray(fd)[start:start + g.size]
+        start += g.size
+        # relative to the gradient's size; absolute where our gradient vanishes (step, sign), since the
+        # differences of a piecewise-constant forward are then rounding noise (~1e-16 |f| / eps)
+        scale = max(np.max(np.abs(fd_i)), np.max(np.abs(g))) if np.any(g) else 1.0
+        errors[i] = (max_rel(g, g_ref), float(np.max(np.abs(fd_i - g)) / scale))
+    return errors
+
+
+def away_from_zero(x, margin=0.1):
+    return np.where(x >= 0, x + margin, x - margin)
+
+
+N = 5   # units
+
+
+def _a(rng, lead):
+    return away_from_zero(2 * rng.standard_normal(lead + (N,)))
+
+
+# name -> (our rule, reference, numpy forward, args maker(rng, lead))
+CASES = {
+    "identity": (fnbp.identity, reference.identity, lambda a: a, lambda rng, lead: (_a(rng, lead),)),
+    "sigmoid": (fnbp.sigmoid, reference.sigmoid, lambda a: 1 / (1 + np.exp(-a)), lambda rng, lead: (_a(rng, lead),)),
+    "tanh": (fnbp.tanh, reference.tanh, np.tanh, lambda rng, lead: (_a(rng, lead),)),
+    "relu": (fnbp.relu, reference.relu, lambda a: np.maximum(a, 0), lambda rng, lead: (_a(rng, lead),)),
+    "leaky_relu": (fnbp.leaky_relu, reference.leaky_relu, lambda a: np.where(a > 0, a, 0.01 * a),
+                   lambda rng, lead: (_a(rng, lead),)),
+    "leaky_relu_0.2": (functools.partial(fnbp.leaky_relu, slope=0.2), functools.partial(reference.leaky_relu, slope=0.2),
+                       lambda a: np.where(a > 0, a, 0.2 * a), lambda rng, lead: (_a(rng, lead),)),
+    "prelu_scalar_alpha": (fnbp.prelu, reference.prelu, lambda a, al: np.where(a > 0, a, al * a),
+                           lambda rng, lead: (_a(rng, lead), np.float64(0.25 + 0.1 * rng.standard_normal()))),
+    "prelu_per_unit_alpha": (fnbp.prelu, reference.prelu, lambda a, al: np.where(a > 0, a, al * a),
+                             lambda rng, lead: (_a(rng, lead), 0.25 + 0.1 * rng.standard_normal(N))),
+    "prelu_alpha_shape_1": (fnbp.prelu, reference.prelu, lambda a, al: np.where(a > 0, a, al * a),
+                            lambda rng, lead: (_a(rng, lead), 0.25 + 0.1 * rng.standard_normal(1))),
+    "step": (fnbp.step, reference.step, lambda a: (a > 0).astype(float), lambda rng, lead: (_a(rng, lead),)),
+    "sign": (fnbp.sign, reference.sign, np.sign, lambda rng, lead: (_a(rng, lead),)),
+    "softmax": (fnbp.softmax, reference.softmax,
+                lambda a: np.exp(a) / np.sum(np.exp(a), axis=-1, keepdims=True), lambda rng, lead: (_a(rng, lead),)),
+}
+LEADS = [(), (7,), (2, 3)]   # one example, a batch, two leading batch axes
+
+
+def test_every_activation_is_covered():
+    assert set(activations.ACTIVATIONS) <= {name.split("_0")[0].split("_scalar")[0].split("_per")[0]
+                                            .split("_alpha")[0] for name in CASES}
+
+
+# --- forward ---------------------------------------------------------------------------
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_numpy(name, lead):
+    rule, _, np_fwd, make = CASES[name]
+    args = make(np.random.default_rng(1), lead)
+    out = rule(*args)
+    assert out.shape == lead + (N,) and out.dtype == jnp.float64
+    np.testing.assert_allclose(out, np_fwd(*args), rtol=1e-14, atol=1e-15)
+
+
+# --- backward vs autodiff of the reference and finite differences -------------------------
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_vjp_vs_reference_autodiff_and_finite_differences(name, lead):
+    rule, ref, _, make = CASES[name]
+    args = make(np.random.default_rng(2), lead)
+    errors = vjp_errors(rule, ref, args, tuple(range(len(args))))
+    assert set(errors) == set(range(len(args)))          # prelu: alpha is checked too
+    for i, (ad, fd) in errors.items():
+        assert ad <= AD_RTOL, (i, ad)
+        assert fd <= FD_RTOL, (i, fd)
+
+
+# --- backward vs g'(a) written out by hand -----------------------------------------------
+def _sum_to(x, shape):
+    """Sum x over the axes that broadcasting added or stretched to go from shape to x.shape."""
+    x = x.sum(axis=tuple(range(x.ndim - len(shape)))) if x.ndim > len(shape) else x
+    return x.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True) if shape else x
+
+
+def _softmax_vjp_by_jacobian(a, g):
+    out = np.empty_like(a)
+    for idx in np.ndindex(*a.shape[:-1]):
+        p = np.exp(a[idx]) / np.sum(np.exp(a[idx]))
+        J = np.diag(p) - np.outer(p, p)                # dp_i/da_j = p_i ([i = j] - p_j)
+        out[idx] = J.T @ g[idx]
+    return out
+
+
+def _hand_vjp(name, args, g):
+    a = args[0]
+    if name == "identity":
+        return (g,)
+    if name == "sigmoid":
+        s = 1 / (1 + np.exp(-a))
+        return (g * s * (1 - s),)
+    if name == "tanh":
+        return (g * (1 - np.tanh(a) ** 2),)
+    if name == "relu":
+        return (g * (a > 0),)
+    if name.startswith("leaky_relu"):
+        slope = 0.2 if name.endswith("0.2") else 0.01
+        return (g * np.where(a > 0, 1.0, slope),)
+    if name.startswith("prelu"):
+        alpha = args[1]
+        return g * np.where(a > 0, 1.0, alpha), _sum_to(g * np.where(a > 0, 0.0, a), np.shape(alpha))
+    if name in ("step", "sign"):
+        return (np.zeros_like(g),)
+    if name == "softmax":
+        return (_softmax_vjp_by_jacobian(a, g),)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vjp_matches_hand_derivative(name):
+    rule, _, _, make = CASES[name]
+    rng = np.random.default_rng(3)
+    for lead in [(), (2, 3)]:
+        args = make(rng, lead)
+        g = rng.standard_normal(lead + (N,))
+        got = jax.vjp(rule, *args)[1](g)
+        want = _hand_vjp(name, args, g)
+        assert len(got) == len(want)
+        for x, y in zip(got, want):
+            assert x.shape == np.shape(y)
+            np.testing.assert_allclose(x, y, rtol=1e-13, atol=1e-15)
+
+
+def test_prelu_alpha_gradient_by_hand_arithmetic():
+    a = np.array([[2.0, -1.0, -3.0], [-0.5, 4.0, -2.0]])
+    g = np.array([[1.0, 2.0, -1.0], [3.0, 1.0, 0.5]])
+    # scalar alpha: sum over a <= 0 of g * a = 2(-1) + (-1)(-3) + 3(-0.5) + 0.5(-2) = -2 + 3 - 1.5 - 1 = -1.5
+    _, grad_alpha = jax.vjp(fnbp.prelu, a, np.float64(0.3))[1](g)
+    assert grad_alpha.shape == () and float(grad_alpha) == pytest.approx(-1.5, abs=1e-15)
+    # per-unit alpha: unit 0: 3(-0.5) = -1.5; unit 1: 2(-1) = -2; unit 2: (-1)(-3) + 0.5(-2) = 2
+    delta, grad_alpha = jax.vjp(fnbp.prelu, a, np.array([0.1, 0.2, 0.3]))[1](g)
+    np.testing.assert_allclose(grad_alpha, [-1.5, -2.0, 2.0], atol=1e-15)
+    np.testing.assert_allclose(delta, [[1.0, 0.4, -0.3], [0.3, 1.0, 0.15]], atol=1e-15)
+
+
+# --- conventions at the kinks and for hyperparameters --------------------------------------
+def test_values_and_derivatives_at_zero():
+    z = np.zeros(3)
+    g = np.array([1.0, -2.0, 3.0])
+    assert np.all(fnbp.relu(z) == 0) and np.all(jax.vjp(fnbp.relu, z)[1](g)[0] == 0)       # g'(0) = 0
+    assert np.all(fnbp.step(z) == 0) and np.all(jax.vjp(fnbp.step, z)[1](g)[0] == 0)       # step(0) = 0
+    assert np.all(fnbp.sign(z) == 0) and np.all(jax.vjp(fnbp.sign, z)[1](g)[0] == 0)
+    np.testing.assert_array_equal(jax.vjp(lambda a: fnbp.leaky_relu(a, 0.1), z)[1](g)[0], 0.1 * g)
+    d_a, d_alpha = jax.vjp(fnbp.prelu, z, np.float64(0.3))[1](g)
+    np.testing.assert_allclose(d_a, 0.3 * g, rtol=1e-15)
+    assert float(d_alpha) == 0.0
+
+
+def test_step_and_sign_pass_no_gradient_far_from_zero():
+    a = np.array([-5.0, -0.3, 0.2, 7.0])
+    for fn in (fnbp.step, fnbp.sign):
+        assert np.all(jax.grad(lambda a: jnp.sum(fn(a) * a))(a) == (fn(a)))   # only the explicit factor a
+
+
+def test_leaky_relu_slope_is_a_hyperparameter():
+    a = np.array([-2.0, 1.0, -0.5])
+    _, d_slope = jax.vjp(fnbp.leaky_relu, a, 0.1)[1](np.ones(3))
+    assert float(d_slope) == 0.0                              # documented: no gradient for the slope
+
+
+def test_rule_fwd_and_bwd_match_jax_vjp():
+    """fn.rule.fwd / fn.rule.bwd (what the explicit backprop loop calls) agree with jax.vjp."""
+    rng = np.random.default_rng(4)
+    for name, (rule, _, _, make) in CASES.items():
+        if name == "leaky_relu_0.2":
+            continue
+        args = make(rng, (3,))
+        g = rng.standard_normal((3, N))
+        extra = args[1:] if name.startswith("prelu") else (0.01,) if name == "leaky_relu" else ()
+        fn_rule = rule.rule
+        h, res = fn_rule.fwd(args[0], *extra)
+        np.testing.assert_allclose(h, rule(*args), rtol=1e-15)
+        grads = fn_rule.bwd(res, g)
+        want = jax.vjp(rule, *args)[1](g)
+        for x, y in zip(grads, want):
+            if x is not None:
+                np.testing.assert_allclose(x, y, rtol=1e-15, atol=1e-15)
+
+
+# --- float32 stability for |a| up to 1e4 ---------------------------------------------------------
+BIG = np.array([1e4, -1e4, 1e3, -1e3, 0.0, 30.0, -30.0], np.float32)
+
+
+def _stable_sigmoid(a):
+    return 0.5 * (1 + np.tanh(np.asarray(a, np.float64) / 2))
+
+
+STABLE = {   # name -> (fn, float64 forward, float64 derivative g'(a)), written independently
+    "identity": (fnbp.identity, lambda a: a, lambda a: np.ones_like(a)),
+    "sigmoid": (fnbp.sigmoid, _stable_sigmoid, lambda a: _stable_sigmoid(a) * _stable_sigmoid(-a)),
+    "tanh": (fnbp.tanh, np.tanh, lambda a: 1 / np.cosh(np.clip(a, -300, 300)) ** 2),
+    "relu": (fnbp.relu, lambda a: np.maximum(a, 0), lambda a: (a > 0) * 1.0),
+    "leaky_relu": (fnbp.leaky_relu, lambda a: np.where(a > 0, a, 0.01 * a), lambda a: np.where(a > 0, 1, 0.01)),
+    "prelu": (lambda a: fnbp.prelu(a, np.float32(0.25)), lambda a: np.where(a > 0, a, 0.25 * a),
+              lambda a: np.where(a > 0, 1, 0.25)),
+    "step": (fnbp.step, lambda a: (a > 0) * 1.0, np.zeros_like),
+    "sign": (fnbp.sign, np.sign, np.zeros_like),
+}
+
+
+@pytest.mark.parametrize("name", list(STABLE))
+def test_elementwise_activations_stable_in_float32(name):
+    fn, f64, df64 = STABLE[name]
+    h, vjp = jax.vjp(fn, BIG)
+    (delta,) = vjp(np.ones_like(BIG))[:1]
+    assert h.dtype == jnp.float32 and delta.dtype == jnp.float32
+    assert np.all(np.isfinite(h)) and np.all(np.isfinite(delta))
+    a64 = BIG.astype(np.float64)
+    np.testing.assert_allclose(h, f64(a64), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(delta, df64(a64), rtol=1e-6, atol=1e-6)
+
+
+def test_sigmoid_and_tanh_saturate_exactly_in_float32():
+    x = np.array([1e4, -1e4], np.float32)
+    np.testing.assert_array_equal(fnbp.sigmoid(x), [1.0, 0.0])
+    np.testing.assert_array_equal(fnbp.tanh(x), [1.0, -1.0])
+    assert float(fnbp.sigmoid(np.float32(0))) == 0.5
+
+
+def test_softmax_stable_in_float32():
+    a = np.array([[1e4, 0.0, 0.0, 0.0], [-1e4, 1e4, 0.0, 1e3], [1e4, 1e4, -1e4, -1e3], [0.0, 0.0, 0.0, 0.0],
+                  [-1e4, -1e4, -1e4, -1e4 + 1]], np.float32)
+    p, vjp = jax.vjp(fnbp.softmax, a)
+    g = np.random.default_rng(5).standard_normal(a.shape).astype(np.float32)
+    (delta,) = vjp(g)
+    assert p.dtype == jnp.float32 and np.all(np.isfinite(p)) and np.all(np.isfinite(delta))
+    e = np.e
+    np.testing.assert_allclose(p, [[1, 0, 0, 0], [0, 1, 0, 0], [0.5, 0.5, 0, 0], [0.25] * 4,
+                                   [1 / (3 + e), 1 / (3 + e), 1 / (3 + e), e / (3 + e)]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(delta, _softmax_vjp_by_jacobian(np.asarray(p, np.float64) * 0 + np.log(
+        np.maximum(np.asarray(p, np.float64), 1e-300)), g.astype(np.float64)), atol=1e-5)
+    np.testing.assert_array_equal(fnbp.softmax(np.array([1e4, 0.0], np.float32)), [1.0, 0.0])
+
+
+# --- jit and vmap agree with the plain call ---------------------------------------------------------
+@pytest.mark.parametrize("name", list(CASES))
+def test_jit_and_vmap_match_plain_call(name):
+    rule, _, _, make = CASES[name]
+    rng = np.random.default_rng(6)
+    args = make(rng, (4,))
+    g = rng.standard_normal((4, N))
+
+    def value_and_vjp(*args):
+        out, f = jax.vjp(rule, *args)
+        return out, f(g)
+
+    plain = jax.tree_util.tree_leaves(value_and_vjp(*args))
+    for x, y in zip(jax.tree_util.tree_leaves(jax.jit(value_and_vjp)(*args)), plain):
+        assert max_rel(x, y) <= 1e-12
+    # vmap over a stack of 3 inputs (alpha batched too) equals 3 separate calls
+    sets = [make(rng, (4,)) for _ in range(3)]
+    batched = jax.tree_util.tree_leaves(jax.vmap(value_and_vjp)(*[np.stack(xs) for xs in zip(*sets)]))
+    for k, one in enumerate(sets):
+        for x, y in zip(batched, jax.tree_util.tree_leaves(value_and_vjp(*one))):
+            assert max_rel(x[k], y) <= 1e-12
+    # vmap over the batch axis of a alone (alpha shared) equals the batched call
+    if len(args) == 2:
+        per_row = jax.vmap(lambda a: rule(a, args[1]))(args[0])
+        assert max_rel(per_row, rule(*args)) <= 1e-12

@@ -1,0 +1,27 @@
+"""The README's two set-up commands are exactly what CI runs."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands(text):
+    return [line.strip() for line in text.splitlines()
+            if line.strip().startswith(("python3 -m venv", ". .venv/bin/activate"))]
+
+
+def test_ci_runs_the_readme_commands():
+    readme = _commands((ROOT / "README.md").read_text())
+    ci = _commands((ROOT / ".ci" / "run").read_text())
+    assert len(ci) == 2 and ci == readme, (ci, readme)
+    assert "fnbp train" in ci[0] and "pytest" in ci[1]
+
+
+def test_readme_maps_every_rule_to_a_function():
+    import fnbp
+    readme = (ROOT / "README.md").read_text()
+    for name in ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax"]:
+        assert f"`fnbp.{name}`" in readme, name
+        assert callable(getattr(fnbp, name))
+    for name in ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty"]:
+        assert f"`fnbp.losses.{name}`" in readme, name
+        assert callable(getattr(fnbp.losses, name))
