@@ -175,10 +175,10 @@ class Timer:
 
 
 def fresh_copy(tree):
-    """A copy of a parameter pytree.
+    """An independent copy of a parameter pytree, for starting several runs from the same initial values.
 
-    ``fnbp.train.train`` donates the parameter buffers it is given (they are deleted after the first
-    epoch), so pass ``fresh_copy(params)`` when the same initial parameters start several runs.
+    (``fnbp.train.train`` donates its buffers to the jitted epoch; it now copies what it is given, and
+    this copy keeps the scripts safe with any version.)
     """
     import jax
     import jax.numpy as jnp

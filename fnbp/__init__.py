@@ -6,16 +6,21 @@ backprop rules of the lecture notes, encoded with ``jax.custom_vjp``:
     h_0 = x;  a_k = W_k h_{k-1} + b_k;  h_k = g_k(a_k);  y = h_L;  E = L(y; d)
     delta_k = grad_{h_k} E (.) g'_k(a_k);  grad_{b_k} E = delta_k;
     grad_{W_k} E = delta_k h_{k-1}^T;      grad_{h_{k-1}} E = W_k^T delta_k
+
+Modules: layers, activations, losses, norm (the rules); reference (plain jnp);
+crosscheck (``fnbp.check``); mlp, backprop; optim; train, data, checkpoint,
+parallel; perceptron; examples.
 """
-from . import activations, losses, reference, mlp, norm
-from .norm import batch_norm, dropout
+from . import activations, checkpoint, data, layers, losses, mlp, norm, optim, parallel, perceptron, reference, train
+from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .backprop import backprop
-from . import optim
-from .activations import identity, sigmoid, tanh, relu, leaky_relu, prelu, step, sign, softmax
-from .layers import dense
 from .crosscheck import check
+from .layers import dense
+from .norm import batch_norm, dropout
 
 __version__ = "0.1.0"
 
 __all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
-           "losses", "mlp", "backprop", "norm", "batch_norm", "dropout", "check", "activations", "reference"]
+           "batch_norm", "dropout", "backprop", "check",
+           "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
+           "parallel", "perceptron"]

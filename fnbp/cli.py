@@ -128,6 +128,8 @@ def _cmd_train(args):
         raise UsageError("fnbp train: --grad backprop covers dense layers and activations only; "
                          "drop --dropout/--batch-norm or use --grad autodiff")
     mesh = None
+    if args.devices < 0:
+        raise UsageError(f"fnbp train: --devices must be >= 0 (0 = all visible devices), got {args.devices}")
     n_devices = jax.device_count() if args.devices == 0 else args.devices
     if n_devices > 1:
         from . import parallel

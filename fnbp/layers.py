@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["dense", "dense_forward", "dense_backward", "check_dense_shapes"]
+__all__ = ["dense", "dense_forward", "dense_backward", "check_dense_shapes", "NARROW_GRAD_W"]
 
 
 def check_dense_shapes(W, b, h, name="fnbp.dense"):
@@ -29,6 +29,21 @@ def check_dense_shapes(W, b, h, name="fnbp.dense"):
     if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != n_in:
         raise ValueError(f"{name}: h must have shape (n_in,) or (batch, n_in) with n_in = {n_in} "
                          f"(the width of W of shape {jnp.shape(W)}), got shape {jnp.shape(h)}")
+
+
+NARROW_GRAD_W = 64
+"""Widest layer (n_out) whose weight gradient is computed from a materialised delta^T.
+
+XLA:CPU (jax 0.10) runs a dot whose left operand is contracted on its leading
+axis -- delta^T H written as ``dot_general(delta, H, contract 0 with 0)`` --
+as a transposed-LHS GEMM outside YNNPACK.  For a narrow delta (a 10-class
+output layer) that kernel is slow: measured on the benchmark machine
+(experiments/bench.py, 2-core Xeon), the (10 x B)(B x 512) product ran 1.3-3x
+faster at B = 128..512 with delta^T copied to an (n_out, B) array first (the
+copy is B*n_out floats, negligible), equal at B = 32, 64 and 2048.  For the
+wide (512-unit) layers the copied layout was not faster (mixed, within the
+noise, slower at B = 2048), so they keep the in-place contraction.
+"""
 
 
 def dense_forward(W, b, h_prev):
@@ -49,15 +64,27 @@ def dense_backward(residuals, delta):
         grad_b E = delta                  (summed over the batch)
         grad_h E = W^T delta              (per example)
 
-    The weight gradient is laid out as (n_out x B)(B x n_in): the batch axis is
-    contracted directly with ``dot_general``, so XLA sees a plain GEMM and no
-    batch x n_out x n_in temporary ever exists.
+    The weight gradient is one GEMM (n_out x B)(B x n_in) that contracts the
+    batch axis, so no batch x n_out x n_in temporary ever exists.  Its layout
+    is chosen deliberately (see ``NARROW_GRAD_W``): for a narrow layer
+    (n_out <= NARROW_GRAD_W, e.g. a 10-class output layer) delta^T is
+    materialised as an (n_out, B) row-major array first, so that XLA:CPU
+    runs a plain (n_out x B)(B x n_in) GEMM; otherwise the batch axis is
+    contracted in place as the leading axis of both operands.  The two are
+    the same product (same sums, same order of magnitude of rounding); only
+    the memory layout handed to the GEMM differs.
     """
     W, h_prev = residuals
     n_out, n_in = W.shape
     delta2 = delta.reshape(-1, n_out)      # (B, n_out); B = 1 for one example
     h2 = h_prev.reshape(-1, n_in)          # (B, n_in)
-    grad_W = lax.dot_general(delta2, h2, (((0,), (0,)), ((), ())))   # delta^T H: (n_out, n_in)
+    if delta2.shape[0] > 1 and n_out <= NARROW_GRAD_W:
+        # delta^T as its own (n_out, B) array; the barrier keeps XLA from folding the
+        # transpose back into the dot's dimension numbers.
+        delta_t = lax.optimization_barrier(jnp.transpose(delta2))
+        grad_W = lax.dot_general(delta_t, h2, (((1,), (0,)), ((), ())))   # delta^T H: (n_out, n_in)
+    else:
+        grad_W = lax.dot_general(delta2, h2, (((0,), (0,)), ((), ())))   # delta^T H: (n_out, n_in)
     grad_b = jnp.sum(delta2, axis=0)
     grad_h = lax.dot_general(delta, W, (((delta.ndim - 1,), (0,)), ((), ())))  # W^T delta per example
     return grad_W, grad_b, grad_h

@@ -48,7 +48,9 @@ def with_bias(x):
 
 def net_input(w, x):
     """sum_{i=0}^d w_i x_i with x_0 = 1; ``x`` holds (x_1..x_d), shape (d,) or (batch, d)."""
-    return with_bias(x) @ jnp.asarray(w)
+    w, x = jnp.asarray(w), jnp.asarray(x)
+    dtype = jnp.result_type(w, x, 1.0)
+    return with_bias(x.astype(dtype)) @ w.astype(dtype)
 
 
 def predict(w, x):
@@ -100,9 +102,9 @@ def train(w0, x, targets, *, c=1.0, epochs=10):
     converged, converged_epoch)``: ``converged_epoch`` is the first epoch with no
     error (-1 if none), after which the procedure of the notes stops.
     """
-    x, targets = jnp.asarray(x), jnp.asarray(targets)
+    w0, x, targets = jnp.asarray(w0), jnp.asarray(x), jnp.asarray(targets)
     dtype = jnp.result_type(w0, x, targets, c, 1.0)
-    w0 = jnp.asarray(w0, dtype)
+    w0 = w0.astype(dtype)
     x, targets = x.astype(dtype), targets.astype(dtype)
     if x.ndim != 2 or targets.shape != x.shape[:1] or w0.shape != (x.shape[1] + 1,):
         raise ValueError(f"fnbp.perceptron.train: need x (n, d), targets (n,) and w0 (d + 1,), got x {x.shape}, "

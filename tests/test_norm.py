@@ -1,6 +1,7 @@
 """Tests of fnbp.norm (batch norm, dropout) and their use in fnbp.mlp.apply_stateful.
 
-Oracles: autodiff of the plain-jnp references and finite differences (via fnbp.check),
+Oracles: autodiff of the plain-jnp references and central finite differences (a jitted
+3 x 3 grid of batch sizes x feature counts, plus fnbp.check on one shape),
 numpy reimplementations of the forward formulas and of the running-average update,
 a plain-jnp reference network, and binomial statistics for dropout.
 """
@@ -62,7 +63,7 @@ def _bn_grid(cases):
                 moved[i] = moved[i] + t * v
                 return jnp.vdot(ct, norm.batch_norm(*moved))
             fd.append(((f(FD_EPS) - f(-FD_EPS)) / (2 * FD_EPS), jnp.vdot(ours[i], v)))
-        out.append((ours, ref, fd, args))
+        out.append((ours, ref, fd, args, ct))
     return out
 
 
@@ -86,12 +87,12 @@ def test_batch_norm_backward_vs_autodiff_and_finite_differences(bn_grid, batch, 
     log10(sigma^2 / eps) digits (checked against 50-digit mpmath while writing this test: they are
     equally far from the exact value), so for batch 2 we also bound the error against the natural scale.
     """
-    ours, ref, fd, (x, gamma, beta) = bn_grid[(batch, n)]
+    ours, ref, fd, (x, gamma, beta), ct = bn_grid[(batch, n)]
     for name, a, b in zip(("x", "gamma", "beta"), ours, ref):
         rel = np.max(np.abs(a - b)) / np.max(np.abs(b))
         assert rel <= 1e-10, (name, rel)
     if batch == 2:
-        natural = np.max(np.abs(gamma)) / np.sqrt(np.min(x.var(axis=0)) + EPS) * np.max(np.abs(ref[0]) + 1)
+        natural = np.max(np.abs(gamma)) * np.max(np.abs(ct)) / np.sqrt(np.min(x.var(axis=0)) + EPS)
         assert np.max(np.abs(ours[0] - ref[0])) <= 1e-13 * natural
     for name, (numeric, analytic) in zip(("x", "gamma", "beta"), fd):
         assert abs(numeric - analytic) / max(abs(numeric), abs(analytic), 1.0) <= crosscheck.FD_TOL, name
@@ -160,20 +161,23 @@ def test_batch_norm_eval_uses_running_statistics_only():
 
 
 def test_network_eval_mode_is_per_example_and_keeps_state():
-    key = jax.random.PRNGKey(3)
-    params = mlp.init(key, (3, 6, 4, 2), dtype=jnp.float64, batch_norm=True)
-    state = mlp.init_state(params)
-    x = jax.random.normal(jax.random.PRNGKey(4), (10, 3), jnp.float64)
-    for _ in range(3):        # some non-trivial running statistics
-        _, state = mlp.apply_stateful(params, state, x * 2 + 1, train=True)
+    params = random_bn_params(3, (3, 6, 4, 2))
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(10, 3)))
+    x_other = x.at[1:].set(jnp.asarray(rng.normal(size=(9, 3)) * 5))     # every other example changed
+    apply = jax.jit(mlp.apply_stateful, static_argnames=("train", "bn_position"))
     for pos in ("before", "after"):
-        y, new_state = mlp.apply_stateful(params, state, x, train=False, bn_position=pos)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, new_state, state)
-        x_other = x.at[1:].set(jax.random.normal(jax.random.PRNGKey(5), (9, 3), jnp.float64) * 5)
-        y_other, _ = mlp.apply_stateful(params, state, x_other, train=False, bn_position=pos)
+        state = mlp.init_state(params)
+        for t in range(3):        # some non-trivial running statistics
+            _, state = apply(params, state, x * 2 + t, train=True, bn_position=pos)
+        y, new_state = apply(params, state, x, train=False, bn_position=pos)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, new_state, state)      # eval: state untouched
+        y_other, _ = apply(params, state, x_other, train=False, bn_position=pos)
         np.testing.assert_allclose(y_other[0], y[0], rtol=1e-14, atol=1e-14)
-        y_single, _ = mlp.apply_stateful(params, state, x[:1], train=False, bn_position=pos)
+        y_single, _ = apply(params, state, x[:1], train=False, bn_position=pos)
         np.testing.assert_allclose(y_single[0], y[0], rtol=1e-14, atol=1e-14)
+        y_train, _ = apply(params, state, x_other, train=True, bn_position=pos)    # training mode: batch-dependent
+        assert np.max(np.abs(y_train[0] - apply(params, state, x, train=True, bn_position=pos)[0][0])) > 1e-3
 
 
 # ============================================================================ batch norm: running stats

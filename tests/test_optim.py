@@ -17,13 +17,13 @@ STEPS = 500
 
 # --------------------------------------------------------------------------- problems
 def quadratic_problem(dtype=np.float64, seed=0):
-    """A random nested pytree θ (22 numbers) and C(θ) = ½xᵀAx − bᵀx, x = ravel(θ), A SPD.
+    """A random nested pytree θ (23 numbers) and C(θ) = ½xᵀAx − bᵀx, x = ravel(θ), A SPD.
 
     Returns (params, loss, A, b) with A, b as float64 numpy arrays (for numpy references).
     """
     rng = np.random.default_rng(seed)
     params = {"w": rng.normal(size=(3, 4)),
-              "layers": [{"b": rng.normal(size=5)}, (rng.normal(size=2), rng.normal(size=(1, 3)))]}
+              "layers": [{"b": rng.normal(size=5)}, (rng.normal(size=(2, 3)),)]}
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     n = ravel_pytree(params)[0].size
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))
@@ -54,11 +54,18 @@ def mlp_problem(dtype=np.float64, seed=1):
     return params, loss
 
 
+def flat_quadratic():
+    """The same quadratic on one flat array (one leaf: cheaper to compile)."""
+    params, _, a, b = quadratic_problem()
+    a_j, b_j = jnp.asarray(a), jnp.asarray(b)
+    return ravel_pytree(params)[0], lambda x: 0.5 * x @ (a_j @ x) - b_j @ x, a, b
+
+
 def rosenbrock(p):
-    return (1 - p["x"]) ** 2 + 100 * (p["y"] - p["x"] ** 2) ** 2
+    return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
 
 
-ROSEN_START = {"x": jnp.asarray(-1.2), "y": jnp.asarray(1.0)}
+ROSEN_START = jnp.asarray([-1.2, 1.0])
 
 
 def trajectory(opt, loss, params, steps=STEPS):
@@ -91,17 +98,13 @@ def optax_ema_momentum(learning_rate, beta):
 
 
 SCHED = optim.inverse_decay(0.05, 0.01)          # a schedule that both libraries are handed
-EXP_SCHED = optim.exponential_decay(0.5, 0.002)
 ADA_SCHED = optim.exponential_decay(0.8, 0.001)
 
 # (id, ours, ours' kwargs, optax twin, twin's kwargs)
 TWINS = [
     ("sgd", optim.sgd, dict(learning_rate=0.5), optax.sgd, dict(learning_rate=0.5)),
-    ("sgd-schedule", optim.sgd, dict(learning_rate=EXP_SCHED), optax.sgd, dict(learning_rate=EXP_SCHED)),
     ("momentum", optim.momentum, dict(learning_rate=0.05, beta=0.9),
      optax.sgd, dict(learning_rate=0.05, momentum=0.9)),
-    ("ema_momentum", optim.ema_momentum, dict(learning_rate=0.3, beta=0.8),
-     optax_ema_momentum, dict(learning_rate=0.3, beta=0.8)),
     ("ema_momentum-schedule", optim.ema_momentum, dict(learning_rate=SCHED, beta=0.8),
      optax_ema_momentum, dict(learning_rate=SCHED, beta=0.8)),
     ("simplified_nesterov", optim.simplified_nesterov, dict(learning_rate=0.05, beta=0.9),
@@ -109,9 +112,6 @@ TWINS = [
     ("adagrad-optax-form", optim.adagrad,
      dict(learning_rate=0.1, eps=1e-7, initial_accumulator_value=0.1, eps_in_sqrt=True),
      optax.adagrad, dict(learning_rate=0.1, initial_accumulator_value=0.1, eps=1e-7)),
-    ("adagrad-optax-form-schedule", optim.adagrad,
-     dict(learning_rate=SCHED, initial_accumulator_value=0.1, eps_in_sqrt=True),
-     optax.adagrad, dict(learning_rate=SCHED, initial_accumulator_value=0.1, eps=1e-7)),
     ("rmsprop", optim.rmsprop, dict(learning_rate=0.01, decay=0.9, eps=1e-2),
      optax.rmsprop, dict(learning_rate=0.01, decay=0.9, eps=1e-2)),
     ("rmsprop-eps-outside", optim.rmsprop, dict(learning_rate=0.01, decay=0.9, eps=0.1, eps_in_sqrt=False),
@@ -203,8 +203,9 @@ def test_momentum_vs_optax_under_halving_schedule_closed_form(simplified):
     a, b = linear_runs(ours, twin, n)
     np.testing.assert_allclose(a, np.cumsum(notes_step), rtol=1e-13)
     np.testing.assert_allclose(b, np.cumsum(optax_step), rtol=1e-13)
-    # The size: after 30 steps the notes' form has moved (1 − β/2)^(−1)... ≈ 1.5–2x further.
-    assert abs(a[-1]) > 1.4 * abs(b[-1])
+    # The size: after 30 steps the notes' momentum has moved 1.905, optax's 0.364 (5.2x); simplified
+    # Nesterov 1.914 vs 0.527 (3.6x): the notes' velocity keeps the large early rates.
+    assert abs(a[-1]) > 3 * abs(b[-1])
 
 
 @pytest.mark.parametrize("ours, twin", [
@@ -212,15 +213,19 @@ def test_momentum_vs_optax_under_halving_schedule_closed_form(simplified):
     (lambda s: optim.simplified_nesterov(s, 0.9), lambda s: optax.sgd(s, momentum=0.9, nesterov=True)),
 ], ids=["momentum", "simplified_nesterov"])
 def test_momentum_vs_optax_schedule_difference_on_problems(ours, twin):
-    """Under a schedule (halving every 100 steps) the forms part: a visible trajectory difference,
-    while at constant η they agree to rounding (twin table)."""
+    """Under a schedule (halving every 100 steps) the forms part: relative trajectory differences
+    of about 4e-3 (quadratic) and 2.5e-2 (MLP) over 500 steps, while at constant η they agree to
+    rounding (twin table)."""
     sched = lambda k: 0.05 * 0.5 ** (k // 100)  # noqa: E731
-    qp, qloss, _, _ = quadratic_problem()
-    mp, mloss = mlp_problem()
-    for p, loss in ((qp, qloss), (mp, mloss)):
-        a = jax.jit(lambda p: trajectory(ours(sched), loss, p)[0])(p)
-        b = jax.jit(lambda p: trajectory(twin(sched), loss, p)[0])(p)
-        assert rel_diff(a, b) > 1e-4
+    (qp, qloss, _, _), (mp, mloss) = flat_quadratic(), mlp_problem()
+
+    @jax.jit
+    def run(qp, mp):
+        return [(trajectory(ours(sched), loss, p)[0], trajectory(twin(sched), loss, p)[0])
+                for p, loss in ((qp, qloss), (mp, mloss))]
+
+    for a, b in run(qp, mp):
+        assert rel_diff(a, b) > 1e-3
 
 
 def test_adagrad_notes_defaults_vs_optax_defaults():
@@ -234,16 +239,16 @@ def test_adagrad_notes_defaults_vs_optax_defaults():
     np.testing.assert_allclose(u_notes, -eta * gn / (eps + np.abs(gn)), rtol=1e-14)
     np.testing.assert_allclose(u_optax, -eta * gn / np.sqrt(0.1 + gn ** 2 + eps), rtol=1e-14)
     assert abs(float(u_notes[0]) / float(u_optax[0])) > 30   # tiny gradients: notes step ~η, optax ~η·g/√0.1
-    qp, qloss, _, _ = quadratic_problem()
-    a = jax.jit(lambda p: trajectory(optim.adagrad(0.3), qloss, p)[0])(qp)
-    b = jax.jit(lambda p: trajectory(optax.adagrad(0.3), qloss, p)[0])(qp)
+    qp, qloss, _, _ = flat_quadratic()
+    a, b = jax.jit(lambda p: (trajectory(optim.adagrad(0.3), qloss, p)[0],
+                              trajectory(optax.adagrad(0.3), qloss, p)[0]))(qp)
     assert rel_diff(a, b) > 1e-3
 
 
 def test_optax_adadelta_default_learning_rate_ascends():
     """optax.adadelta(learning_rate=None) returns +√(δ+s)/√(δ+r)⊙g (the sign of the gradient):
     exactly the negative of ours."""
-    p, loss, _, _ = quadratic_problem()
+    p, loss, _, _ = flat_quadratic()
     g = jax.grad(loss)(p)
     ours, twin = optim.adadelta(), optax.adadelta()
     s_a, s_b = ours.init(p), twin.init(p)
@@ -371,8 +376,6 @@ INV = lambda eta0, d: (lambda k: eta0 / (1 + k * d))  # noqa: E731
 # (id, ours, numpy reference with its arguments)
 NOTES_FORMS = [
     ("sgd", optim.sgd(0.5), lambda gr, x, n: np_sgd(gr, x, n, CONST(0.5))),
-    ("sgd-inverse-decay", optim.sgd(optim.inverse_decay(0.8, 0.05)),
-     lambda gr, x, n: np_sgd(gr, x, n, INV(0.8, 0.05))),
     ("momentum", optim.momentum(0.05, 0.9), lambda gr, x, n: np_momentum(gr, x, n, CONST(0.05), 0.9)),
     ("momentum-inverse-decay", optim.momentum(optim.inverse_decay(0.1, 0.02), 0.8),
      lambda gr, x, n: np_momentum(gr, x, n, INV(0.1, 0.02), 0.8)),
@@ -382,11 +385,7 @@ NOTES_FORMS = [
      lambda gr, x, n: np_nesterov(gr, x, n, INV(0.1, 0.02), 0.8)),
     ("simplified_nesterov", optim.simplified_nesterov(0.05, 0.9),
      lambda gr, x, n: np_simplified_nesterov(gr, x, n, CONST(0.05), 0.9)),
-    ("simplified_nesterov-inverse-decay", optim.simplified_nesterov(optim.inverse_decay(0.1, 0.02), 0.8),
-     lambda gr, x, n: np_simplified_nesterov(gr, x, n, INV(0.1, 0.02), 0.8)),
     ("adagrad", optim.adagrad(0.3), lambda gr, x, n: np_adagrad(gr, x, n, CONST(0.3), 1e-7)),
-    ("adagrad-inverse-decay", optim.adagrad(optim.inverse_decay(0.3, 0.01), eps=1e-3),
-     lambda gr, x, n: np_adagrad(gr, x, n, INV(0.3, 0.01), 1e-3)),
     ("rmsprop", optim.rmsprop(0.01, 0.9, 1e-2), lambda gr, x, n: np_rmsprop(gr, x, n, CONST(0.01), 1e-2, 0.9)),
     ("adadelta", optim.adadelta(rho=0.9, eps=1e-6), lambda gr, x, n: np_adadelta(gr, x, n, 1e-6, 0.9)),
     ("adam", optim.adam(0.02), lambda gr, x, n: np_adam(gr, x, n, CONST(0.02), 1e-8, 0.9, 0.999)),
@@ -399,7 +398,7 @@ NOTES_FORMS = [
 
 @pytest.mark.parametrize("name, ours, reference", NOTES_FORMS, ids=[t[0] for t in NOTES_FORMS])
 def test_notes_form_matches_numpy_pseudocode(name, ours, reference):
-    params, loss, a, b = quadratic_problem()
+    params, loss, a, b = flat_quadratic()
     steps = 200
     traj, _ = jax.jit(lambda p: trajectory(ours, loss, p, steps))(params)
     x0 = np.asarray(ravel_pytree(params)[0])
@@ -419,11 +418,12 @@ def test_delta_bar_delta_rates_grow_and_shrink():
 
 
 # --------------------------------------------------------------------------- Nesterov's two forms
-@pytest.mark.parametrize("lr", [0.05, optim.inverse_decay(0.08, 0.01)], ids=["constant", "inverse-decay"])
-@pytest.mark.parametrize("problem", ["quadratic", "mlp"])
+@pytest.mark.parametrize("problem, lr", [("quadratic", 0.05), ("mlp", 0.05), ("flat", optim.inverse_decay(0.08, 0.01))],
+                         ids=["quadratic", "mlp", "flat-quadratic-inverse-decay"])
 def test_simplified_nesterov_is_lookahead_point(problem, lr):
     """Θ_n = θ_n + δ·v_n along a whole trajectory (Bengio et al. 2012)."""
-    params, loss = (quadratic_problem()[:2] if problem == "quadratic" else mlp_problem())
+    params, loss = {"quadratic": lambda: quadratic_problem()[:2], "mlp": mlp_problem,
+                    "flat": lambda: flat_quadratic()[:2]}[problem]()
     beta = 0.9
     look, simple = optim.nesterov(lr, beta), optim.simplified_nesterov(lr, beta)
     grad = jax.grad(loss)
@@ -447,14 +447,14 @@ def test_simplified_nesterov_is_lookahead_point(problem, lr):
 
 def test_simplified_nesterov_equals_theta_once_v_vanishes():
     """Θ = θ once v = 0: at the start, and at convergence on a strongly convex quadratic."""
-    params, loss, a, b = quadratic_problem()
+    params, loss, a, b = flat_quadratic()
     look, simple = optim.nesterov(0.3, 0.5), optim.simplified_nesterov(0.3, 0.5)
     state = look.init(params)
     assert optim.lookahead_params(params, state) is not params
     np.testing.assert_array_equal(ravel_pytree(optim.lookahead_params(params, state))[0],
                                   ravel_pytree(params)[0])
-    theta, s_look = jax.jit(lambda p: trajectory(look, loss, p, 3000))(params)
-    big, _ = jax.jit(lambda p: trajectory(simple, loss, p, 3000))(params)
+    (theta, s_look), (big, _) = jax.jit(lambda p: (trajectory(look, loss, p, 3000),
+                                                   trajectory(simple, loss, p, 3000)))(params)
     v = ravel_pytree(s_look.v)[0]
     assert float(jnp.max(jnp.abs(v))) < 1e-13
     np.testing.assert_allclose(big[-1], theta[-1], rtol=0, atol=1e-12)
@@ -488,33 +488,37 @@ ALL = {
     "adadelta": lambda: optim.adadelta(),
     "adam": lambda: optim.adam(0.01),
     "delta_bar_delta": lambda: optim.delta_bar_delta(5e-4),
-    "sgd-exponential-decay": lambda: optim.sgd(optim.exponential_decay(1e-3, 1e-3)),
 }
 
 
 @pytest.mark.parametrize("name", list(ALL))
 def test_decreases_rosenbrock_and_quadratic_bare_and_in_chain(name):
-    """From a fixed start: C decreases for the optimizer alone and inside
-    optax.chain(optax.clip_by_global_norm(1.0), ours), both under jit."""
-    qp, qloss, _, _ = quadratic_problem()
-    losses, starts = (rosenbrock, qloss), (ROSEN_START, qp)
+    """From a fixed start, Rosenbrock and the quadratic both decrease, for the optimizer alone and
+    inside optax.chain(optax.clip_by_global_norm(1.0), ours), under jit.
+
+    The two problems ride in one pytree with C = rosenbrock + quadratic: every optimizer here is
+    leafwise, so alone it runs them independently; the chain's global-norm clip couples them."""
+    qp, qloss, _, _ = flat_quadratic()
+    start = {"rosenbrock": ROSEN_START, "quadratic": qp}
+    parts = {"rosenbrock": rosenbrock, "quadratic": qloss}
+    loss = lambda p: sum(parts[k](p[k]) for k in parts)  # noqa: E731
     bare, chained = ALL[name](), optax.chain(optax.clip_by_global_norm(1.0), ALL[name]())
 
     @jax.jit
-    def final_losses(starts):
-        return [[loss(ravel_pytree(p)[1](trajectory(opt, loss, p, 300)[0][-1])) for opt in (bare, chained)]
-                for loss, p in zip(losses, starts)]
+    def final_losses(start):
+        ends = [ravel_pytree(start)[1](trajectory(opt, loss, start, 300)[0][-1]) for opt in (bare, chained)]
+        return [{k: parts[k](end[k]) for k in parts} for end in ends]
 
-    for loss, p, (c_bare, c_chain) in zip(losses, starts, final_losses(starts)):
-        c0 = float(loss(p))
-        assert np.isfinite(float(c_bare)) and float(c_bare) < c0, (loss.__name__, c0, float(c_bare))
-        assert np.isfinite(float(c_chain)) and float(c_chain) < c0, (loss.__name__, c0, float(c_chain))
+    for how, end in zip(("bare", "chained"), final_losses(start)):
+        for k in parts:
+            c0, c = float(parts[k](start[k])), float(end[k])
+            assert np.isfinite(c) and c < c0, (how, k, c0, c)
 
 
 def test_masked_and_vmapped_learning_rate():
     """optax.masked composes with ours; learning_rate may be a traced scalar (vmap over rates)."""
     params, loss, _, _ = quadratic_problem()
-    labels = {"w": "train", "layers": [{"b": "frozen"}, ("train", "train")]}
+    labels = {"w": "train", "layers": [{"b": "frozen"}, ("train",)]}
     opt = optax.multi_transform({"train": optim.adam(0.05), "frozen": optax.set_to_zero()}, labels)
     traj, _ = jax.jit(lambda p: trajectory(opt, loss, p, 10))(params)
     end = ravel_pytree(params)[1](traj[-1])
@@ -527,6 +531,7 @@ def test_masked_and_vmapped_learning_rate():
     np.testing.assert_array_equal(u["layers"][0]["b"], g["layers"][0]["b"])
     np.testing.assert_allclose(u["w"], -0.05 * np.sign(g["w"]), rtol=1e-6)
 
+    params, loss, _, _ = flat_quadratic()
     rates = jnp.asarray([0.01, 0.05, 0.1])
     for make in (optim.adam, optim.nesterov):
         final = jax.jit(lambda lr: trajectory(make(lr), loss, params, 50)[0][-1])  # lr is traced
@@ -647,7 +652,7 @@ def test_schedule_first_update_uses_step_zero():
 @pytest.mark.parametrize("make", [optim.sgd] + STATEFUL, ids=[m.__name__ for m in [optim.sgd] + STATEFUL])
 def test_every_optimizer_first_update_uses_schedule_at_zero(make):
     """With η_0 = 0.3 and η_k = 100 afterwards, the first update equals the constant-0.3 one."""
-    p, loss, _, _ = quadratic_problem()
+    p, loss, _, _ = flat_quadratic()
     g = jax.grad(loss)(p)
     sched = lambda k: jnp.where(k == 0, 0.3, 100.0)  # noqa: E731
     a = make(sched).update(g, make(sched).init(p))[0]
