@@ -14,13 +14,19 @@ One process times one full training step (forward, backward, Adam update) of the
    size with the best rate in a sweep over ``--gemm-sizes``.
 
 1-3 are jit-compiled with the parameter and optimizer buffers donated.  All variants of one
-batch size are interleaved (A B C D E, B C D E A, ...: one step of each per round, the
-starting point rotating) so that drift on a shared machine hits all alike, after a warm-up,
-until every variant has at least ``--min-time`` seconds of samples.  Reported per variant:
-median ms/step and its spread (IQR and min-max), examples/s, achieved GFLOP/s (see
-``step_flops``), the fraction of the GEMM rate measured in the same rounds, the ratio to the
-peer (3) -- both the ratio of medians and the median of the per-round ratios --, compile time
-(trace + lower + compile) and XLA's temp memory for the compiled step.
+batch size are interleaved (A B C D E, D A E C B, ...: one step of each per round -- a few in
+a row for a reference much faster than the slowest --, in a random order per round) so that
+drift on a shared machine hits all alike, after a warm-up, until every variant has at least
+``--min-time`` seconds of samples.  Reported per variant: median ms/step and its spread (IQR
+and min-max), examples/s, achieved GFLOP/s (see ``step_flops``), the fraction of the GEMM rate
+measured in the same rounds, the ratio to the peer (3) -- both the ratio of medians and the
+median of the per-round ratios --, compile time (trace + lower + compile) and XLA's temp
+memory for the compiled step.  Every call is also timed in process CPU time (all threads):
+on a shared machine the wall clock includes waiting for a core, the CPU time does not.
+
+Diagnostics in the same rounds: the step's matrix products alone (``GemmsOnly``) and the
+Adam update alone (``AdamOnly``), to show where a step's time goes; and the weight-gradient
+product timed in both layouts ``fnbp.layers.dense_backward`` chooses between.
 
 Also timed: the optimizer update alone (``fnbp.optim.adam`` vs ``optax.adam`` on the
 784-512-512-10 parameters, jit, donated); per-example gradients (``vmap(grad)`` through our
@@ -115,21 +121,36 @@ def summarize(samples, *, flops=None, batch_size=None, cores=None):
     return out
 
 
-def interleaved(fns, min_time, *, min_samples=5, warmup=2, max_time=None):
+def interleaved(fns, min_time, *, min_samples=5, warmup=2, max_time=None, calibrate=(), max_reps=64):
     """Time ``fns`` (name -> callable running one synchronous step) interleaved.
 
-    Round r runs every function once, starting at position r mod k (so no variant always
-    follows the same one).  Stops when every function has >= ``min_time`` seconds and
-    >= ``min_samples`` samples, or after ``max_time`` seconds (once ``min_samples`` is met).
-    Returns name -> {"wall": [seconds], "cpu": [seconds]}: wall-clock time and the process's
-    CPU time (all threads, ``time.process_time``) of each call; index r of every list is round r
-    (paired samples).
+    Round r runs every function once, in an order drawn at random for that round (seeded):
+    A B C, C A B, B C A, ...  A fixed cyclic order would give every variant the same
+    predecessor in every round, and the predecessor matters (its threads, its cache
+    footprint), so the order is shuffled rather than rotated.  The functions named in ``calibrate`` (references and diagnostics
+    much faster than the compared steps, e.g. one GEMM) instead run ``reps`` times in a row,
+    chosen after the warm-up to take about as long as the slowest function (at most
+    ``max_reps``), so that they do not make the round count explode.  (Never for the variants
+    being compared with each other: back-to-back repeats of one program run with warmer
+    caches than interleaved calls, which would favour the repeated one.)  Stops when every
+    function has >= ``min_time`` seconds and >= ``min_samples`` samples, or after ``max_time``
+    seconds (once ``min_samples`` is met).
+
+    Returns name -> {"wall": [s], "cpu": [s], "round": [r]}: wall-clock time and the process's
+    CPU time (all threads, ``time.process_time``) of each call, and the round it ran in.
     """
     names = list(fns)
+    last = {}
     for _ in range(warmup):
         for n in names:
+            t0 = time.perf_counter()
             fns[n]()
-    samples = {n: {"wall": [], "cpu": []} for n in names}
+            last[n] = time.perf_counter() - t0
+    slowest = max(last.values()) if last else 0.0
+    reps = {n: int(min(max_reps, max(1, round(slowest / max(last.get(n, slowest), 1e-9)))))
+            if n in calibrate else 1 for n in names}
+    samples = {n: {"wall": [], "cpu": [], "round": []} for n in names}
+    order_rng = np.random.default_rng(len(names))
     start = time.perf_counter()
     r = 0
     while True:
@@ -137,26 +158,35 @@ def interleaved(fns, min_time, *, min_samples=5, warmup=2, max_time=None):
         if done or (max_time is not None and time.perf_counter() - start > max_time
                     and all(len(samples[n]["wall"]) >= min_samples for n in names)):
             break
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            fns[n]()
-            t1 = time.perf_counter()
-            c1 = time.process_time()
-            samples[n]["wall"].append(t1 - t0)
-            samples[n]["cpu"].append(c1 - c0)
+        for i in order_rng.permutation(len(names)):
+            n = names[i]
+            for _ in range(reps[n]):
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                fns[n]()
+                t1 = time.perf_counter()
+                c1 = time.process_time()
+                samples[n]["wall"].append(t1 - t0)
+                samples[n]["cpu"].append(c1 - c0)
+                samples[n]["round"].append(r)
         r += 1
     return samples
 
 
+def _per_round(samples, kind):
+    """round -> median of that round's calls."""
+    by = {}
+    for rd, t in zip(samples["round"], samples[kind]):
+        by.setdefault(rd, []).append(t)
+    return {rd: float(np.median(ts)) for rd, ts in by.items()}
+
+
 def paired_ratio(num, den, kind="wall"):
-    """Median and IQR of the per-round ratios num[r] / den[r] (rounds are interleaved)."""
-    num, den = num[kind], den[kind]
-    n = min(len(num), len(den))
-    rat = np.asarray(num[:n]) / np.asarray(den[:n])
+    """Median and IQR over rounds of (num's median in the round) / (den's median in the round)."""
+    a, b = _per_round(num, kind), _per_round(den, kind)
+    rat = np.asarray([a[rd] / b[rd] for rd in sorted(set(a) & set(b))])
     q1, med, q3 = np.percentile(rat, [25, 50, 75])
-    return {"median": float(med), "q1": float(q1), "q3": float(q3)}
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "rounds": int(rat.size)}
 
 
 # --------------------------------------------------------------------------- machine description
@@ -217,6 +247,7 @@ def temp_bytes(compiled):
 def dot_summary(hlo_text):
     """The compiled step's dots: how many ran as YNNPACK fusions and how many as plain XLA dots,
     and the plain dots' contraction layouts (lhs contracting dim 0 = a transposed-LHS GEMM)."""
+    entry = re.sub(r", metadata=\{[^}]*\}", "", hlo_text[hlo_text.index("ENTRY"):])
     ynn_calls = set(re.findall(r"fusion\([^)]*\)[^\n]*calls=(%[\w.\-]+)[^\n]*__ynn_fusion", hlo_text))
     comps = {}
     for m in re.finditer(r"^(?:ENTRY )?(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S):
@@ -230,8 +261,8 @@ def dot_summary(hlo_text):
     return {"n_dots": len(dots), "n_ynn": sum(d["ynn"] for d in dots),
             "plain_dots": [f"{d['shape']} lhs_c={d['lhs_contracting']} rhs_c={d['rhs_contracting']}"
                            for d in dots if not d["ynn"]],
-            "n_copies": len(re.findall(r"= f32\[[\d,]*\]\{[\d,]*\} copy\(", hlo_text)),
-            "n_transposes": len(re.findall(r"transpose", hlo_text))}
+            "n_copies": len(re.findall(r"= f32\[[\d,]*\]\{[\d,]*\} copy\(", entry)),
+            "n_transpose_fusions": len(re.findall(r"= f32\[[\d,]*\]\{[\d,]*\} fusion\([^\n]*transpose", entry))}
 
 
 # --------------------------------------------------------------------------- the models
@@ -376,7 +407,7 @@ class TorchStep:
 def bench_gemm(sizes, min_time, seed, cores):
     """Interleaved sweep of square GEMM sizes; returns the table and the best size."""
     gemms = {n: Gemm(n, seed) for n in sizes}
-    samples = interleaved({n: g for n, g in gemms.items()}, min_time, min_samples=5)
+    samples = interleaved({n: g for n, g in gemms.items()}, min_time, min_samples=5, calibrate=tuple(gemms))
     rows = {n: summarize(samples[n], flops=gemms[n].flops, cores=cores) for n in sizes}
     best = max(sizes, key=lambda n: rows[n]["gflops"])
     return {"sizes": {str(n): rows[n] for n in sizes}, "best_size": int(best),
@@ -466,7 +497,7 @@ def bench_train_step(sizes, batch_size, *, min_time, seed, gemm_size, use_torch,
     runners["gemm"] = gemm
     runners["diag_gemms_only"] = GemmsOnly(sizes, batch_size, seed)
     runners["diag_adam_only"] = AdamOnly(params, seed)
-    samples = interleaved(runners, min_time, min_samples=5)
+    samples = interleaved(runners, min_time, min_samples=5, calibrate=("gemm", "diag_gemms_only", "diag_adam_only"))
     gemm_stats = summarize(samples["gemm"], flops=gemm.flops, cores=cores)
     out = {"batch_size": batch_size, "flops": flops, "gemm_size": gemm_size,
            "gemm_gflops_concurrent": gemm_stats["gflops"],
@@ -585,6 +616,49 @@ def bench_per_example(sizes, batch_size, *, min_time, seed, cores):
             "ratio_fnbp_to_peer": f["ms_median"] / o["ms_median"],
             "ratio_fnbp_to_peer_paired": paired_ratio(samples["fnbp_rules"], samples["peer_autodiff"]),
             "ratio_fnbp_to_peer_cpu": f["cpu_ms_median"] / o["cpu_ms_median"]}
+
+
+def bench_grad_w_layouts(sizes, batch_sizes, *, min_time, seed, cores, layers=None):
+    """The weight gradient delta^T H of each layer in the two layouts ``fnbp.layers.dense_backward``
+    chooses between: the batch axis contracted in place as the leading axis of both operands
+    (``dot_general(delta, H, contract 0 with 0)``), or delta^T materialised as an (n_out, B) array
+    first (what dense_backward does for n_out <= NARROW_GRAD_W).  Interleaved per shape."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from fnbp.layers import NARROW_GRAD_W
+
+    def in_place(d, h):
+        return lax.dot_general(d, h, (((0,), (0,)), ((), ())))
+
+    def materialized(d, h):
+        return lax.dot_general(lax.optimization_barrier(d.T), h, (((1,), (0,)), ((), ())))
+
+    rng = np.random.default_rng(seed)
+    shapes = list(zip(sizes[:-1], sizes[1:]))
+    layers = range(len(shapes)) if layers is None else layers
+    rows = []
+    for k in layers:
+        n_in, n_out = shapes[k]
+        for B in batch_sizes:
+            d = jnp.asarray(rng.standard_normal((B, n_out)), jnp.float32)
+            h = jnp.asarray(rng.standard_normal((B, n_in)), jnp.float32)
+            fns = {}
+            for name, f in (("in_place", in_place), ("materialized_T", materialized)):
+                c = jax.jit(f).lower(d, h).compile()
+                fns[name] = (lambda c=c: c(d, h).block_until_ready())
+                fns[name].ynn = "__ynn_fusion" in c.as_text()
+            samples = interleaved(fns, min_time, min_samples=20)
+            flops = 2 * B * n_out * n_in
+            row = {"layer": k, "n_out": n_out, "n_in": n_in, "batch_size": B, "flops": flops,
+                   "chosen": "materialized_T" if n_out <= NARROW_GRAD_W and B > 1 else "in_place"}
+            for name in fns:
+                row[name] = dict(summarize(samples[name], flops=flops, cores=cores), ynn=fns[name].ynn)
+            row["speedup_materialized_cpu"] = (row["in_place"]["cpu_ms_median"]
+                                               / row["materialized_T"]["cpu_ms_median"])
+            row["speedup_materialized"] = row["in_place"]["ms_median"] / row["materialized_T"]["ms_median"]
+            rows.append(row)
+    return {"narrow_grad_w": NARROW_GRAD_W, "rows": rows}
 
 
 def simulated_child(n_devices, sizes, batch_sizes, min_time, seed):
@@ -738,8 +812,10 @@ def render_markdown(result):
 
     L.append("## How it is measured\n")
     L.append(f"- {net['flop_formula']} Here P = {net['P']:,}, P1 = {net['P1']:,}.")
-    L.append(f"- The variants of one batch size run interleaved (one step each per round, the first variant "
-             f"rotating), after 2 warm-up steps each, until each has >= {result['min_time_s']} s of samples. "
+    L.append(f"- The variants of one batch size run interleaved (A B C ..., C A B ..., in a random order per round, so "
+             "that no variant always follows the same one; the GEMM and the two diagnostics run a few times in a row "
+             "so that they take about as long as the slowest step), after 2 warm-up steps each, until each has >= "
+             f"{result['min_time_s']} s of samples. "
              "ms/step: median [IQR] (min–max). GFLOP/s from the median. '% GEMM': the step's GFLOP/s over the "
              "GEMM rate measured *in the same rounds* (the GEMM row); '% GEMM (CPU)' the same with FLOPs per "
              "CPU-second. Ratio to peer: median over the peer's median; 'paired' is the median of the per-round "
@@ -752,8 +828,8 @@ def render_markdown(result):
                  f"`OMP_WAIT_POLICY={result.get('omp_wait_policy')}`, default `torch.optim.Adam` (for-loop CPU "
                  "path), `F.cross_entropy`, `zero_grad(set_to_none=True)`; same initial weights and data.")
     else:
-        L.append("- PyTorch: **skipped** (torch is not installed; it is not a dependency of fnbp: "
-                 "`pip install torch` into the venv to include it).")
+        L.append(f"- PyTorch: **skipped** ({result.get('torch_skipped', 'torch is not installed')}; torch is not a "
+                 "dependency of fnbp: `pip install torch` into the venv to include it).")
     L.append("")
 
     g = result["gemm"]
@@ -825,12 +901,31 @@ def render_markdown(result):
     L.append("XLA:CPU hands a dot either to YNNPACK (`__ynn_fusion`) or runs it as a plain XLA dot; "
              "'lhs_c=0' marks a transposed-LHS product (the batch axis contracted as the leading axis of both "
              "operands, the in-place layout of a weight gradient delta^T H).\n")
-    L.append("| program | dots | in YNNPACK | plain dots (shape, contracting dims) | f32 copies |")
-    L.append("|---|---|---|---|---|")
+    L.append("| program | dots | in YNNPACK | plain dots (shape, contracting dims) | f32 copies (entry) | "
+             "transpose fusions (entry) |")
+    L.append("|---|---|---|---|---|---|")
     progs = [(SHORT[n], big["variants"][n]["hlo_dots"]) for n in ("fnbp_autodiff", "fnbp_backprop", "peer_jax")]
     progs.append(("GEMMs only (diagnostic)", big["diagnostics"]["gemms_only"]["hlo_dots"]))
     for lab, d in progs:
-        L.append(f"| {lab} | {d['n_dots']} | {d['n_ynn']} | {'; '.join(d['plain_dots']) or '—'} | {d['n_copies']} |")
+        L.append(f"| {lab} | {d['n_dots']} | {d['n_ynn']} | {'; '.join(d['plain_dots']) or '—'} | {d['n_copies']} | "
+                 f"{d['n_transpose_fusions']} |")
+    L.append("")
+
+    lay = result["grad_w_layouts"]
+    L.append("### The weight-gradient layout (`fnbp.layers.dense_backward`)\n")
+    L.append("grad_W = delta^T H timed alone in both layouts: 'in place' contracts the batch axis as the leading "
+             "axis of both operands (a transposed-LHS GEMM), 'materialised' copies delta^T to an (n_out, B) array "
+             f"first (included in its time). dense_backward materialises for n_out <= {lay['narrow_grad_w']} "
+             "(`NARROW_GRAD_W`). GFLOP/s from the wall-clock median, and per CPU-second.\n")
+    L.append("| layer (n_out x n_in) | B | in place: GFLOP/s (per CPU-s) | in YNNPACK | materialised: GFLOP/s "
+             "(per CPU-s) | in YNNPACK | materialised speed-up (wall / CPU) | dense_backward uses |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for r in lay["rows"]:
+        a, b = r["in_place"], r["materialized_T"]
+        L.append(f"| {r['layer']} ({r['n_out']} x {r['n_in']}) | {r['batch_size']} | {_f(a['gflops'])} "
+                 f"({_f(a['gflop_per_cpu_s'])}) | {'yes' if a['ynn'] else 'no'} | {_f(b['gflops'])} "
+                 f"({_f(b['gflop_per_cpu_s'])}) | {'yes' if b['ynn'] else 'no'} | {r['speedup_materialized']:.2f} / "
+                 f"{r['speedup_materialized_cpu']:.2f} | {r['chosen'].replace('_T', '')} |")
     L.append("")
 
     o = result["optimizer"]
@@ -1007,6 +1102,9 @@ def main(argv=None):
         steps.append(bench_train_step(sizes, B, min_time=min_time, seed=args.seed, gemm_size=gemm["best_size"],
                                       use_torch=use_torch, threads=threads, cores=cores, log=log,
                                       torch_skip_reason="--no-torch" if args.no_torch else "torch not installed"))
+    log("weight-gradient layouts ...")
+    layouts = bench_grad_w_layouts(sizes, batch_sizes, min_time=min_time / 4, seed=args.seed, cores=cores,
+                                   layers=[len(sizes) - 2] if quick else None)
     log("optimizer update alone ...")
     optimizer = bench_optimizer(sizes, min_time=min_time, seed=args.seed, cores=cores)
     log("per-example gradients ...")
@@ -1032,10 +1130,11 @@ def main(argv=None):
         "schema": 1, "quick": quick, "command": "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine, "min_time_s": min_time, "torch_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") if use_torch else None,
+        "torch_skipped": None if use_torch else ("--no-torch given" if args.no_torch else "torch is not installed"),
         "network": {"sizes": list(sizes), "P": P, "P1": P1, "flop_formula": FLOP_FORMULA,
                     "activation": "relu", "loss": "softmax cross-entropy (mean)", "dtype": "float32",
                     "learning_rate": LEARNING_RATE},
-        "gemm": gemm, "train_step": steps, "optimizer": optimizer, "per_example": per_example,
+        "gemm": gemm, "train_step": steps, "grad_w_layouts": layouts, "optimizer": optimizer, "per_example": per_example,
         "simulated_devices": simulated, "notes": notes,
     }
     result["targets"] = targets(result)

@@ -301,11 +301,14 @@ def markdown(args, ds, seeds, lrs, epochs, per_lr, best, acc, timing, equality, 
         f"sequential: {', '.join(f'{x:.2f}' for x in t['sequential_measured_seconds_all'])} s)"
         ".  Wall-clock times on a shared 2-core CPU machine, noisy.",
         "",
-        f"Why the ratio is modest here: the dense layers alone are about {t['gflop_per_model_estimate']:.2f} GFLOP "
+        f"Why `vmap` {'gains little' if t['ratio_sequential_over_vmapped'] >= 1 else 'is no faster'} here: "
+        f"the dense layers alone are about {t['gflop_per_model_estimate']:.2f} GFLOP "
         f"per model (6 flops per weight per example, forward and backward), so the vmapped program ran at "
         f"≈{t['vmapped_gflop_per_s']:.0f} GFLOP/s and the sequential loop at ≈{t['sequential_gflop_per_s']:.0f} "
-        "GFLOP/s.  Both are bound by arithmetic on this CPU; what `vmap` removes -- the per-step overhead of "
-        "small kernels, one dispatch per model -- is a small part of a 64-32-10 step on batches of 32 here.  "
+        "GFLOP/s: similar rates (compare the spread of the repetitions above), both set by the arithmetic "
+        "on this 2-core CPU.  What `vmap` removes -- the per-step overhead of small kernels, one dispatch per "
+        "model -- is a small part of a 64-32-10 step on batches of 32 here, and batching the 48 small matrix "
+        "products does not make the arithmetic itself cheaper.  "
         "The gain grows with that overhead (smaller models or batches, an accelerator that one small model "
         "leaves idle); that is not measured here.",
         "",

@@ -11,7 +11,8 @@ Modules: layers, activations, losses, norm (the rules); reference (plain jnp);
 crosscheck (``fnbp.check``); mlp, backprop; optim; train, data, checkpoint,
 parallel; perceptron; examples.
 """
-from . import activations, checkpoint, data, layers, losses, mlp, norm, optim, parallel, perceptron, reference, train
+from . import (activations, checkpoint, data, examples, layers, losses, mlp, norm, optim, parallel, perceptron,
+               reference, train)
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .backprop import backprop
 from .crosscheck import check
@@ -23,4 +24,4 @@ __version__ = "0.1.0"
 __all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "batch_norm", "dropout", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
-           "parallel", "perceptron"]
+           "parallel", "perceptron", "examples"]

@@ -213,12 +213,12 @@ prelu.rule = _prelu
 # --- step (Heaviside) and sign -----------------------------------------------
 def _zero_grad_fwd(fn):
     def fwd(a):
-        return fn(a), jnp.zeros((), a.dtype)
+        return fn(a), None              # nothing to keep: g' does not depend on a
     return fwd
 
 
-def _zero_grad_bwd(zero, grad_h):
-    delta = grad_h * zero               # g'(a) = 0 almost everywhere
+def _zero_grad_bwd(_, grad_h):
+    delta = jnp.zeros_like(grad_h)      # g'(a) = 0 almost everywhere (exactly 0 even if grad_h is inf/NaN)
     return (delta,)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from . import activations, losses
 from .layers import dense_backward, dense_forward
-from .mlp import activation_rule, check_params, layer_activations
+from .mlp import activation_rule, check_params, layer_activations, uses_layer_alpha
 
 __all__ = ["backprop", "loss_rule"]
 
@@ -84,8 +84,8 @@ def backprop(params, x, d, *, activation=activations.relu, output=activations.id
         delta, *extra_grads = rule_g.bwd(act_res, grad_h)                 # delta_k = grad_{h_k} E (.) g'(a_k)
         grad_W, grad_b, grad_h = dense_backward(dense_res, delta)         # delta h^T, delta, W^T delta
         grads[k] = {"W": grad_W, "b": grad_b}
-        if "alpha" in params[k]:
-            grads[k]["alpha"] = (extra_grads[0] if extra_grads and extra_grads[0] is not None
+        if "alpha" in params[k]:     # PReLU's gradient w.r.t. alpha, if this layer's alpha is the one it used
+            grads[k]["alpha"] = (extra_grads[0] if uses_layer_alpha(gs[k]) and extra_grads[0] is not None
                                  else jnp.zeros_like(params[k]["alpha"]))
     if not (isinstance(l2, (int, float)) and l2 == 0):
         penalty, penalty_res = losses.l2_penalty.rule.fwd(params, l2)

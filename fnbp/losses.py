@@ -126,7 +126,9 @@ _mse.defvjp(_mse_fwd, _mse_bwd)
 def mse(y, d, *, reduction="mean"):
     """Mean squared error E = (1/n) sum_i (y_i - d_i)^2 per example (n outputs).  grad_y E = 2 (y - d) / n.
 
-    With reduction='mean' this is the mean over every element, as in the notes' MSE example.
+    With reduction='mean' this is the mean over every element.  (The notes' MSE example,
+    u = (1, 0), y = (0.8, 0.5) -> 0.145, is this mean over its 2 outputs; the notes'
+    general definition 1/(2N) sum sum (y - d)^2 is ``half_sse`` with reduction='mean'.)
     """
     _check_reduction("mse", reduction)
     _check_same_shape("mse", y, d)

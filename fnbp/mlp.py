@@ -122,9 +122,23 @@ def _is_prelu(act):
     return (act.func if isinstance(act, functools.partial) else act) is activations.prelu
 
 
+def uses_layer_alpha(act):
+    """True when ``act`` is PReLU taking its learnable alpha from the layer's ``"alpha"``
+    (not from a ``functools.partial(fnbp.prelu, alpha=...)``)."""
+    return _is_prelu(act) and "alpha" not in getattr(act, "keywords", {})
+
+
+def _check_keyword_options(act, name):
+    if isinstance(act, functools.partial) and act.args:
+        raise ValueError(f"{name}: give an activation's options by keyword, e.g. "
+                         f"functools.partial(fnbp.leaky_relu, slope=0.2); a positional argument binds the "
+                         f"pre-activation a itself (got {act!r})")
+
+
 def activation_rule(act, layer, name="fnbp.backprop"):
     """(rule, extra_args) for an activation spec: the custom_vjp rule and the
     arguments that follow ``a`` (e.g. the leaky slope, or PReLU's alpha from the layer)."""
+    _check_keyword_options(act, name)
     fn, args, kwargs = ((act.func, act.args, act.keywords) if isinstance(act, functools.partial) else (act, (), {}))
     rule = getattr(fn, "rule", None)
     if rule is None:
@@ -143,7 +157,8 @@ def activation_rule(act, layer, name="fnbp.backprop"):
 
 def apply_activation(act, a, layer):
     """h = g(a), passing PReLU its learnable alpha from the layer."""
-    if _is_prelu(act) and "alpha" not in getattr(act, "keywords", {}):
+    _check_keyword_options(act, "fnbp.mlp.apply")
+    if uses_layer_alpha(act):
         if "alpha" not in layer:
             raise ValueError("fnbp.mlp.apply: prelu needs a learnable 'alpha' in the layer's parameters "
                              "(fnbp.mlp.init(..., prelu_alpha=0.25) adds one)")

@@ -48,10 +48,11 @@ ACTIVATIONS = {
     "sign": (fnbp.sign, lambda a, layer: ref.sign(a)),
     "softmax": (fnbp.softmax, lambda a, layer: ref.softmax(a)),
 }
-HIDDEN = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign"]
+CONTINUOUS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu"]
+HIDDEN = CONTINUOUS + ["step", "sign"]          # step and sign pass no gradient (g' = 0)
 LOSSES = ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy"]
 REDUCTIONS = ["mean", "sum"]
-REGRESSION_OUTPUTS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "softmax", "sign"]
+REGRESSION_OUTPUTS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "softmax"]
 
 
 def activation_pair(name, slope):
@@ -106,13 +107,19 @@ def make_case(i):
     widths = [int(rng.integers(1, 65)) for _ in range(depth + 1)]
     if loss_name in ("cross_entropy", "softmax_cross_entropy"):
         widths[-1] = max(widths[-1], 2)
-    # hidden activations: the first hidden layer cycles through every activation, the rest random
-    hidden = [HIDDEN[(i + k) % len(HIDDEN)] if k == 0 else HIDDEN[rng.integers(len(HIDDEN))]
+    # hidden activations: the first hidden layer cycles through the continuous activations, the rest
+    # random among them; step/sign (zero gradient: everything below them gets none) only as the
+    # first hidden layer of a few cases, so the layers above them still carry gradient
+    hidden = [CONTINUOUS[(i + k) % len(CONTINUOUS)] if k == 0 else CONTINUOUS[rng.integers(len(CONTINUOUS))]
               for k in range(depth - 1)]
+    if hidden and i % 8 in (3, 7):
+        hidden[0] = "step" if i % 8 == 3 else "sign"
     if loss_name == "cross_entropy":
         out = "softmax"                                            # probabilities
     elif loss_name == "softmax_cross_entropy":
         out = ["identity", "tanh", "leaky_relu"][i % 3]           # logits
+    elif i % 10 == 9:
+        out = ["step", "sign"][(i // 10) % 2]                      # a zero gradient everywhere
     else:
         out = REGRESSION_OUTPUTS[i % len(REGRESSION_OUTPUTS)]
     lead = (int(rng.integers(2, 9)),) if batch else ()
@@ -175,7 +182,8 @@ def run_case(c):
 
 def test_cases_cover_every_activation_loss_and_mode():
     cases = [make_case(i) for i in range(N_CASES)]
-    assert {n for c in cases for n in c["hidden"] + [c["out"]]} >= set(HIDDEN) | {"softmax"}
+    assert {n for c in cases for n in c["hidden"]} == set(HIDDEN)
+    assert {c["out"] for c in cases} >= {"softmax", "identity", "step", "sign"}
     assert len({(c["loss_name"], c["reduction"], c["x"].ndim) for c in cases}) == 6 * 2 * 2
     for key in ("loss_name", "reduction"):
         assert {c[key] for c in cases if c["l2"] > 0} == {c[key] for c in cases if c["l2"] == 0}
@@ -226,6 +234,31 @@ def numpy_params(seed, sizes, prelu=False):
     return [dict(W=rng.uniform(-1, 1, (n_out, n_in)), b=rng.uniform(-1, 1, n_out),
                  **({"alpha": 0.25 + rng.uniform(-0.2, 0.2, n_out)} if prelu and k < len(sizes) - 2 else {}))
             for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
+
+
+def test_fixed_alpha_prelu_gives_no_gradient_to_the_layers_alpha():
+    """Regression: a layer with a learnable alpha whose activation is partial(prelu, alpha=0.1) does not
+    use that alpha; backprop used to report the fixed alpha's (scalar) gradient under the layer's key."""
+    params = numpy_params(4, (3, 4, 2), prelu=True)
+    x, d = np.array([0.5, -1.0, 2.0]), np.array([1.0, -1.0])
+    for act in ([functools.partial(fnbp.prelu, alpha=0.1)], [fnbp.prelu]):
+        g_bp = fnbp.backprop(params, x, d, activation=act)[1]
+        g_apply = jax.grad(lambda p: losses.half_sse(fnbp.mlp.apply(p, x, activation=act), d))(params)
+        assert g_bp[0]["alpha"].shape == (4,)
+        assert tree_rel_err(g_bp, g_apply) <= RTOL
+    np.testing.assert_array_equal(
+        fnbp.backprop(params, x, d, activation=[functools.partial(fnbp.prelu, alpha=0.1)])[1][0]["alpha"], 0.0)
+
+
+def test_positional_activation_options_are_rejected():
+    """Regression: partial(fnbp.leaky_relu, 0.2) binds a = 0.2 when called (apply computed garbage)
+    while backprop read 0.2 as the slope: both now ask for the option by keyword."""
+    params = numpy_params(4, (3, 4, 2))
+    x, d = np.ones(3), np.ones(2)
+    with pytest.raises(ValueError, match="by keyword"):
+        fnbp.mlp.apply(params, x, activation=functools.partial(fnbp.leaky_relu, 0.2))
+    with pytest.raises(ValueError, match="by keyword"):
+        fnbp.backprop(params, x, d, activation=functools.partial(fnbp.leaky_relu, 0.2))
 
 
 def test_l2_penalty_adds_lambda_W_to_weights_only():

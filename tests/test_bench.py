@@ -135,6 +135,12 @@ def test_report_targets_optimizer_per_example(report):
     names = {t["target"] for t in r["targets"]}
     assert any("step time" in n for n in names) and any("temp memory" in n for n in names)
     assert all(isinstance(t["met"], bool) and math.isfinite(t["value"]) for t in r["targets"])
+    lay = r["grad_w_layouts"]
+    (row,) = lay["rows"]                                  # --quick: the last layer only
+    assert (row["n_out"], row["n_in"], row["batch_size"]) == (TINY[-1], TINY[-2], TINY_B)
+    assert row["chosen"] == ("materialized_T" if TINY[-1] <= lay["narrow_grad_w"] else "in_place")
+    assert _pos(row["speedup_materialized"]) and _pos(row["speedup_materialized_cpu"])
+    assert all(_pos(row[k]["gflops"]) for k in ("in_place", "materialized_T"))
     o = r["optimizer"]
     assert o["n_params"] == 16 * 8 + 8 + 8 * 8 + 8 + 8 * 4 + 4
     for name in ("fnbp_adam", "optax_adam"):

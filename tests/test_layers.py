@@ -152,30 +152,37 @@ def test_dense_forward_matches_numpy(lead):
 
 
 # --- backward: the notes' formulas in numpy ----------------------------------------
-@pytest.mark.parametrize("lead", LEADS)
-def test_dense_backward_is_the_notes_formulas(lead):
+def test_dense_backward_is_the_notes_formulas():
+    """grad_W = sum_n delta_n h_n^T, grad_b = sum_n delta_n, grad_h = W^T delta per example, in numpy."""
     rng = np.random.default_rng(2)
-    W, b, h = dense_args(rng, lead, 3, 6)
-    delta = rng.standard_normal(lead + (3,))
-    gW, gb, gh = jax.vjp(fnbp.dense, W, b, h)[1](delta)
-    H = np.asarray(h).reshape(-1, 6)
-    D = delta.reshape(-1, 3)
-    # grad_W = sum over examples of delta_n h_n^T; grad_b = sum_n delta_n; grad_h = W^T delta per example
-    np.testing.assert_allclose(gW, sum(np.outer(D[n], H[n]) for n in range(len(H))), rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(gb, D.sum(axis=0), rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(gh, (D @ np.asarray(W)).reshape(lead + (6,)), rtol=1e-12, atol=1e-13)
-    # dense_forward / dense_backward (what the explicit loop calls) give the same numbers
-    a, res = layers.dense_forward(W, b, h)
-    np.testing.assert_allclose(a, fnbp.dense(W, b, h), rtol=0, atol=0)
-    for got, want in zip(layers.dense_backward(res, delta), (gW, gb, gh)):
-        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+    cases = [(dense_args(rng, lead, n_out, 6), rng.standard_normal(lead + (n_out,)))
+             for lead in LEADS for n_out in (3, layers.NARROW_GRAD_W + 2)]     # both branches of dense_backward
+
+    def vjps(cases):
+        return [(jax.vjp(fnbp.dense, *args)[1](delta), layers.dense_backward(layers.dense_forward(*args)[1], delta))
+                for args, delta in cases]
+
+    for ((W, b, h), delta), (ours, explicit) in zip(cases, compile_fast(vjps, cases)):
+        n_out = W.shape[0]
+        H, D = h.reshape(-1, 6), delta.reshape(-1, n_out)
+        gW, gb, gh = ours
+        np.testing.assert_allclose(gW, sum(np.outer(D[n], H[n]) for n in range(len(H))), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(gb, D.sum(axis=0), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(gh, (D @ W).reshape(h.shape), rtol=1e-12, atol=1e-13)
+        # dense_forward / dense_backward (what the explicit backprop loop calls) give the same numbers
+        for got, want in zip(explicit, ours):
+            np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
 
 
 # --- backward: autodiff of the reference and finite differences --------------------
 def test_dense_vjp_vs_reference_autodiff_and_finite_differences():
     rng = np.random.default_rng(3)
-    results = vjp_check([(fnbp.dense, reference.dense, dense_args(rng, lead, 4, 5), (0, 1, 2)) for lead in LEADS])
-    assert [sorted(r["ad"]) for r in results] == [[0, 1, 2]] * len(LEADS)      # W, b and h all checked
+    # n_out = 4 (a batch takes the narrow, materialised-delta^T branch of dense_backward) and
+    # n_out = NARROW_GRAD_W + 6 (the in-place contraction)
+    wide = layers.NARROW_GRAD_W + 6
+    args = [dense_args(rng, lead, 4, 5) for lead in LEADS] + [dense_args(rng, lead, wide, 3) for lead in LEADS]
+    results = vjp_check([(fnbp.dense, reference.dense, a, (0, 1, 2)) for a in args])
+    assert [sorted(r["ad"]) for r in results] == [[0, 1, 2]] * len(args)      # W, b and h all checked
     assert_within_tolerances(results)
 
 
@@ -189,9 +196,11 @@ def test_dense_vjp_hypothesis_shapes(batch, n_out, n_in, seed):
 
 
 # --- no batch x n_out x n_in intermediate ------------------------------------------
-B, N_OUT, N_IN = 64, 48, 40
 _SHAPE_RE = [re.compile(r"tensor<((?:\d+x)+)[a-z]+\d*>"),        # StableHLO: tensor<64x48x40xf32>
              re.compile(r"\b[a-z]+\d*\[([\d,]+)\]")]              # HLO: f32[64,48,40]{2,1,0}
+# (batch, n_out, n_in): n_out = 48 <= layers.NARROW_GRAD_W takes the materialised-delta^T branch of
+# dense_backward, n_out = 80 the in-place contraction
+DIMS = [(64, 48, 40), (64, 80, 40)]
 
 
 def _shapes(text):
@@ -202,17 +211,18 @@ def _shapes(text):
     return shapes
 
 
-def _has_outer_product_tensor(text):
-    """A tensor whose dims include all of B, N_OUT and N_IN (in any order)."""
-    need = sorted((B, N_OUT, N_IN))
+def _has_outer_product_tensor(text, dims):
+    """A tensor whose dims include all of batch, n_out and n_in (in any order)."""
+    need = sorted(dims)
     return any(len(s) >= 3 and all(s.count(k) >= need.count(k) for k in need) for s in _shapes(text))
 
 
-def _programs(loss):
+def _programs(loss, dims):
+    batch, n_out, n_in = dims
     rng = np.random.default_rng(5)
-    W = rng.standard_normal((N_OUT, N_IN)).astype(np.float32)
-    b = rng.standard_normal(N_OUT).astype(np.float32)
-    h = rng.standard_normal((B, N_IN)).astype(np.float32)
+    W = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    h = rng.standard_normal((batch, n_in)).astype(np.float32)
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(W, b, h)
     return lowered.as_text(), lowered.compile().as_text()
 
@@ -220,22 +230,27 @@ def _programs(loss):
 def test_shape_scanner_sees_shapes():
     assert _shapes("%0 = stablehlo.add %a : tensor<64x48x40xf32>") == {(64, 48, 40)}
     assert _shapes("%x = f32[40,64,48]{2,1,0} fusion(...)") == {(40, 64, 48)}
-    assert _has_outer_product_tensor("tensor<48x40x64xf64>")
-    assert not _has_outer_product_tensor("tensor<64x48xf32> tensor<48x40xf32> f32[64,40]")
+    assert _has_outer_product_tensor("tensor<48x40x64xf64>", (64, 48, 40))
+    assert not _has_outer_product_tensor("tensor<64x48xf32> tensor<48x40xf32> f32[64,40]", (64, 48, 40))
 
 
-def test_minibatch_dense_backward_has_no_batch_x_out_x_in_tensor():
+@pytest.mark.parametrize("dims", DIMS, ids=str)
+def test_minibatch_dense_backward_has_no_batch_x_out_x_in_tensor(dims):
+    batch, n_out, n_in = dims
+    assert (n_out <= layers.NARROW_GRAD_W) == (dims == DIMS[0])     # both branches of dense_backward
+
     def loss(W, b, h):
         return jnp.sum(jnp.tanh(fnbp.dense(W, b, h)))
 
-    lowered, compiled = _programs(loss)
-    assert "64x48" in lowered and "48x40" in lowered      # the program is the one we think
-    assert (N_OUT, N_IN) in _shapes(lowered) and (N_OUT, N_IN) in _shapes(compiled)   # grad_W is there
-    assert not _has_outer_product_tensor(lowered), sorted(_shapes(lowered))
-    assert not _has_outer_product_tensor(compiled), sorted(_shapes(compiled))
+    lowered, compiled = _programs(loss, dims)
+    assert f"{batch}x{n_out}" in lowered and f"{n_out}x{n_in}" in lowered      # the program is the one we think
+    assert (n_out, n_in) in _shapes(lowered) and (n_out, n_in) in _shapes(compiled)   # grad_W is there
+    assert not _has_outer_product_tensor(lowered, dims), sorted(_shapes(lowered))
+    assert not _has_outer_product_tensor(compiled, dims), sorted(_shapes(compiled))
 
 
-def test_per_example_outer_product_rule_does_show_up():
+@pytest.mark.parametrize("dims", DIMS, ids=str)
+def test_per_example_outer_product_rule_does_show_up(dims):
     """Positive control: a per-example rule grad_W = outer(delta, h) under vmap builds B x n_out x n_in."""
     @jax.custom_vjp
     def dense_one(W, b, h):
@@ -253,8 +268,8 @@ def test_per_example_outer_product_rule_does_show_up():
     def loss(W, b, h):
         return jnp.sum(jnp.tanh(jax.vmap(dense_one, in_axes=(None, None, 0))(W, b, h)))
 
-    lowered, _ = _programs(loss)
-    assert _has_outer_product_tensor(lowered)
+    lowered, _ = _programs(loss, dims)
+    assert _has_outer_product_tensor(lowered, dims)
 
 
 # --- shape errors at trace time --------------------------------------------------------
