@@ -265,7 +265,12 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:                  # everything after 'bench' (options too) goes to the benchmark
+        argv = ["bench", "--", *argv[1:]] if len(argv) > 1 else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "bench_args", None) and args.bench_args[:1] == ["--"]:
+        args.bench_args = args.bench_args[1:]
     try:
         return args.func(args)
     except UsageError as e:
