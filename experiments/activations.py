@@ -158,8 +158,8 @@ def main(argv=None):
     best = max(names, key=lambda n: res[n]["test_accuracy"])
     zero = [n for n in names if n in ZERO_GRAD]
     relu = res.get("relu")
-    headline = (f"sign/step: ‖∇W1‖ = ‖∇W2‖ = 0 exactly at init and at every epoch (hidden weights never move); "
-                f"test accuracy " + ", ".join(f"{n} {res[n]['test_accuracy']:.4f}" for n in zero)
+    headline = ("sign/step: ‖∇W1‖ = ‖∇W2‖ = 0 exactly at init and at every epoch (hidden weights never move); "
+                "test accuracy " + ", ".join(f"{n} {res[n]['test_accuracy']:.4f}" for n in zero)
                 + (f" vs ReLU {relu['test_accuracy']:.4f}" if relu else "")
                 + f"; best {best} {res[best]['test_accuracy']:.4f}")
     headers = ["activation", "‖∇W1‖ init", "‖∇W2‖ init", "‖∇W3‖ init", "‖∇W1‖ end", "‖∇W2‖ end", "‖∇W3‖ end",

@@ -158,7 +158,6 @@ def main(argv=None):
         data = run(args)
     png_epochs, png_time = plot(args.out, data)
     runs = data["runs"]
-    best = max(runs, key=lambda k: runs[k]["test_accuracy"])
     full, sgd1 = runs.get("full batch"), runs.get("SGD (batch 1)")
     headline = (f"after {data['epochs']} epochs: " + ", ".join(f"{k} {r['test_accuracy']:.4f}" for k, r in runs.items())
                 + f" test accuracy; throughput {full['examples_per_s']:,.0f} examples/s (full batch) vs "

@@ -44,7 +44,6 @@ Nothing here asserts speed; ``tests/test_bench.py`` only checks the report's fie
 """
 import argparse
 import json
-import math
 import os
 import platform
 import re

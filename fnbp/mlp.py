@@ -177,9 +177,14 @@ def apply(params, x, *, activation=activations.relu, output=activations.identity
         for options; ``fnbp.prelu`` takes its alpha from the layer).
       output: g_L for the output layer (identity: logits for softmax_cross_entropy).
 
-    Raises ValueError naming the layer index and the widths when the layers do not chain.
+    Raises ValueError naming the layer index and the widths when the layers do not chain,
+    and when a layer has batch-norm parameters (those need ``apply_stateful``).
     """
     check_params(params, x)
+    bn_layers = [k for k, layer in enumerate(params) if "gamma" in layer]
+    if bn_layers:
+        raise ValueError(f"fnbp.mlp.apply: layers {bn_layers} have batch-norm parameters (gamma, beta); use "
+                         "fnbp.mlp.apply_stateful(params, state, x, train=...) with fnbp.mlp.init_state(params)")
     h = x
     for layer, g in zip(params, layer_activations(len(params), activation, output)):
         a = dense(layer["W"], layer["b"], h)      # a_k = W_k h_{k-1} + b_k

@@ -13,7 +13,6 @@ reproduces the uninterrupted run bit for bit on CPU.
 """
 import dataclasses
 import functools
-import math
 import sys
 import time
 from typing import Any, Callable, NamedTuple

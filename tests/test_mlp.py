@@ -388,3 +388,9 @@ def test_training_step_compiles_once_per_input_shape():
     assert traces == [(BATCH, SIZES[0]), (16, SIZES[0])]
     if hasattr(step, "_cache_size"):
         assert step._cache_size() == 2
+
+
+def test_apply_refuses_batch_norm_params():
+    params = fnbp.mlp.init(jax.random.PRNGKey(0), [4, 3, 2], batch_norm=True)
+    with pytest.raises(ValueError, match=r"layers \[0\] have batch-norm parameters.*apply_stateful"):
+        fnbp.mlp.apply(params, jnp.ones((2, 4)))

@@ -1,7 +1,6 @@
 """Tests of fnbp.perceptron: the notes' OR table step by step, the notes' single-step example,
 XOR (perceptron fails, a trained 2-2-1 network succeeds), and the hand-set A AND NOT B and XOR
 networks against Python's boolean operators."""
-import itertools
 
 import jax
 import jax.numpy as jnp
