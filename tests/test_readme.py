@@ -25,3 +25,14 @@ def test_readme_maps_every_rule_to_a_function():
     for name in ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty"]:
         assert f"`fnbp.losses.{name}`" in readme, name
         assert callable(getattr(fnbp.losses, name))
+
+
+def test_readme_example_runs_and_backprop_equals_grad():
+    import re
+    import numpy as np
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    scope = {}
+    exec(code, scope)
+    for a, b in zip(__import__("jax").tree_util.tree_leaves(scope["grads"]),
+                    __import__("jax").tree_util.tree_leaves(scope["grads2"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
