@@ -71,7 +71,7 @@ def backprop(params, x, d, *, activation=activations.relu, output=activations.id
         stored.append((rule_g, dense_res, act_res))
     y = h
     if loss_fn is losses.softmax_cross_entropy:
-        losses.softmax_cross_entropy(y, d, reduction=reduction)     # shape/label checks only (trace time)
+        losses._check_softmax_cross_entropy_inputs(y, d, reduction)     # shape/label checks (trace time)
     else:
         losses._check_same_shape(loss_fn.__name__, y, d)
     E, loss_res = rule_L.fwd(y, d, reduction)

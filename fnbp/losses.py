@@ -222,6 +222,23 @@ _softmax_cross_entropy = jax.custom_vjp(
 _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
 
 
+def _check_softmax_cross_entropy_inputs(logits, labels, reduction):
+    """Shapes, label dtype and (outside jit) label range; raises ValueError."""
+    _check_reduction("softmax_cross_entropy", reduction)
+    logits_shape, labels_shape = jnp.shape(logits), jnp.shape(labels)
+    if len(logits_shape) < 1 or logits_shape[:-1] != labels_shape:
+        raise ValueError("fnbp.losses.softmax_cross_entropy: logits must have shape labels.shape + (n_classes,); "
+                         f"got logits {logits_shape} and labels {labels_shape} (batch sizes must match)")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError("fnbp.losses.softmax_cross_entropy: labels must be integer class indices, "
+                         f"got dtype {jnp.result_type(labels)} (use cross_entropy for one-hot/probability targets)")
+    lab = _concrete(labels)
+    if lab is not None:
+        if lab.size and (lab.min() < 0 or lab.max() >= logits_shape[-1]):
+            raise ValueError(f"fnbp.losses.softmax_cross_entropy: labels must be in [0, {logits_shape[-1]}) "
+                             f"for {logits_shape[-1]} classes, got values in [{lab.min()}, {lab.max()}]")
+
+
 def softmax_cross_entropy(logits, labels, *, reduction="mean"):
     """Softmax cross-entropy on logits with integer labels (PyTorch's ``cross_entropy`` convention).
 
@@ -243,19 +260,7 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean"):
     zero one-hot row for any of them, so the gradient is silently wrong --
     validate labels before training, as ``fnbp.data`` does.
     """
-    _check_reduction("softmax_cross_entropy", reduction)
-    logits_shape, labels_shape = jnp.shape(logits), jnp.shape(labels)
-    if len(logits_shape) < 1 or logits_shape[:-1] != labels_shape:
-        raise ValueError("fnbp.losses.softmax_cross_entropy: logits must have shape labels.shape + (n_classes,); "
-                         f"got logits {logits_shape} and labels {labels_shape} (batch sizes must match)")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise ValueError("fnbp.losses.softmax_cross_entropy: labels must be integer class indices, "
-                         f"got dtype {jnp.result_type(labels)} (use cross_entropy for one-hot/probability targets)")
-    lab = _concrete(labels)
-    if lab is not None:
-        if lab.size and (lab.min() < 0 or lab.max() >= logits_shape[-1]):
-            raise ValueError(f"fnbp.losses.softmax_cross_entropy: labels must be in [0, {logits_shape[-1]}) "
-                             f"for {logits_shape[-1]} classes, got values in [{lab.min()}, {lab.max()}]")
+    _check_softmax_cross_entropy_inputs(logits, labels, reduction)
     return _softmax_cross_entropy(logits, jnp.asarray(labels), reduction)   # a Python int label works too
 
 
