@@ -14,7 +14,7 @@ through this matrix-form rule.
 import jax.numpy as jnp
 from jax import lax
 
-from .rules import rule
+from .rules import out_sharding, rule
 
 __all__ = ["dense", "dense_forward", "dense_backward", "check_dense_shapes", "NARROW_GRAD_W"]
 
@@ -87,17 +87,21 @@ def dense_backward(residuals, delta):
     """
     W, h_prev = residuals
     n_out, n_in = W.shape
-    delta2 = delta.reshape(-1, n_out)      # (B, n_out); B = 1 for one example
-    h2 = h_prev.reshape(-1, n_in)          # (B, n_in)
+    delta2 = delta if delta.ndim == 2 else delta.reshape(-1, n_out)      # (B, n_out); B = 1 for one example
+    h2 = h_prev if h_prev.ndim == 2 else h_prev.reshape(-1, n_in)       # (B, n_in)
+    # On a mesh with Explicit axes both products contract a possibly sharded axis (the
+    # batch; n_out under tensor parallelism): ask for the primal's sharding (None otherwise).
+    like_W, like_h = out_sharding(W), out_sharding(h_prev)
     if delta2.shape[0] > 1 and n_out <= NARROW_GRAD_W:
         # delta^T as its own (n_out, B) array; the barrier keeps XLA from folding the
         # transpose back into the dot's dimension numbers.
         delta_t = lax.optimization_barrier(jnp.transpose(delta2))
-        grad_W = lax.dot_general(delta_t, h2, (((1,), (0,)), ((), ())))   # delta^T H: (n_out, n_in)
+        grad_W = lax.dot_general(delta_t, h2, (((1,), (0,)), ((), ())), out_sharding=like_W)   # delta^T H
     else:
-        grad_W = lax.dot_general(delta2, h2, (((0,), (0,)), ((), ())))   # delta^T H: (n_out, n_in)
+        grad_W = lax.dot_general(delta2, h2, (((0,), (0,)), ((), ())), out_sharding=like_W)   # delta^T H
     grad_b = jnp.sum(delta2, axis=0)
-    grad_h = lax.dot_general(delta, W, (((delta.ndim - 1,), (0,)), ((), ())))  # W^T delta per example
+    grad_h = lax.dot_general(delta, W, (((delta.ndim - 1,), (0,)), ((), ())),               # W^T delta
+                             out_sharding=like_h)
     return grad_W, grad_b, grad_h
 
 

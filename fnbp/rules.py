@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Rule", "rule", "rule_of", "as_cotangent"]
+__all__ = ["Rule", "rule", "rule_of", "as_cotangent", "out_sharding", "PrimalType"]
 
 
 class Rule(NamedTuple):
@@ -66,15 +66,77 @@ def _split_signature(fwd, name):
     return sig, positional, options
 
 
+@jax.tree_util.register_static
+class PrimalType:
+    """What a cotangent must look like to match its primal input (trace-time only, no array).
+
+    dtype: the primal's dtype.  sharding: its ``NamedSharding`` when it lives on a mesh
+    with Explicit axes (sharding in the type), else None (Auto meshes, one device).
+    varying: the manual mesh axes it varies over inside ``jax.shard_map`` (its vma).
+    Kept in a rule's residuals as a static pytree node (no leaves, no device memory).
+    """
+    __slots__ = ("dtype", "sharding", "varying")
+
+    def __init__(self, dtype, sharding, varying):
+        self.dtype, self.sharding, self.varying = dtype, sharding, varying
+
+    def _key(self):
+        return (self.dtype, self.sharding, self.varying)
+
+    def __eq__(self, other):
+        return isinstance(other, PrimalType) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return f"PrimalType(dtype={self.dtype}, sharding={self.sharding}, varying={set(self.varying) or '{}'})"
+
+
+def _varying_axes(aval):
+    """The manual axes an abstract value varies over (``vma``; JAX 0.10 keeps it in ``aval.mat.varying``)."""
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        mat = getattr(aval, "mat", None)
+        vma = getattr(mat, "varying", None)
+    return frozenset(vma or ())
+
+
+def _explicit_sharding(aval):
+    """The aval's NamedSharding if its mesh has an Explicit axis, else None."""
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None
+    explicit = jax.sharding.AxisType.Explicit
+    return sharding if any(t == explicit for t in mesh.axis_types) else None
+
+
+def out_sharding(like):
+    """The ``out_sharding`` for a contraction whose result must have ``like``'s sharding.
+
+    ``lax.dot_general``, ``jnp.einsum`` and ``lax.conv_general_dilated`` refuse to guess
+    the output sharding when they contract an axis sharded on an Explicit mesh (a
+    batch-sharded delta^T H, or W^T delta with W sharded along n_out); a backward
+    passes ``out_sharding=out_sharding(W)`` (or ``h_prev``) to get the cotangent of
+    the primal's sharding (XLA inserts the all-reduce).  None -- let JAX decide --
+    on one device, on Auto meshes and inside ``shard_map``.  Trace time only.
+    """
+    return _explicit_sharding(jax.typeof(like))
+
+
 def _leaf_marker(x):
     dtype = jnp.result_type(x)
-    return jnp.zeros((0,), dtype) if jnp.issubdtype(dtype, jnp.inexact) else None
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return None
+    aval = jax.typeof(x)
+    return PrimalType(dtype, _explicit_sharding(aval), _varying_axes(aval))
 
 
 def _type_marker(x):
-    """Zero-size stand-ins recording an input's dtypes (leaf by leaf, for a pytree input),
-    kept as residuals so that the backward returns cotangents of the primal's type
-    (None for integer inputs such as labels, and for keys)."""
+    """The ``PrimalType`` of an input (leaf by leaf, for a pytree input), kept in the
+    residuals so that the backward returns cotangents of the primal's type (None for
+    integer inputs such as labels, and for keys).  Static: costs nothing at run time."""
     if isinstance(x, (list, tuple, dict)):
         return jax.tree_util.tree_map(_leaf_marker, x)
     return _leaf_marker(x)
@@ -85,13 +147,36 @@ def _is_none(x):
 
 
 def as_cotangent(ct, marker):
-    """Cast a rule's cotangent to its primal input's type (the one place where this is decided)."""
+    """A rule's cotangent as its primal input's type (the one place where this is decided).
+
+    * dtype: cast to the primal's dtype;
+    * varying manual axes (inside ``jax.shard_map(..., check_vma=True)``): a cotangent
+      that varies over an axis its primal does not (a replicated W's delta^T H, summed
+      over this device's examples only) is ``psum``-med over that axis -- the sum over
+      every consumer of W, as JAX's own transpose of an implicit ``pvary`` does; one
+      that does not vary over an axis its primal varies over is ``pcast`` to varying;
+    * sharding on an Explicit mesh: ``reshard`` to the primal's sharding when the rule's
+      result has another (contractions should already ask for it with ``out_sharding``).
+
+    Each step is skipped when the type already matches, so on one device this is the
+    identity and costs nothing at run time.
+    """
     if marker is None or ct is None:
         return None
     if isinstance(marker, (list, tuple, dict)):
         return jax.tree_util.tree_map(as_cotangent, ct, marker, is_leaf=_is_none)
     ct = jnp.asarray(ct)
-    return ct if ct.dtype == marker.dtype else ct.astype(marker.dtype)
+    if ct.dtype != marker.dtype:
+        ct = ct.astype(marker.dtype)
+    have = _varying_axes(jax.typeof(ct))
+    extra, missing = have - marker.varying, marker.varying - have
+    if extra:
+        ct = jax.lax.psum(ct, tuple(sorted(extra, key=str)))
+    if missing:
+        ct = jax.lax.pcast(ct, tuple(sorted(missing, key=str)), to="varying")
+    if marker.sharding is not None and jax.typeof(ct).sharding != marker.sharding:
+        ct = jax.sharding.reshard(ct, marker.sharding)
+    return ct
 
 
 def rule(fwd, bwd, *, name=None, check=None):

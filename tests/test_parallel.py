@@ -183,6 +183,46 @@ def test_indivisible_batch_fails_before_training(runs):
     assert r["make_mesh_1"]
 
 
+# ---------------------------------------------------------------- every rule on a user's mesh (4 devices)
+RULES_MODES = ("explicit", "auto", "tensor", "shard_map")
+
+
+@pytest.fixture(scope="module")
+def rules_on_meshes():
+    """tests/parallel_rules_check.py's report: {dtype: {mode: {model: relative difference}}}."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_rules_check.py"), *TOL], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+EXPECTED_MODELS = {f"dense+{a}" for a in ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step",
+                                          "sign", "softmax")} | {
+    f"loss:{l}" for l in ("half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy")} | {
+    "l2_penalty", "batch_norm"}
+
+
+@pytest.mark.parametrize("mode", RULES_MODES)
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_every_rule_on_user_meshes(rules_on_meshes, dtype, mode):
+    """jax.grad through dense + every activation, every loss, the L2 penalty and batch norm, on
+    an Explicit data-parallel mesh, an Auto one, a data x model mesh with W sharded along n_out,
+    and inside shard_map(check_vma=True): equal to one device (float32 1e-5, float64 1e-12),
+    each gradient of its parameter's dtype and sharding."""
+    assert rules_on_meshes["devices"] == 4
+    r = rules_on_meshes[dtype][mode]
+    assert "error" not in r, r.get("error")
+    assert set(k for k in r if not k.startswith("_")) == EXPECTED_MODELS
+    assert r["_dtypes_ok"] and r["_sharding_ok"], r
+    worst = max((v, k) for k, v in r.items() if not k.startswith("_"))
+    assert worst[0] <= TOL[dtype], (worst, r)
+
+
 # ---------------------------------------------------------------- in-process (whatever devices this process has)
 @pytest.mark.parametrize("batch, n, n_examples, nearest", [
     (100, 8, None, "nearest valid batch sizes: 96 or 104 "), (5, 8, None, "nearest valid batch sizes: 8 "),
