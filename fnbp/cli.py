@@ -119,8 +119,10 @@ def _plot(history, path):
 
 def _cmd_train(args):
     import jax
-    from . import checkpoint, mlp, train as training
+    from . import checkpoint, mlp, parallel, train as training
 
+    process, n_processes = parallel.initialize_from_args(args, UsageError)   # before anything uses a device
+    writer = process == 0                   # only process 0 writes the checkpoint, history and plot
     ds = _load_data(args)
     _check_layers(args.layers, ds)
     if args.grad == "backprop" and (args.dropout or args.batch_norm):
@@ -130,8 +132,10 @@ def _cmd_train(args):
     if args.devices < 0:
         raise UsageError(f"fnbp train: --devices must be >= 0 (0 = all visible devices), got {args.devices}")
     n_devices = jax.device_count() if args.devices == 0 else args.devices
+    if n_processes > 1 and n_devices != jax.device_count():
+        raise UsageError(f"fnbp train: with {n_processes} processes the mesh spans every device of every process; "
+                         f"--devices must be 0 or {jax.device_count()}, got {args.devices}")
     if n_devices > 1:
-        from . import parallel
         mesh = parallel.make_mesh(n_devices)
 
     key = jax.random.PRNGKey(args.seed)
@@ -160,12 +164,15 @@ def _cmd_train(args):
         print(f"resuming from {ckpt} at epoch {start_epoch} (step {start_step})")
     if start_epoch >= args.epochs:
         raise UsageError(f"fnbp train: the checkpoint already has {start_epoch} epochs; ask for --epochs > {start_epoch}")
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
 
     def on_epoch(result):
-        checkpoint.save(ckpt, params=result.params, opt_state=(result.opt_state, result.state), step=result.step,
-                        epoch=result.epoch, key=k_train, extra={"args": run_args, "history": history + result.history})
+        if writer:
+            checkpoint.save(ckpt, params=result.params, opt_state=(result.opt_state, result.state),
+                            step=result.step, epoch=result.epoch, key=k_train,
+                            extra={"args": run_args, "history": history + result.history})
 
     t0 = time.perf_counter()
     try:
@@ -179,6 +186,9 @@ def _cmd_train(args):
         return 1
     seconds = time.perf_counter() - t0
     history = history + result.history
+    if not writer:
+        print(f"process {process} of {n_processes}: trained {result.epoch} epochs; process 0 writes {out}")
+        return 0
     (out / "history.json").write_text(json.dumps({"args": run_args, "history": history,
                                                    "compile_seconds": result.compile_seconds,
                                                    "train_seconds": seconds}, indent=1))
@@ -247,6 +257,8 @@ def build_parser():
     t.add_argument("--out", default="runs/digits", help="output directory")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     t.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    from .parallel import add_cli_arguments
+    add_cli_arguments(t)                   # --coordinator, --num-processes, --process-id, --distributed
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("check", help="cross-check every rule against autodiff and finite differences",

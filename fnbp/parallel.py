@@ -75,22 +75,28 @@ compiled program.  See ``docs/multihost.md``.
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["AXIS", "make_mesh", "place", "check_batch_size", "replicate", "batch_sharding"]
+__all__ = ["AXIS", "make_mesh", "place", "check_batch_size", "replicate", "batch_sharding", "batch_axis",
+           "shard_batch", "initialize", "is_main_process"]
 
 AXIS = "data"
+AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 
 
-def make_mesh(n_devices=None):
-    """A one-axis ``Mesh`` named ``"data"`` over the first ``n_devices`` devices, or None for one device.
+def make_mesh(n_devices=None, *, axis_type="explicit"):
+    """A one-axis mesh named ``"data"`` over the first ``n_devices`` devices, or None for one device.
 
-    ``n_devices=None``: all visible devices (``jax.devices()``; with
-    ``jax.distributed.initialize``, those of every host) when there are more
-    than one, else None.  ``n_devices=1`` returns None (``train(..., mesh=None)``
-    is the single-device loop).  More devices than visible raises ValueError
-    naming both numbers.
+    ``n_devices=None``: all visible devices (``jax.devices()``; after
+    :func:`initialize`, those of every process) when there are more than one,
+    else None.  ``n_devices=1`` returns None (``train(..., mesh=None)`` is the
+    single-device loop).  More devices than visible raises ValueError naming both
+    numbers.  ``axis_type``: ``"explicit"`` (JAX's default for ``jax.make_mesh``:
+    shardings are part of the arrays' types) or ``"auto"`` (GSPMD decides).  Any
+    mesh a user builds with ``jax.make_mesh`` works as well (see :func:`batch_axis`).
     """
+    if axis_type not in AXIS_TYPES:
+        raise ValueError(f"fnbp.parallel.make_mesh: axis_type must be 'explicit' or 'auto', got {axis_type!r}")
     devices = jax.devices()
     available = len(devices)
     if n_devices is None:
@@ -109,7 +115,26 @@ def make_mesh(n_devices=None):
                              f"{devices[0].platform} device(s) available{hint}")
     if n <= 1:
         return None
-    return Mesh(np.array(devices[:n]), (AXIS,))
+    return Mesh(np.array(devices[:n]), (AXIS,), axis_types=(AXIS_TYPES[axis_type],))
+
+
+def batch_axis(mesh):
+    """The mesh axis the batch is split over: ``"data"`` if the mesh has it, else its only axis.
+
+    Raises ValueError (naming the mesh's axes) for a several-axis mesh without a
+    ``"data"`` axis.  Parameters are replicated over every axis (data parallelism).
+    """
+    names = tuple(mesh.axis_names)
+    if AXIS in names:
+        return AXIS
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f"fnbp.parallel: a mesh with several axes needs one named {AXIS!r} to split the batch over, "
+                     f"got axes {names} (e.g. jax.make_mesh((n,), ('data',)))")
+
+
+def _is_explicit(mesh, axis):
+    return mesh.axis_types[tuple(mesh.axis_names).index(axis)] == AxisType.Explicit
 
 
 def check_batch_size(batch_size, n_devices, n_examples=None):
@@ -128,15 +153,27 @@ def check_batch_size(batch_size, n_devices, n_examples=None):
 
 
 def batch_sharding(mesh):
-    """``NamedSharding(mesh, P("data"))``: the leading (batch) axis split over the mesh."""
-    return NamedSharding(mesh, P(AXIS))
+    """``NamedSharding(mesh, P(batch_axis(mesh)))``: the leading (batch) axis split over the mesh."""
+    return NamedSharding(mesh, P(batch_axis(mesh)))
+
+
+def shard_batch(x, sharding):
+    """Inside the jitted step: lay the mini-batch ``x`` out as ``sharding`` (its batch axis split).
+
+    ``jax.sharding.reshard`` on an Explicit axis (the layout is part of the type),
+    ``jax.lax.with_sharding_constraint`` on an Auto one (a hint to GSPMD)."""
+    axis = sharding.spec[0]
+    if _is_explicit(sharding.mesh, axis):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def replicate(mesh, tree):
     """Every array leaf of ``tree`` as a global array replicated on every device of ``mesh``.
 
     One process: ``jax.device_put``.  Several processes (multi-host): built from
-    each process's own host copy, which must be identical on every process.
+    each process's own host copy, which must be identical on every process (each
+    process fills its own devices; nothing crosses the network).
     """
     sharding = NamedSharding(mesh, P())
     if jax.process_count() == 1:
@@ -153,15 +190,73 @@ def place(mesh, batch_size, params, opt_state, state, x_train, y_train):
     """Lay out a training run on ``mesh``; returns
     ``(params, opt_state, state, x_train, y_train, batch_sharding)``.
 
-    Checks that the global ``batch_size`` is divisible by the number of devices
-    (ValueError with the nearest valid sizes, before anything is compiled),
-    replicates the parameters, optimizer state, batch-norm statistics and the
-    training data on every device, and returns ``NamedSharding(mesh, P("data"))``
-    for the mini-batches (``fnbp.train.make_epoch(..., batch_sharding=...)``).
+    ``mesh``: :func:`make_mesh`'s, or a user's ``jax.make_mesh(...)`` (Explicit or
+    Auto axes) with a ``"data"`` axis or a single axis (:func:`batch_axis`).
+    Checks that the global ``batch_size`` is divisible by the devices along the
+    batch axis (ValueError with the nearest valid sizes, before anything is
+    compiled), replicates the parameters, optimizer state, batch-norm statistics
+    and the training data on every device, and returns the mini-batches'
+    ``NamedSharding(mesh, P(axis))`` (``fnbp.train.make_epoch(..., batch_sharding=...)``).
     """
-    if tuple(mesh.axis_names) != (AXIS,):
-        raise ValueError(f"fnbp.parallel.place: the mesh must have the single axis {AXIS!r} "
-                         f"(fnbp.parallel.make_mesh), got axes {tuple(mesh.axis_names)}")
-    check_batch_size(batch_size, mesh.size, n_examples=x_train.shape[0])
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"fnbp.parallel.place: mesh must be a jax.sharding.Mesh (fnbp.parallel.make_mesh or "
+                        f"jax.make_mesh), got {type(mesh).__name__}")
+    axis = batch_axis(mesh)
+    check_batch_size(batch_size, mesh.shape[axis], n_examples=x_train.shape[0])
     params, opt_state, state, x_train, y_train = replicate(mesh, (params, opt_state, state, x_train, y_train))
     return params, opt_state, state, x_train, y_train, batch_sharding(mesh)
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None):
+    """Join a multi-process run (``jax.distributed.initialize``) before anything else uses JAX.
+
+    With no arguments JAX detects the cluster (Cloud TPU, SLURM, Open MPI, or the
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
+    environment variables).  On CPU the cross-process collectives use gloo
+    (``jax_cpu_collectives_implementation``; GPUs use NCCL, TPUs their own
+    interconnect, whatever this says).  Returns ``(process_index, process_count)``.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {k: v for k, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
+                                ("process_id", process_id)) if v is not None}
+    jax.distributed.initialize(**kwargs)
+    return jax.process_index(), jax.process_count()
+
+
+def is_main_process():
+    """True in process 0 (the one that writes checkpoints, histories and plots), and when running alone."""
+    return jax.process_index() == 0
+
+
+# --- the command line: fnbp train --coordinator HOST:PORT --num-processes N --process-id I -------------------
+def add_cli_arguments(parser):
+    """Add the multi-process flags to an ``argparse`` (sub)parser (``fnbp train``)."""
+    g = parser.add_argument_group("multi-process (jax.distributed; run the same command in every process)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="process 0's address and a free port, the same in every process")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run detected from the cluster (Cloud TPU, SLURM, Open MPI, or "
+                        "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+
+
+def initialize_from_args(args, error=ValueError):
+    """Call :func:`initialize` when the flags of :func:`add_cli_arguments` ask for it; returns
+    ``(process_index, process_count)`` (``(0, 1)`` alone).  Bad flags raise ``error`` naming them."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if not args.distributed and all(v is None for v in given.values()):
+        return 0, 1
+    if not args.distributed:
+        missing = [flag for flag, v in given.items() if v is None]
+        if missing:
+            raise error(f"fnbp train: --coordinator, --num-processes and --process-id go together; missing "
+                        f"{', '.join(missing)} (or use --distributed to detect the cluster)")
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise error(f"fnbp train: --coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got {args.coordinator!r}")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise error(f"fnbp train: need --num-processes >= 1 and 0 <= --process-id < --num-processes, got "
+                        f"--num-processes {args.num_processes} --process-id {args.process_id}")
+    return initialize(args.coordinator, args.num_processes, args.process_id)

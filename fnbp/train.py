@@ -181,8 +181,8 @@ def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_
             idx = perm[i]
             xb, db = x[idx], d[idx]
             if batch_sharding is not None:                   # data parallel: split the batch over devices
-                xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
-                db = jax.lax.with_sharding_constraint(db, batch_sharding)
+                from .parallel import shard_batch
+                xb, db = shard_batch(xb, batch_sharding), shard_batch(db, batch_sharding)
             return step(carry, (xb, db, jax.random.fold_in(epoch_key, i)))
 
         (params, opt_state, state), step_losses = jax.lax.scan(body, (params, opt_state, state), jnp.arange(n_steps))
