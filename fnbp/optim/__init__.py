@@ -54,7 +54,7 @@ optax it carries optax's name.
 * ``simplified_nesterov`` (Bengio et al. 2012) = ``optax.sgd(momentum=β, nesterov=True)`` while η
   is constant (same η placement difference as ``momentum``).
 * ``nesterov`` (look-ahead form) has no optax twin: it needs ∇C(θ + β·v), see
-  :func:`gradient_point` (and :func:`chain` to keep the look-ahead inside a chain).
+  :func:`gradient_point` (``opt.lookahead(params, state)``).
 * ``adagrad``: notes r₀ = 0 and δ outside the root; optax r₀ = 0.1 and δ inside.
   ``adagrad(η, eps, initial_accumulator_value=0.1, eps_in_sqrt=True)`` = ``optax.adagrad``.
 * ``rmsprop``: δ inside the root as in the notes and optax's default; ``eps_in_sqrt`` as optax.
@@ -63,7 +63,7 @@ optax it carries optax's name.
 * ``adam`` = ``optax.adam`` (δ outside the root, bias correction with i = k + 1).
 * ``delta_bar_delta`` has no optax twin.
 """
-from ._base import (LookaheadTransformation, Schedule, ScalarOrSchedule, apply_updates, bias_correction, chain,
+from ._base import (LookaheadTransformation, Schedule, ScalarOrSchedule, apply_updates, bias_correction,
                     gradient_point, leafwise_optimizer, update_moment)
 from .adaptive import (AdaDeltaState, AdaGradState, AdamState, DeltaBarDeltaState, RMSPropState, adadelta, adagrad,
                        adam, delta_bar_delta, rmsprop)
@@ -78,6 +78,6 @@ __all__ = [
     "Schedule", "ScalarOrSchedule",
     "CountState", "MomentumState", "EmaMomentumState", "NesterovState", "AdaGradState",
     "RMSPropState", "AdaDeltaState", "AdamState", "DeltaBarDeltaState",
-    "LookaheadTransformation", "gradient_point", "chain", "leafwise_optimizer", "update_moment",
+    "LookaheadTransformation", "gradient_point", "leafwise_optimizer", "update_moment",
     "bias_correction",
 ]

@@ -110,7 +110,8 @@ def nesterov(learning_rate: ScalarOrSchedule, beta=0.9) -> LookaheadTransformati
             updates, state = opt.update(grads, state, params)
             return fnbp.optim.apply_updates(params, updates), state
 
-    Inside a chain, compose with :func:`fnbp.optim.chain` (it keeps the look-ahead).
+    Wrapped in ``optax.chain`` (which drops the method), :func:`gradient_point` still finds θ̃
+    through the :class:`NesterovState` in the chain's state.
     State: :class:`NesterovState` (count, v, beta).
     :func:`simplified_nesterov` (Bengio et al. 2012) is the same trajectory seen at θ̃.
     """
@@ -122,7 +123,7 @@ def nesterov(learning_rate: ScalarOrSchedule, beta=0.9) -> LookaheadTransformati
 
 
 def lookahead_params(params, state):
-    """Deprecated: use ``opt.lookahead(params, state)`` or :func:`gradient_point`.
+    """Deprecated: use :func:`gradient_point` ``(opt, params, state)`` or ``opt.lookahead(params, state)``.
 
     θ̃ = θ + β·v read from the one :class:`NesterovState` inside ``state`` (e.g. an
     ``optax.chain`` state); ``params`` unchanged when there is none.
