@@ -96,8 +96,8 @@ def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho=0.9, eps=1e-6) -> Lookah
         s = update_moment(s, unit_step * unit_step, rho)
         return eta * unit_step, r, s
 
-    return leafwise_optimizer("adadelta", AdaDeltaState, leaf, learning_rate,
-                              {"rho": ("rho", rho, UNIT), "delta": ("eps", eps, POS)})
+    hyper = {"rho": ("rho", rho, UNIT), "delta": ("eps", eps, POS)}
+    return leafwise_optimizer("adadelta", AdaDeltaState, leaf, learning_rate, hyper)
 
 
 class AdamState(NamedTuple):
