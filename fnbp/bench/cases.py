@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from . import report
-from .harness import dot_summary, interleaved, normalized_entry, paired_ratio, summarize, temp_bytes
+from .harness import dot_summary, interleaved, normalized_program, paired_ratio, summarize, temp_bytes
 from .registry import register
 from .steps import (LABELS, LEARNING_RATE, SHORT, AdamOnly, Gemm, GemmsOnly, JaxStep, TorchStep, fnbp_loss,
                     init_params, make_data, peer_loss, step_flops, step_functions)
@@ -89,8 +89,8 @@ def bench_train_step(sizes, batch_size, *, min_time, seed, gemm_size, use_torch,
                            hlo_dots=dot_summary(runners["diag_gemms_only"].hlo)),
         "adam_only": dict(a, share_of_fnbp_step_cpu=a["cpu_ms_median"] / ours_cpu),
         "rest_share_of_fnbp_step_cpu": 1 - (g["cpu_ms_median"] + a["cpu_ms_median"]) / ours_cpu,
-        "autodiff_and_backprop_same_program": normalized_entry(runners["fnbp_autodiff"].hlo)
-        == normalized_entry(runners["fnbp_backprop"].hlo),
+        "autodiff_and_backprop_same_program": normalized_program(runners["fnbp_autodiff"].hlo)
+        == normalized_program(runners["fnbp_backprop"].hlo),
     }
     log(f"  B={batch_size}: " + ", ".join(
         f"{SHORT[n]} {v['ms_median']:.3f} ms ({v['cpu_ms_median']:.3f} CPU)" for n, v in out["variants"].items()

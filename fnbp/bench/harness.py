@@ -185,8 +185,11 @@ def dot_summary(hlo_text):
             "n_transpose_fusions": len(re.findall(r"= f32\[[\d,]*\]\{[\d,]*\} fusion\([^\n]*transpose", entry))}
 
 
-def normalized_entry(hlo_text):
-    """The ENTRY computation with value names and metadata removed (to compare two programs)."""
-    entry = hlo_text[hlo_text.index("ENTRY"):]
-    entry = re.sub(r", metadata=\{[^}]*\}", "", entry)
-    return re.sub(r"%[\w.\-]+", "%_", entry)
+def normalized_program(hlo_text):
+    """Every computation of a compiled module (the fused ones and ENTRY), with value names,
+    metadata and the module's header and stack-frame tables removed: equal for two programs
+    that XLA compiled to the same thing, whatever the Python functions and values were called.
+    (Comparing ENTRY alone is not enough: it only names the fusions it calls.)"""
+    body = hlo_text[re.search(r"^(?:%|ENTRY )", hlo_text, re.M).start():]
+    body = re.sub(r", metadata=\{[^}]*\}", "", body)
+    return re.sub(r"%[\w.\-]+", "%_", body)
