@@ -191,7 +191,7 @@ def _known_step():
 
     def variant(ms, ratio, temp):
         return _timed(ms, ms, examples_per_s=32 / (ms / 1e3), gflops=2.0, frac_gemm=0.5, frac_gemm_cpu=0.25,
-                      ratio_to_peer=ratio, ratio_to_peer_paired=paired, ratio_to_peer_cpu=ratio,
+                      ratio_to_peer=ratio, ratio_to_peer_paired=paired, ratio_to_peer_cpu=ratio * 1.1,
                       ratio_to_peer_cpu_paired=paired, cpu_share=0.5, compile_s=1.5, temp_bytes=temp,
                       final_loss=2.3, hlo_dots=dots)
 
@@ -217,6 +217,8 @@ def test_train_step_section_of_a_known_result():
     assert cells[3] == "16,842"                                      # 32 / 1.9 ms
     assert cells[5] == "50"                                          # % GEMM
     assert cells[6] == "0.950 (0.960 [0.90–1.00])"                   # ratio to peer (paired [IQR])
+    assert cells[8] == "1.045 (0.960 [0.90–1.00])"                   # CPU ratio to peer
+    assert cells[9] == "25"                                          # % GEMM (CPU)
     assert cells[-1] == "1.00"                                       # temp MB
     assert "| 32 | torch eager | skipped: --no-torch |" in "\n".join(lines)
     assert "| 32 | 1 | 3 | 75 | 50% | 0.2 | 10% | 40% | yes |" in lines
@@ -228,13 +230,13 @@ def test_train_step_section_of_a_known_result():
 def test_optimizer_section_and_stdout_summary_of_a_known_result():
     o = {"n_params": 1234, "variants": {
         "fnbp_adam": _timed(1.0, 2.0, effective_gb_per_s=5.0, n_fusions=3, elementwise_divides=1, temp_bytes=None),
-        "optax_adam": _timed(2.0, 2.0, effective_gb_per_s=2.5, n_fusions=4, elementwise_divides=3, temp_bytes=0)},
+        "optax_adam": _timed(2.0, 2.0, effective_gb_per_s=2.5, n_fusions=4, elementwise_divides=3, temp_bytes=3 * 2 ** 20)},
         "ratio_fnbp_to_optax": 0.5, "ratio_fnbp_to_optax_paired": {"median": 0.52, "q1": 0.5, "q3": 0.6},
         "ratio_fnbp_to_optax_cpu": 1.0, "ratio_fnbp_to_optax_cpu_paired": {"median": 1.0, "q1": 0.9, "q3": 1.1}}
     lines = report.render_optimizer(o, {"network": {"sizes": [16, 8, 4]}})
     assert lines[0].startswith("## Optimizer update alone (Adam on the 16-8-4 parameters, 1,234 numbers")
     assert "| fnbp_adam | 1 [0.9–1.1] (0.8–1.2) | 2 [1.8–2.2] | 5 | 3 | 1 | — |" in lines
-    assert "| optax_adam | 2 [1.8–2.2] (1.6–2.4) | 2 [1.8–2.2] | 2.5 | 4 | 3 | 0.00 |" in lines
+    assert "| optax_adam | 2 [1.8–2.2] (1.6–2.4) | 2 [1.8–2.2] | 2.5 | 4 | 3 | 3.00 |" in lines
     assert ("\nfnbp / optax: **0.500** wall (paired 0.520 [0.50–0.60]), **1.000** CPU (paired 1.000 "
             "[0.90–1.10]).\n") in lines
     assert report.summary_optimizer(o) == ["\nAdam update alone: fnbp 1.000 ms, optax 2.000 ms: ratio 0.500 (CPU 1.000)"]

@@ -74,7 +74,6 @@ def test_installed_command_line(installed):
     exe, cwd, env = installed["fnbp"], installed["cwd"], installed["env"]
     version = _run([exe, "--version"], cwd=cwd, env=env).stdout.strip()
     assert version == f"fnbp {fnbp.__version__}" == f"fnbp {importlib.metadata.version('fnbp')}"
-    assert "--epochs" in _run([exe, "train", "--help"], cwd=cwd, env=env).stdout
     assert "finite differences" in _run([exe, "check", "--help"], cwd=cwd, env=env).stdout
     bench_help = _run([exe, "bench", "--help"], cwd=cwd, env=env).stdout
     assert bench_help.startswith("usage: fnbp bench") and "--quick" in bench_help and "--cases" in bench_help
