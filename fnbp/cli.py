@@ -202,20 +202,16 @@ def _cmd_train(args):
 
 # --- fnbp bench -------------------------------------------------------------------
 def _cmd_bench(args):
-    root = Path(__file__).resolve().parents[1]
-    if (root / "experiments" / "bench.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from experiments import bench
-    except ImportError as e:
-        raise UsageError(f"fnbp bench: the benchmark lives in experiments/bench.py of a source checkout ({e})")
-    return bench.main(args.bench_args)
+    from .bench import main as bench_main
+    return bench_main(args.bench_args, prog="fnbp bench")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fnbp", description="fnbp -- functional backprop: neural networks whose gradients are the "
                                  "hand-derived backprop rules of the lecture notes, in JAX.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"fnbp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,bench}")
 
     t = sub.add_parser("train", help="train a network (default: 64-32-10 ReLU on scikit-learn's digits)",
@@ -265,9 +261,9 @@ def build_parser():
     c.set_defaults(func=_cmd_check)
 
     b = sub.add_parser("bench", help="benchmark fnbp vs jax.grad+optax vs PyTorch vs the GEMM rate",
-                       description="Run experiments/bench.py (source checkout); arguments after 'bench' go to it "
+                       description="Run the benchmark (fnbp.bench); arguments after 'bench' go to it "
                                    "(try: fnbp bench --help, fnbp bench --quick).", add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for experiments/bench.py")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (fnbp.bench)")
     b.set_defaults(func=_cmd_bench)
     return parser
 
