@@ -12,16 +12,17 @@ crosscheck (``fnbp.check``); mlp, backprop; optim; train, data, checkpoint,
 parallel; perceptron; examples.
 """
 from . import (activations, checkpoint, data, examples, layers, losses, mlp, norm, optim, parallel, perceptron,
-               reference, train)
+               reference, rules, train)
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .backprop import backprop
 from .crosscheck import check
 from .layers import dense
+from .rules import Rule, rule
 from .norm import batch_norm, dropout
 
 __version__ = "0.1.0"
 
-__all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
+__all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "batch_norm", "dropout", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
            "parallel", "perceptron", "examples"]

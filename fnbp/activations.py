@@ -1,175 +1,107 @@
 """Activation functions h = g(a), each with its hand-written derivative g'(a).
 
-Every activation is a ``jax.custom_vjp`` rule whose backward is the notes'
+Every activation is a rule (``fnbp.rule``) whose backward is the notes'
 
     delta = grad_h E (.) g'(a)
 
-with g' written by hand (never autodiff).  Each public function carries its
-rule as ``fn.rule``: ``fn.rule.fwd(a, *extra) -> (h, residuals)`` and
-``fn.rule.bwd(residuals, grad_h) -> (delta, *grads_of_extra)``.  The explicit
-backprop loop (``fnbp.backprop``) calls exactly these two functions, so the loop
-and ``jax.grad`` cannot drift apart.
+with g' written by hand (never autodiff).  Read top to bottom, the module is a
+table: one forward, its residual, its backward.  ``fn.rule`` is the ``fnbp.Rule``
+(``fwd(a, *extra) -> (h, residuals)``, ``bwd(residuals, grad_h) -> (delta, *grads)``)
+that the explicit walker (``fnbp.backprop``) calls, so the walker and ``jax.grad``
+cannot drift apart.
 
-All are stable in float32 for |a| up to 1e4 (no inf, no NaN).
+All are stable in float32 for |a| up to 1e4 (no inf), and NaN propagates: a NaN
+pre-activation gives a NaN output (as ``jax.nn.relu`` does), never a silent 0.
 """
-import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .rules import rule
+
 __all__ = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
-           "ACTIVATIONS"]
+           "ACTIVATIONS", "sum_to_shape"]
 
 
-# --- identity ----------------------------------------------------------------
 def _identity_fwd(a):
+    """Identity g(a) = a.  Backward: delta = grad_h E (g'(a) = 1)."""
     return a, None
 
 
 def _identity_bwd(_, grad_h):
-    delta = grad_h                      # g'(a) = 1
-    return (delta,)
+    return (grad_h,)                                    # g'(a) = 1
 
 
-@jax.custom_vjp
-def _identity(a):
-    return a
+identity = rule(_identity_fwd, _identity_bwd)
 
 
-_identity.defvjp(_identity_fwd, _identity_bwd)
-
-
-def identity(a):
-    """Identity g(a) = a.  Backward: delta = grad_h E (g'(a) = 1)."""
-    return _identity(a)
-
-
-identity.rule = _identity
-
-
-# --- sigmoid -----------------------------------------------------------------
 def _sigmoid_fwd(a):
-    h = lax.logistic(a)                 # 1 / (1 + e^{-a}), stable for large |a|
-    return h, h                         # keep the output as residual
-
-
-def _sigmoid_bwd(h, grad_h):
-    delta = grad_h * h * (1 - h)        # g'(a) = g(a) (1 - g(a))
-    return (delta,)
-
-
-@jax.custom_vjp
-def _sigmoid(a):
-    return lax.logistic(a)
-
-
-_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
-
-
-def sigmoid(a):
     """Logistic sigmoid g(a) = 1 / (1 + e^{-a}).
 
     Backward: delta = grad_h E (.) g(a) (1 - g(a)); the output h = g(a) is the
     residual, so no exponential is recomputed.
     """
-    return _sigmoid(a)
+    h = lax.logistic(a)                                 # stable for large |a|
+    return h, h
 
 
-sigmoid.rule = _sigmoid
+def _sigmoid_bwd(h, grad_h):
+    return (grad_h * h * (1 - h),)                      # g'(a) = g(a) (1 - g(a))
 
 
-# --- tanh --------------------------------------------------------------------
+sigmoid = rule(_sigmoid_fwd, _sigmoid_bwd)
+
+
 def _tanh_fwd(a):
+    """Hyperbolic tangent g(a) = tanh(a).  Backward: delta = grad_h E (.) (1 - g(a)^2)."""
     h = jnp.tanh(a)
     return h, h
 
 
 def _tanh_bwd(h, grad_h):
-    delta = grad_h * (1 - h * h)        # g'(a) = 1 - g(a)^2
-    return (delta,)
+    return (grad_h * (1 - h * h),)                      # g'(a) = 1 - g(a)^2
 
 
-@jax.custom_vjp
-def _tanh(a):
-    return jnp.tanh(a)
+tanh = rule(_tanh_fwd, _tanh_bwd)
 
 
-_tanh.defvjp(_tanh_fwd, _tanh_bwd)
-
-
-def tanh(a):
-    """Hyperbolic tangent g(a) = tanh(a).  Backward: delta = grad_h E (.) (1 - g(a)^2)."""
-    return _tanh(a)
-
-
-tanh.rule = _tanh
-
-
-# --- ReLU --------------------------------------------------------------------
 def _relu_fwd(a):
-    mask = a > 0
-    return jnp.where(mask, a, 0).astype(a.dtype), mask     # keep a boolean mask, not a
-
-
-def _relu_bwd(mask, grad_h):
-    delta = jnp.where(mask, grad_h, 0).astype(grad_h.dtype)  # g'(a) = 1 if a > 0 else 0 (g'(0) = 0)
-    return (delta,)
-
-
-@jax.custom_vjp
-def _relu(a):
-    return _relu_fwd(a)[0]
-
-
-_relu.defvjp(_relu_fwd, _relu_bwd)
-
-
-def relu(a):
-    """Rectified linear unit g(a) = max(0, a).
+    """Rectified linear unit g(a) = max(0, a) (NaN stays NaN).
 
     Backward: delta = grad_h E (.) [a > 0], with the convention g'(0) = 0.  The
     residual is the boolean mask [a > 0] (one byte per unit instead of a).
     """
-    return _relu(a)
+    return jnp.maximum(a, jnp.zeros((), a.dtype)), a > 0
 
 
-relu.rule = _relu
+def _relu_bwd(mask, grad_h):
+    return (jnp.where(mask, grad_h, jnp.zeros((), grad_h.dtype)),)   # g'(a) = [a > 0]
 
 
-# --- leaky ReLU (fixed slope) ------------------------------------------------
-def _leaky_relu_fwd(a, slope):
-    pos = a > 0
-    return jnp.where(pos, a, slope * a).astype(a.dtype), (pos, slope)
+relu = rule(_relu_fwd, _relu_bwd)
 
 
-def _leaky_relu_bwd(res, grad_h):
-    pos, slope = res
-    delta = jnp.where(pos, grad_h, slope * grad_h).astype(grad_h.dtype)   # g'(a) = 1 if a > 0 else slope
-    return delta, None                  # the slope is a hyperparameter: no gradient
-
-
-@jax.custom_vjp
-def _leaky_relu(a, slope):
-    return _leaky_relu_fwd(a, slope)[0]
-
-
-_leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
-
-
-def leaky_relu(a, slope=0.01):
+def _leaky_relu_fwd(a, slope=0.01):
     """Leaky ReLU g(a) = a if a > 0 else slope * a, with a fixed slope.
 
     Backward: delta = grad_h E (.) (1 if a > 0 else slope).  The slope is a
     hyperparameter (its cotangent is None); use ``prelu`` to learn it.
     """
-    return _leaky_relu(a, slope)
+    positive = a > 0
+    return jnp.where(positive, a, slope * a).astype(a.dtype), (positive, slope)
 
 
-leaky_relu.rule = _leaky_relu
+def _leaky_relu_bwd(res, grad_h):
+    positive, slope = res
+    delta = jnp.where(positive, grad_h, slope * grad_h).astype(grad_h.dtype)   # g'(a) = 1 or slope
+    return delta, None
 
 
-# --- PReLU (learnable slope) -------------------------------------------------
-def _sum_to_shape(x, shape):
-    """Sum x over the axes that broadcasting added or stretched to reach x.shape from shape."""
+leaky_relu = rule(_leaky_relu_fwd, _leaky_relu_bwd)
+
+
+def sum_to_shape(x, shape):
+    """Sum x over the axes that broadcasting added or stretched to reach x.shape from shape
+    (the fan-out rule for a broadcast parameter: its gradient sums over every use)."""
     lead = x.ndim - len(shape)
     x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
@@ -177,119 +109,68 @@ def _sum_to_shape(x, shape):
 
 
 def _prelu_fwd(a, alpha):
-    pos = a > 0
-    return jnp.where(pos, a, alpha * a), (pos, a, alpha)
-
-
-def _prelu_bwd(res, grad_h):
-    pos, a, alpha = res
-    delta = jnp.where(pos, grad_h, alpha * grad_h)                      # dg/da = 1 if a > 0 else alpha
-    grad_alpha = _sum_to_shape(jnp.where(pos, 0, a * grad_h), jnp.shape(alpha))  # dg/dalpha = 0 if a > 0 else a
-    return delta, grad_alpha.astype(jnp.result_type(alpha))
-
-
-@jax.custom_vjp
-def _prelu(a, alpha):
-    return _prelu_fwd(a, alpha)[0]
-
-
-_prelu.defvjp(_prelu_fwd, _prelu_bwd)
-
-
-def prelu(a, alpha):
     """Parametric ReLU (He et al. 2015) g(a) = a if a > 0 else alpha * a, alpha learnable.
 
     alpha is a scalar or broadcasts against a (e.g. one slope per unit, shape (n,)).
     Backward:
-        delta       = grad_h E (.) (1 if a > 0 else alpha)
+        delta        = grad_h E (.) (1 if a > 0 else alpha)
         grad_alpha E = sum over what alpha was broadcast over of grad_h E (.) (0 if a > 0 else a)
     """
-    return _prelu(a, alpha)
+    positive = a > 0
+    return jnp.where(positive, a, alpha * a), (positive, a, alpha)
 
 
-prelu.rule = _prelu
+def _prelu_bwd(res, grad_h):
+    positive, a, alpha = res
+    delta = jnp.where(positive, grad_h, alpha * grad_h)                              # dg/da = 1 or alpha
+    grad_alpha = sum_to_shape(jnp.where(positive, 0, a * grad_h), jnp.shape(alpha))  # dg/dalpha = 0 or a
+    return delta, grad_alpha
 
 
-# --- step (Heaviside) and sign -----------------------------------------------
-def _zero_grad_fwd(fn):
-    def fwd(a):
-        return fn(a), None              # nothing to keep: g' does not depend on a
-    return fwd
+def _check_prelu(a, alpha):
+    try:
+        shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(alpha))
+    except ValueError:
+        shape = None
+    if shape != jnp.shape(a):
+        raise ValueError(f"fnbp.prelu: alpha must broadcast to a's shape {jnp.shape(a)} (a scalar, or one slope "
+                         f"per unit of shape {jnp.shape(a)[-1:]}), got alpha of shape {jnp.shape(alpha)}")
 
 
-def _zero_grad_bwd(_, grad_h):
-    delta = jnp.zeros_like(grad_h)      # g'(a) = 0 almost everywhere (exactly 0 even if grad_h is inf/NaN)
-    return (delta,)
+prelu = rule(_prelu_fwd, _prelu_bwd, check=_check_prelu)
 
 
-def _heaviside(a):
-    return (a > 0).astype(a.dtype)
+def _zero_bwd(_, grad_h):
+    return (jnp.zeros_like(grad_h),)    # g'(a) = 0 almost everywhere (exactly 0 even if grad_h is inf/NaN)
 
 
-@jax.custom_vjp
-def _step(a):
-    return _heaviside(a)
-
-
-_step.defvjp(_zero_grad_fwd(_heaviside), _zero_grad_bwd)
-
-
-def step(a):
-    """Heaviside threshold g(a) = 1 if a > 0 else 0 (the perceptron's activation; step(0) = 0).
+def _step_fwd(a):
+    """Heaviside threshold g(a) = 1 if a > 0 else 0 (the perceptron's activation; step(0) = 0; NaN stays NaN).
 
     Backward: delta = 0.  Its derivative is 0 almost everywhere (and undefined at
     0), so no gradient flows through a step unit: gradient descent cannot train
     the layers below it.  This is why the notes prefer ReLU, whose derivative is
     1 on the whole positive half-line.
     """
-    return _step(a)
+    return jnp.where(jnp.isnan(a), a, (a > 0).astype(a.dtype)), None
 
 
-step.rule = _step
+step = rule(_step_fwd, _zero_bwd)
 
 
-@jax.custom_vjp
-def _sign(a):
-    return jnp.sign(a)
-
-
-_sign.defvjp(_zero_grad_fwd(jnp.sign), _zero_grad_bwd)
-
-
-def sign(a):
-    """Sign g(a) = -1, 0 or +1.
+def _sign_fwd(a):
+    """Sign g(a) = -1, 0 or +1 (NaN stays NaN).
 
     Backward: delta = 0.  Like ``step`` its derivative is 0 almost everywhere, so
     backprop passes no gradient through it: the reason the notes prefer ReLU.
     """
-    return _sign(a)
+    return jnp.sign(a), None
 
 
-sign.rule = _sign
+sign = rule(_sign_fwd, _zero_bwd)
 
 
-# --- softmax -----------------------------------------------------------------
 def _softmax_fwd(a):
-    z = a - jnp.max(a, axis=-1, keepdims=True)   # shift: no overflow for |a| up to 1e4+
-    e = jnp.exp(z)
-    p = e / jnp.sum(e, axis=-1, keepdims=True)
-    return p, p
-
-
-def _softmax_bwd(p, grad_h):
-    delta = p * (grad_h - jnp.sum(grad_h * p, axis=-1, keepdims=True))   # J^T g = p (.) (g - <g, p>)
-    return (delta,)
-
-
-@jax.custom_vjp
-def _softmax(a):
-    return _softmax_fwd(a)[0]
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-def softmax(a):
     """Softmax over the last axis, p_i = e^{a_i} / sum_j e^{a_j}.
 
     Backward: the full Jacobian-vector product (dp_i/da_j = p_i ([i = j] - p_j)),
@@ -298,10 +179,17 @@ def softmax(a):
 
     computed in O(n) without forming the n x n Jacobian.
     """
-    return _softmax(a)
+    z = a - jnp.max(a, axis=-1, keepdims=True)   # shift: no overflow for |a| up to 1e4+
+    e = jnp.exp(z)
+    p = e / jnp.sum(e, axis=-1, keepdims=True)
+    return p, p
 
 
-softmax.rule = _softmax
+def _softmax_bwd(p, grad_h):
+    return (p * (grad_h - jnp.sum(grad_h * p, axis=-1, keepdims=True)),)   # J^T g = p (.) (g - <g, p>)
+
+
+softmax = rule(_softmax_fwd, _softmax_bwd)
 
 
 ACTIVATIONS = {

@@ -71,13 +71,13 @@ def backprop(params, x, d, *, activation=activations.relu, output=activations.id
         stored.append((rule_g, dense_res, act_res))
     y = h
     if loss_fn is losses.softmax_cross_entropy:
-        losses._check_softmax_cross_entropy_inputs(y, d, reduction)     # shape/label checks (trace time)
+        losses._check_softmax_cross_entropy_inputs(y, d, reduction=reduction)     # shape/label checks (trace time)
     else:
         losses._check_same_shape(loss_fn.__name__, y, d)
-    E, loss_res = rule_L.fwd(y, d, reduction)
+    E, loss_res = rule_L.fwd(y, d, reduction=reduction)
 
     # Backward pass: k = L ... 1.
-    grad_h = rule_L.bwd(reduction, loss_res, jnp.ones((), E.dtype))[0]   # grad_{h_L} E = grad_y L
+    grad_h = rule_L.bwd(loss_res, jnp.ones((), E.dtype), reduction=reduction)[0]   # grad_{h_L} E = grad_y L
     grads = [None] * len(params)
     for k in reversed(range(len(params))):
         rule_g, dense_res, act_res = stored[k]

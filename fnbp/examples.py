@@ -89,10 +89,10 @@ def skip_connection_backprop(params, x, d, *, activation=activations.relu, loss=
         loss_fn(y, d, reduction=reduction)                 # shape/label checks only (trace time)
     else:
         losses._check_same_shape(loss_fn.__name__, y, d)
-    E, res_L = rule_L.fwd(y, d, reduction)
+    E, res_L = rule_L.fwd(y, d, reduction=reduction)
 
     # Backward.
-    grad_y = rule_L.bwd(reduction, res_L, jnp.ones((), E.dtype))[0]
+    grad_y = rule_L.bwd(res_L, jnp.ones((), E.dtype), reduction=reduction)[0]
     # y = y3 + y4: the sum passes grad_y unchanged to both terms.
     gW_out, gb_out, grad_h2 = dense_backward(res_out, grad_y)
     gW_skip, gb_skip, grad_h1_from_skip = dense_backward(res_skip, grad_y)

@@ -11,9 +11,10 @@ batch x n_out x n_in tensor that is then summed.  ``jax.vmap`` is for what
 really is per example (per-example gradients), ensembles and sweeps; batches go
 through this matrix-form rule.
 """
-import jax
 import jax.numpy as jnp
 from jax import lax
+
+from .rules import rule
 
 __all__ = ["dense", "dense_forward", "dense_backward", "check_dense_shapes", "NARROW_GRAD_W"]
 
@@ -47,10 +48,20 @@ noise, slower at B = 2048), so they keep the in-place contraction.
 
 
 def dense_forward(W, b, h_prev):
-    """Forward: a = W h_prev + b, for h_prev of shape (..., n_in); returns (a, residuals).
+    """Dense layer a = W h_prev + b with the hand-derived backward rule.
 
-    For a mini-batch H (rows are examples) this is A = H W^T + b.  The residuals
-    (W, h_prev) are what the backward rule needs.
+    Args:
+      W: weights of shape (n_out, n_in); W[i, j] links input node j to output node i.
+      b: biases of shape (n_out,).
+      h_prev: the previous layer's output h_{k-1}, shape (n_in,) or (batch, n_in).
+
+    Returns a of shape (n_out,) or (batch, n_out) -- for a mini-batch H (rows are
+    examples) A = H W^T + b -- and, from ``dense.rule.fwd``, the residuals
+    (W, h_prev) that the backward needs.
+
+    Backward (``dense_backward``): grad_W = delta h^T (delta^T H on a batch),
+    grad_b = delta (summed over the batch), grad_h = W^T delta.
+    Raises ValueError at trace time when the shapes do not fit.
     """
     a = lax.dot_general(h_prev, W, (((h_prev.ndim - 1,), (1,)), ((), ()))) + b
     return a, (W, h_prev)
@@ -90,32 +101,4 @@ def dense_backward(residuals, delta):
     return grad_W, grad_b, grad_h
 
 
-@jax.custom_vjp
-def _dense(W, b, h):
-    return dense_forward(W, b, h)[0]
-
-
-_dense.defvjp(dense_forward, dense_backward)
-
-
-def dense(W, b, h):
-    """Dense layer a = W h + b with the hand-derived backward rule.
-
-    Args:
-      W: weights of shape (n_out, n_in); W[i, j] links input node j to output node i.
-      b: biases of shape (n_out,).
-      h: the previous layer's output h_{k-1}, shape (n_in,) or (batch, n_in).
-
-    Returns:
-      a of shape (n_out,) or (batch, n_out).
-
-    Backward (see ``dense_backward``): grad_W = delta h^T (delta^T H on a batch),
-    grad_b = delta (summed over the batch), grad_h = W^T delta.
-
-    Raises ValueError at trace time when the shapes do not fit.
-    """
-    check_dense_shapes(W, b, h)
-    return _dense(W, b, h)
-
-
-dense.rule = _dense
+dense = rule(dense_forward, dense_backward, name="dense", check=check_dense_shapes)

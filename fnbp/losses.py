@@ -10,9 +10,9 @@ is reduced with ``reduction``:
 
 For one example (``y`` of shape (n,)) both reductions give E_1.
 
-Each public loss carries its ``jax.custom_vjp`` rule as ``fn.rule`` with
-``fn.rule.fwd(y, d, reduction) -> (E, residuals)`` and
-``fn.rule.bwd(reduction, residuals, g) -> (grad_y, grad_d)``; the explicit
+Each public loss is a rule (``fnbp.rule``): ``fn.rule`` is the ``fnbp.Rule`` with
+``fn.rule.fwd(y, d, reduction=...) -> (E, residuals)`` and
+``fn.rule.bwd(residuals, g, reduction=...) -> (grad_y, grad_d)``; the explicit
 backprop loop starts from exactly that ``grad_y``.
 """
 import math
@@ -20,6 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .rules import rule
 
 __all__ = ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
            "LOSSES"]
@@ -57,134 +59,84 @@ def _n_components(shape):
     return shape[-1] if len(shape) else 1
 
 
+def _check_regression(y, d, *, reduction="mean", name):
+    _check_reduction(name, reduction)
+    _check_same_shape(name, y, d)
+
+
+def _checker(name):
+    return lambda y, d, *, reduction: _check_regression(y, d, reduction=reduction, name=name)
+
+
 # --- 1/2 ||y - d||^2 ---------------------------------------------------------
-def _half_sse_fwd(y, d, reduction):
+def _half_sse_fwd(y, d, *, reduction="mean"):
+    """Half squared error E = 1/2 ||y - d||^2 per example.  grad_y E = y - d."""
     r = y - d
     return _reduce(0.5 * _components(r * r), reduction), r
 
 
-def _half_sse_bwd(reduction, r, g):
+def _half_sse_bwd(r, g, *, reduction):
     grad_y = g * _batch_scale(r.shape, reduction) * r          # grad_y E = y - d
     return grad_y, -grad_y
 
 
-_half_sse = jax.custom_vjp(lambda y, d, reduction: _half_sse_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
-_half_sse.defvjp(_half_sse_fwd, _half_sse_bwd)
-
-
-def half_sse(y, d, *, reduction="mean"):
-    """Half squared error E = 1/2 ||y - d||^2 per example.  grad_y E = y - d."""
-    _check_reduction("half_sse", reduction)
-    _check_same_shape("half_sse", y, d)
-    return _half_sse(y, d, reduction)
-
-
-half_sse.rule = _half_sse
+half_sse = rule(_half_sse_fwd, _half_sse_bwd, check=_checker("half_sse"))
 
 
 # --- (y - d)^2 ---------------------------------------------------------------
-def _sse_fwd(y, d, reduction):
+def _sse_fwd(y, d, *, reduction="mean"):
+    """Squared error E = ||y - d||^2 = sum_i (y_i - d_i)^2 per example (the notes' single-neuron
+    chain (a - y)^2).  grad_y E = 2 (y - d)."""
     r = y - d
     return _reduce(_components(r * r), reduction), r
 
 
-def _sse_bwd(reduction, r, g):
+def _sse_bwd(r, g, *, reduction):
     grad_y = g * _batch_scale(r.shape, reduction) * 2 * r      # grad_y E = 2 (y - d)
     return grad_y, -grad_y
 
 
-_sse = jax.custom_vjp(lambda y, d, reduction: _sse_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
-_sse.defvjp(_sse_fwd, _sse_bwd)
-
-
-def sse(y, d, *, reduction="mean"):
-    """Squared error E = ||y - d||^2 = sum_i (y_i - d_i)^2 per example (the notes' single-neuron
-    chain (a - y)^2).  grad_y E = 2 (y - d)."""
-    _check_reduction("sse", reduction)
-    _check_same_shape("sse", y, d)
-    return _sse(y, d, reduction)
-
-
-sse.rule = _sse
+sse = rule(_sse_fwd, _sse_bwd, check=_checker("sse"))
 
 
 # --- mean squared error --------------------------------------------------------
-def _mse_fwd(y, d, reduction):
-    r = y - d
-    return _reduce(_components(r * r) / _n_components(r.shape), reduction), r
-
-
-def _mse_bwd(reduction, r, g):
-    grad_y = g * _batch_scale(r.shape, reduction) * 2 * r / _n_components(r.shape)   # grad_y E = 2 (y - d) / n
-    return grad_y, -grad_y
-
-
-_mse = jax.custom_vjp(lambda y, d, reduction: _mse_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
-_mse.defvjp(_mse_fwd, _mse_bwd)
-
-
-def mse(y, d, *, reduction="mean"):
+def _mse_fwd(y, d, *, reduction="mean"):
     """Mean squared error E = (1/n) sum_i (y_i - d_i)^2 per example (n outputs).  grad_y E = 2 (y - d) / n.
 
     With reduction='mean' this is the mean over every element.  (The notes' MSE example,
     u = (1, 0), y = (0.8, 0.5) -> 0.145, is this mean over its 2 outputs; the notes'
     general definition 1/(2N) sum sum (y - d)^2 is ``half_sse`` with reduction='mean'.)
     """
-    _check_reduction("mse", reduction)
-    _check_same_shape("mse", y, d)
-    return _mse(y, d, reduction)
+    r = y - d
+    return _reduce(_components(r * r) / _n_components(r.shape), reduction), r
 
 
-mse.rule = _mse
+def _mse_bwd(r, g, *, reduction):
+    grad_y = g * _batch_scale(r.shape, reduction) * 2 * r / _n_components(r.shape)   # grad_y E = 2 (y - d) / n
+    return grad_y, -grad_y
+
+
+mse = rule(_mse_fwd, _mse_bwd, check=_checker("mse"))
 
 
 # --- mean absolute error -------------------------------------------------------
-def _mae_fwd(y, d, reduction):
+def _mae_fwd(y, d, *, reduction="mean"):
+    """Mean absolute error E = (1/n) sum_i |y_i - d_i| per example.  grad_y E = sign(y - d) / n
+    (0 where y = d, the subgradient JAX also picks)."""
     r = y - d
     return _reduce(_components(jnp.abs(r)) / _n_components(r.shape), reduction), r
 
 
-def _mae_bwd(reduction, r, g):
+def _mae_bwd(r, g, *, reduction):
     grad_y = g * _batch_scale(r.shape, reduction) * jnp.sign(r) / _n_components(r.shape)  # sign(y - d) / n
     return grad_y, -grad_y
 
 
-_mae = jax.custom_vjp(lambda y, d, reduction: _mae_fwd(y, d, reduction)[0], nondiff_argnums=(2,))
-_mae.defvjp(_mae_fwd, _mae_bwd)
-
-
-def mae(y, d, *, reduction="mean"):
-    """Mean absolute error E = (1/n) sum_i |y_i - d_i| per example.  grad_y E = sign(y - d) / n
-    (0 where y = d, the subgradient JAX also picks)."""
-    _check_reduction("mae", reduction)
-    _check_same_shape("mae", y, d)
-    return _mae(y, d, reduction)
-
-
-mae.rule = _mae
+mae = rule(_mae_fwd, _mae_bwd, check=_checker("mae"))
 
 
 # --- cross-entropy on probabilities ------------------------------------------
-def _cross_entropy_fwd(p, d, reduction):
-    log_p = jnp.log(p)
-    d_log_p = jnp.where(d == 0, 0, d * log_p)            # 0 log 0 = 0
-    return _reduce(-_components(d_log_p), reduction), (p, d, log_p)
-
-
-def _cross_entropy_bwd(reduction, res, g):
-    p, d, log_p = res
-    scale = g * _batch_scale(p.shape, reduction)
-    grad_p = scale * jnp.where(d == 0, 0, -d / p)        # grad_p E = -d / p
-    grad_d = scale * -log_p                              # grad_d E = -log p
-    return grad_p, grad_d
-
-
-_cross_entropy = jax.custom_vjp(lambda p, d, reduction: _cross_entropy_fwd(p, d, reduction)[0],
-                                nondiff_argnums=(2,))
-_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
-def cross_entropy(p, d, *, reduction="mean"):
+def _cross_entropy_fwd(p, d, *, reduction="mean"):
     """Cross-entropy on probabilities (after a softmax layer): E = -sum_i d_i log p_i.
 
     ``d`` is one-hot or a probability vector, same shape as ``p``.
@@ -192,37 +144,60 @@ def cross_entropy(p, d, *, reduction="mean"):
     ``fnbp.softmax`` this gives delta = p - d at the logits, as the notes show;
     ``softmax_cross_entropy`` computes that fused and stably.
     """
-    _check_reduction("cross_entropy", reduction)
-    _check_same_shape("cross_entropy", p, d)
-    return _cross_entropy(p, d, reduction)
+    log_p = jnp.log(p)
+    d_log_p = jnp.where(d == 0, 0, d * log_p)            # 0 log 0 = 0
+    return _reduce(-_components(d_log_p), reduction), (p, d, log_p)
 
 
-cross_entropy.rule = _cross_entropy
+def _cross_entropy_bwd(res, g, *, reduction):
+    p, d, log_p = res
+    scale = g * _batch_scale(p.shape, reduction)
+    grad_p = scale * jnp.where(d == 0, 0, -d / p)        # grad_p E = -d / p
+    grad_d = scale * -log_p                              # grad_d E = -log p
+    return grad_p, grad_d
+
+
+cross_entropy = rule(_cross_entropy_fwd, _cross_entropy_bwd, check=_checker("cross_entropy"))
 
 
 # --- softmax cross-entropy on logits -----------------------------------------
-def _softmax_cross_entropy_fwd(logits, labels, reduction):
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    z = logits - m
+def _softmax_cross_entropy_fwd(logits, labels, *, reduction="mean"):
+    """Softmax cross-entropy on logits with integer labels (PyTorch's ``cross_entropy`` convention).
+
+    E_n = -log softmax(y_n)[d_n] = logsumexp(y_n) - y_n[d_n], computed through
+    log-sum-exp with the max subtracted (stable for |y| up to 1e4 and beyond).
+    Backward (fused): grad_y E = softmax(y) - onehot(d).
+
+    Args:
+      logits: (n_classes,) or (batch, n_classes).
+      labels: integer class indices, shape () or (batch,).  An ordinary
+        argument whose cotangent is None.
+
+    Labels out of range [0, n_classes) raise ValueError when the function is
+    called outside ``jit`` on concrete arrays.  Inside ``jit`` (or ``vmap``)
+    labels are not inspected (no host round-trip); an out-of-range label makes
+    that example's loss NaN *and* its gradient row NaN, so the loss and its
+    gradient agree and training stops at the first non-finite loss.
+    """
+    labels = jnp.asarray(labels).astype(jnp.int32)
+    n_classes = logits.shape[-1]
+    z = logits - jnp.max(logits, axis=-1, keepdims=True)
     log_sum_exp = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
-    z_label = jnp.take_along_axis(z, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    z_label = jnp.take_along_axis(z, jnp.clip(labels, 0, n_classes - 1)[..., None], axis=-1)[..., 0]
+    valid = (labels >= 0) & (labels < n_classes)
+    E_n = jnp.where(valid, log_sum_exp - z_label, jnp.nan)
     p = jnp.exp(z - log_sum_exp[..., None])               # softmax(logits), kept for the backward
-    return _reduce(log_sum_exp - z_label, reduction), (p, labels)
+    return _reduce(E_n, reduction), (p, labels, valid)
 
 
-def _softmax_cross_entropy_bwd(reduction, res, g):
-    p, labels = res
+def _softmax_cross_entropy_bwd(res, g, *, reduction):
+    p, labels, valid = res
     onehot = jax.nn.one_hot(labels, p.shape[-1], dtype=p.dtype)
-    grad_logits = g * _batch_scale(p.shape, reduction) * (p - onehot)   # softmax(y) - onehot(d)
-    return grad_logits, None                              # integer labels: no cotangent
+    delta = jnp.where(valid[..., None], p - onehot, jnp.nan)            # softmax(y) - onehot(d)
+    return g * _batch_scale(p.shape, reduction) * delta, None          # integer labels: no cotangent
 
 
-_softmax_cross_entropy = jax.custom_vjp(
-    lambda y, labels, reduction: _softmax_cross_entropy_fwd(y, labels, reduction)[0], nondiff_argnums=(2,))
-_softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
-
-
-def _check_softmax_cross_entropy_inputs(logits, labels, reduction):
+def _check_softmax_cross_entropy_inputs(logits, labels, *, reduction="mean"):
     """Shapes, label dtype and (outside jit) label range; raises ValueError."""
     _check_reduction("softmax_cross_entropy", reduction)
     logits_shape, labels_shape = jnp.shape(logits), jnp.shape(labels)
@@ -239,32 +214,8 @@ def _check_softmax_cross_entropy_inputs(logits, labels, reduction):
                              f"for {logits_shape[-1]} classes, got values in [{lab.min()}, {lab.max()}]")
 
 
-def softmax_cross_entropy(logits, labels, *, reduction="mean"):
-    """Softmax cross-entropy on logits with integer labels (PyTorch's ``cross_entropy`` convention).
-
-    E_n = -log softmax(y_n)[d_n] = logsumexp(y_n) - y_n[d_n], computed through
-    log-sum-exp with the max subtracted (stable for |y| up to 1e4 and beyond).
-    Backward (fused): grad_y E = softmax(y) - onehot(d).
-
-    Args:
-      logits: (n_classes,) or (batch, n_classes).
-      labels: integer class indices, shape () or (batch,).  An ordinary
-        argument whose cotangent is None.
-
-    Labels out of range [0, n_classes) raise ValueError when the function is
-    called outside ``jit`` on concrete arrays.  Inside ``jit`` (or ``vmap``)
-    labels are not inspected (no host round-trip) and nothing is raised: a label
-    >= n_classes (or < -n_classes) makes that example's loss NaN
-    (``take_along_axis`` fills out-of-bounds gathers with NaN), one in
-    [-n_classes, 0) wraps around as in Python indexing, and the backward uses a
-    zero one-hot row for any of them, so the gradient is silently wrong --
-    validate labels before training, as ``fnbp.data`` does.
-    """
-    _check_softmax_cross_entropy_inputs(logits, labels, reduction)
-    return _softmax_cross_entropy(logits, jnp.asarray(labels), reduction)   # a Python int label works too
-
-
-softmax_cross_entropy.rule = _softmax_cross_entropy
+softmax_cross_entropy = rule(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd,
+                             check=_check_softmax_cross_entropy_inputs)
 
 
 def _concrete(x):
@@ -287,6 +238,12 @@ def _omega(params):
 
 
 def _l2_penalty_fwd(params, lam):
+    """L2 penalty lambda Omega(theta), Omega = 1/2 sum_k ||W_k||^2 over the weights only.
+
+    "Weights" are the leaves stored under the key ``"W"`` (biases ``"b"`` and
+    anything else are not penalised).  Backward: grad_W = lambda W, grad_b = 0,
+    grad_lambda = Omega.  Add it to a data loss: J = L + lambda Omega.
+    """
     omega = _omega(params)
     return lam * omega, (params, lam, omega)
 
@@ -298,21 +255,7 @@ def _l2_penalty_bwd(res, g):
     return grads, g * omega
 
 
-_l2_penalty = jax.custom_vjp(lambda params, lam: _l2_penalty_fwd(params, lam)[0])
-_l2_penalty.defvjp(_l2_penalty_fwd, _l2_penalty_bwd)
-
-
-def l2_penalty(params, lam):
-    """L2 penalty lambda Omega(theta), Omega = 1/2 sum_k ||W_k||^2 over the weights only.
-
-    "Weights" are the leaves stored under the key ``"W"`` (biases ``"b"`` and
-    anything else are not penalised).  Backward: grad_W = lambda W, grad_b = 0,
-    grad_lambda = Omega.  Add it to a data loss: J = L + lambda Omega.
-    """
-    return _l2_penalty(params, lam)
-
-
-l2_penalty.rule = _l2_penalty
+l2_penalty = rule(_l2_penalty_fwd, _l2_penalty_bwd)
 
 
 LOSSES = {"half_sse": half_sse, "sse": sse, "mse": mse, "mae": mae, "cross_entropy": cross_entropy,

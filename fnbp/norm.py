@@ -25,11 +25,20 @@ energy" -- is unchanged and inference is the identity.
 import jax
 import jax.numpy as jnp
 
+from .rules import rule
+
 __all__ = ["batch_norm", "batch_norm_train", "batch_norm_eval", "init_batch_norm_state", "dropout"]
 
 
 # --- batch norm --------------------------------------------------------------
-def _batch_norm_fwd(x, gamma, beta, eps):
+def _batch_norm_fwd(x, gamma, beta, *, eps=1e-5):
+    """Training-mode batch norm y = gamma x_hat + beta over the batch axis of x (B, n).
+
+    Backward (hand-derived; g = grad_y E, g^ = gamma g, sums/means over the batch):
+        grad_gamma E = sum_n g_n x_hat_n
+        grad_beta  E = sum_n g_n
+        grad_x     E = 1/sqrt(sigma^2 + eps) (g^ - mean(g^) - x_hat mean(g^ x_hat))
+    """
     mu = jnp.mean(x, axis=0)
     var = jnp.mean(jnp.square(x - mu), axis=0)              # biased variance
     inv_std = 1.0 / jnp.sqrt(var + eps)
@@ -38,7 +47,7 @@ def _batch_norm_fwd(x, gamma, beta, eps):
     return y, (x_hat, inv_std, gamma)
 
 
-def _batch_norm_bwd(eps, res, grad_y):
+def _batch_norm_bwd(res, grad_y, *, eps):
     x_hat, inv_std, gamma = res
     grad_gamma = jnp.sum(grad_y * x_hat, axis=0)             # dE/dgamma = sum_n g_n x_hat_n
     grad_beta = jnp.sum(grad_y, axis=0)                      # dE/dbeta  = sum_n g_n
@@ -49,19 +58,7 @@ def _batch_norm_bwd(eps, res, grad_y):
     return grad_x, grad_gamma, grad_beta
 
 
-_batch_norm = jax.custom_vjp(lambda x, gamma, beta, eps: _batch_norm_fwd(x, gamma, beta, eps)[0],
-                             nondiff_argnums=(3,))
-_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
-
-
-def batch_norm(x, gamma, beta, *, eps=1e-5):
-    """Training-mode batch norm y = gamma x_hat + beta over the batch axis of x (B, n).
-
-    Backward (hand-derived; g = grad_y E, g^ = gamma g, sums/means over the batch):
-        grad_gamma E = sum_n g_n x_hat_n
-        grad_beta  E = sum_n g_n
-        grad_x     E = 1/sqrt(sigma^2 + eps) (g^ - mean(g^) - x_hat mean(g^ x_hat))
-    """
+def _check_batch_norm(x, gamma, beta, *, eps):
     if jnp.ndim(x) != 2:
         raise ValueError(f"fnbp.norm.batch_norm: x must be a mini-batch of shape (batch, n), got {jnp.shape(x)}")
     n = jnp.shape(x)[1]
@@ -69,10 +66,9 @@ def batch_norm(x, gamma, beta, *, eps=1e-5):
         if jnp.shape(v) != (n,):
             raise ValueError(f"fnbp.norm.batch_norm: {name} must have shape ({n},) to match x of shape "
                              f"{jnp.shape(x)}, got {jnp.shape(v)}")
-    return _batch_norm(x, gamma, beta, eps)
 
 
-batch_norm.rule = _batch_norm
+batch_norm = rule(_batch_norm_fwd, _batch_norm_bwd, name="batch_norm", check=_check_batch_norm)
 
 
 def init_batch_norm_state(n, dtype=jnp.float32):
@@ -121,6 +117,7 @@ def batch_norm_eval(x, gamma, beta, running, *, eps=1e-5):
 
 # --- dropout -----------------------------------------------------------------
 def _dropout_fwd(x, p, key):
+    """Inverted dropout with the mask drawn from ``key`` (see ``dropout``).  Backward: grad_x = grad_y m / (1 - p)."""
     keep = jax.random.bernoulli(key, 1.0 - p, jnp.shape(x))
     scale = 1.0 / (1.0 - p)                                  # inverted dropout: E[y] = x
     return jnp.where(keep, x * scale, 0).astype(x.dtype), (keep, scale)
@@ -132,8 +129,7 @@ def _dropout_bwd(res, grad_y):
     return grad_x, None, None
 
 
-_dropout = jax.custom_vjp(lambda x, p, key: _dropout_fwd(x, p, key)[0])
-_dropout.defvjp(_dropout_fwd, _dropout_bwd)
+_dropout = rule(_dropout_fwd, _dropout_bwd, name="dropout")
 
 
 def dropout(x, p, key, *, train=True):
@@ -154,4 +150,4 @@ def dropout(x, p, key, *, train=True):
     return _dropout(x, p, key)
 
 
-dropout.rule = _dropout
+dropout.rule = _dropout.rule

@@ -202,15 +202,16 @@ def _custom_vjp_rules():
     return rules
 
 
-def test_nothing_but_the_reduction_string_is_a_nondiff_argument():
+def test_nothing_but_the_reduction_string_is_a_static_option():
+    """Keyword-only parameters of a rule's fwd are its static options; everything else is traced."""
     rules = _custom_vjp_rules()
     for name, rule in rules.items():
-        assert isinstance(rule, jax.custom_vjp), name
-        params = list(inspect.signature(rule.fun).parameters)
-        nondiff = [params[i] for i in rule.nondiff_argnums]
-        assert nondiff == (["reduction"] if name in losses.LOSSES else []), (name, nondiff)
+        assert isinstance(rule, fnbp.Rule), name
+        params = inspect.signature(rule.fwd).parameters.values()
+        static = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+        assert static == (["reduction"] if name in losses.LOSSES else []), (name, static)
     sce = rules["softmax_cross_entropy"]
-    assert list(inspect.signature(sce.fun).parameters)[1] == "labels" and 1 not in sce.nondiff_argnums
+    assert list(inspect.signature(sce.fwd).parameters)[1] == "labels"
 
 
 # --- errors at trace time ------------------------------------------------------------------------------
@@ -261,17 +262,21 @@ def test_labels_out_of_range_raise_outside_jit():
         losses.softmax_cross_entropy(np.zeros(3), 3)
 
 
-def test_labels_out_of_range_inside_jit_as_documented():
-    """Inside jit nothing is raised: a label >= n_classes gives a NaN loss, and the backward uses a
-    zero one-hot row (its gradient row is softmax(y) / M), as the docstring says."""
-    logits = np.array([[1.0, 2.0, 0.5], [0.1, -1.0, 2.0]])
-    labels = np.array([0, 3])
-    loss = jax.jit(losses.softmax_cross_entropy)(logits, labels)
-    assert np.isnan(loss)
-    g = jax.jit(jax.grad(losses.softmax_cross_entropy))(logits, labels)
-    np.testing.assert_allclose(g, (_np_softmax(logits) - np.array([[1, 0, 0], [0, 0, 0]])) / 2, rtol=1e-13)
-    per_example = jax.jit(jax.vmap(losses.softmax_cross_entropy))(logits, labels)
-    assert np.isfinite(per_example[0]) and np.isnan(per_example[1])
+def test_labels_out_of_range_inside_jit_loss_and_gradient_agree():
+    """Inside jit nothing is raised: a label outside [0, n_classes) -- too large or negative -- makes that
+    example's loss NaN and its gradient row NaN (loss and gradient agree: training stops on it), while the
+    other examples' rows stay exact softmax(y) - onehot(d) over M."""
+    logits = np.array([[1.0, 2.0, 0.5], [0.1, -1.0, 2.0], [0.3, 0.2, 0.1]])
+    for bad in (3, -1):
+        labels = np.array([0, bad, 2])
+        loss = jax.jit(losses.softmax_cross_entropy)(logits, labels)
+        assert np.isnan(loss)
+        g = np.asarray(jax.jit(jax.grad(losses.softmax_cross_entropy))(logits, labels))
+        assert np.isnan(g[1]).all()
+        want = (_np_softmax(logits) - np.eye(3)[[0, 0, 2]]) / 3
+        np.testing.assert_allclose(g[[0, 2]], want[[0, 2]], rtol=1e-13)
+        per_example = jax.jit(jax.vmap(losses.softmax_cross_entropy))(logits, labels)
+        assert np.isfinite(per_example[0]) and np.isnan(per_example[1]) and np.isfinite(per_example[2])
 
 
 # --- float32 stability ---------------------------------------------------------------------------------
