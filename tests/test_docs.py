@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["activations", "layers", "losses", "norm", "reference", "crosscheck", "mlp", "backprop", "optim", "train",
+MODULES = ["rules", "activations", "layers", "losses", "norm", "reference", "crosscheck", "mlp", "backprop", "optim", "train",
            "data", "checkpoint", "parallel", "perceptron", "examples"]
 
 
@@ -86,16 +86,19 @@ def test_transforms_page_claims_hold(tmp_path):
     assert _run(code, tmp_path) == expected
 
 
-def test_index_example_runs(tmp_path):
+def test_index_example_is_the_readme_example():
+    """The home page's example is line for line part of the README's first block, which
+    tests/test_readme.py runs as pasted (so it is not run a second time here)."""
     (code, _), = _blocks((ROOT / "docs" / "index.md").read_text())
-    assert _run(code + "\nprint(float(E) > 0, sorted(grads[0]))\n", tmp_path).endswith("True ['W', 'b']\n")
+    readme_block = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    readme_lines = set(readme_block.splitlines())
+    assert "fnbp.backprop(" in code
+    for line in code.splitlines():
+        assert line in readme_lines, line
 
 
 def test_notebooks_page_rule_example(tmp_path):
     """The page's own fnbp.rule example prints True (our rule agrees with autodiff and differences)."""
-    import fnbp
-    if not hasattr(fnbp, "rule"):
-        pytest.xfail("TODO(integrator): fnbp.rule is not on this branch yet (RULE_API.md); remove once merged")
     (code, _), = _blocks((ROOT / "docs" / "notebooks.md").read_text())
     assert _run(code, tmp_path).strip() == "True"
 
@@ -109,8 +112,6 @@ def test_docs_name_only_existing_paths_and_functions():
         for dotted in set(re.findall(r"`(fnbp(?:\.\w+)+)", text)):
             obj = fnbp
             for part in dotted.split(".")[1:]:
-                if part == "rule" and not hasattr(fnbp, "rule"):
-                    break                                                # lands with RULE_API.md
                 assert hasattr(obj, part), f"{page}: {dotted}"
                 obj = getattr(obj, part)
         for path in set(re.findall(r"`((?:notebooks|docs|experiments|tests)/[\w/.-]+)`", text)):

@@ -10,14 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-import fnbp
-
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
-
-needs_rule = pytest.mark.skipif(not hasattr(fnbp, "rule"),
-                                reason="TODO(integrator): fnbp.rule (RULE_API.md) not merged into this branch yet")
-
 
 def _execute(nb, tmp_path, monkeypatch):
     path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -42,7 +36,6 @@ def test_notebooks_are_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip the outputs"
 
 
-@needs_rule
 def test_tutorial(tmp_path, monkeypatch):
     out = _stdout(_execute(nbformat.read(NB / "tutorial.ipynb", as_version=4), tmp_path, monkeypatch))
     # log(xy): dw/dx = 1/x = 0.5, dw/dy = 1/y at x = 2, y = 3, through the rules and by hand
@@ -89,14 +82,12 @@ def _grades(out):
     return dict(re.findall(r"^(\w+): (ok|NOT ok) \(", out, re.M))
 
 
-@needs_rule
 def test_exercises_blank_are_graded_not_ok(tmp_path, monkeypatch):
     out = _stdout(_execute(nbformat.read(NB / "exercises.ipynb", as_version=4), tmp_path, monkeypatch))
     assert _grades(out) == {"sigmoid": "NOT ok", "tanh": "NOT ok", "dense": "NOT ok"}, out
     assert "score: 0/3" in out
 
 
-@needs_rule
 def test_exercises_with_solutions_are_graded_ok(tmp_path, monkeypatch):
     nb = nbformat.read(NB / "exercises.ipynb", as_version=4)
     solutions = _solutions()

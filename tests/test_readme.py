@@ -107,3 +107,28 @@ def test_readme_names_the_lecture_notes():
     assert "five sets of university lecture notes on backpropagation" in README
     for topic in ["log(xy)", "784-512-512-10", "AdaGrad", "batch norm"]:
         assert topic in README.split("## Set-up")[0], topic
+
+
+def test_equations_table_names_existing_functions():
+    """Every function the equations table names (`fnbp.x`, `fnbp.mod.x`, and the `_<name>` rules in
+    parentheses, looked up in the row's module) exists."""
+    import importlib
+
+    import fnbp
+    table = README.split("[start:equations]")[1].split("[end:equations]")[0]
+    for row in table.splitlines():
+        if not row.startswith("|") or "---" in row:
+            continue
+        cell = row.split("|")[2]
+        dotted = re.findall(r"`(fnbp(?:\.\w+)+)`", cell)
+        for name in dotted:
+            obj = fnbp
+            for part in name.split(".")[1:]:
+                assert hasattr(obj, part), name
+                obj = getattr(obj, part)
+        privates = re.findall(r"`(_\w+)`", cell)
+        if privates:
+            module = importlib.import_module(dotted[0].rsplit(".", 1)[0] if dotted[0].count(".") > 1
+                                             else "fnbp.activations")
+            for name in privates:
+                assert hasattr(module, name), (name, module.__name__)
