@@ -93,8 +93,9 @@ def batch_norm_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5, unbiase
     """
     batch = jnp.shape(x)[0] if jnp.ndim(x) == 2 else 0
     if unbiased_running_var and batch == 1:
-        raise ValueError("fnbp.norm.batch_norm_train: the unbiased running variance needs a batch of at least 2 "
-                         "examples, got x of shape (1, n); pass unbiased_running_var=False for B = 1")
+        raise ValueError(f"fnbp.norm.batch_norm_train: training-mode batch norm needs a (micro-)batch of at least 2 "
+                         f"examples for the unbiased running variance (PyTorch refuses B = 1 too), got x of shape "
+                         f"{jnp.shape(x)}; use a larger batch, or unbiased_running_var=False")
     y = batch_norm(x, gamma, beta, eps=eps)
     x = jax.lax.stop_gradient(x)
     mu = jnp.mean(x, axis=0)
