@@ -1,76 +1,36 @@
-"""Data-parallel training over several devices with JAX's own sharding (GSPMD).
+"""Data-parallel training on JAX's own engine: meshes (Explicit or Auto), and several processes.
 
 Use::
 
-    mesh = fnbp.parallel.make_mesh()          # all visible devices; None when there is only one
+    mesh = fnbp.parallel.make_mesh()          # all visible devices (Explicit axis "data"); None if only one
+    mesh = jax.make_mesh((8,), ("data",))     # or a user's own mesh, Explicit or Auto axes
     result = fnbp.train.train(params, opt, data, key=key, epochs=10, batch_size=256, mesh=mesh)
 
 What happens (``fnbp.train.train`` calls :func:`place`, then jit-compiles one
-epoch as before):
+epoch as before): parameters, optimizer state, batch-norm statistics and the
+training set are replicated (``NamedSharding(mesh, P())``); inside the jitted
+``lax.scan`` epoch each gathered mini-batch is split along its batch axis
+(:func:`shard_batch`: ``reshard`` on an Explicit axis, ``with_sharding_constraint``
+on an Auto one), B / N examples per device.  The step is the single-device
+step, unchanged: XLA inserts the all-reduce of the weight gradient delta^T H
+(a contraction over the sharded batch axis), of the bias gradients and loss,
+and of batch norm's batch means (so the statistics are those of the global
+batch, as on one device).  The rules return cotangents of their primal's type
+on any mesh and inside ``shard_map`` (``fnbp.rules.as_cotangent``).  N devices
+reproduce one device up to floating-point summation order; dropout masks are
+the same (``jax_threefry_partitionable``).
 
-* a one-axis ``jax.sharding.Mesh`` named ``"data"`` over N devices;
-* parameters, optimizer state and batch-norm running statistics are
-  *replicated*: ``NamedSharding(mesh, P())``, every device holds a full copy;
-* the training set is replicated as well (the epoch's permutation gathers each
-  mini-batch from it inside the compiled epoch; fine for data that fits in
-  every device's memory);
-* inside the jitted ``lax.scan`` epoch each gathered mini-batch is constrained
-  with ``jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P("data")))``:
-  its B examples are split along the batch axis, B / N per device.
+``batch_size`` is the *global* batch B, divisible by the devices along the
+batch axis (checked by :func:`place` before anything compiles).
 
-Why jit + sharding constraints and no hand-written collectives: the step is
-the single-device step, unchanged.  XLA's SPMD partitioner (GSPMD) sees that
-the batch axis is split and inserts the communication itself: the weight
-gradient ``grad_W E = sum_n delta_n h_n^T`` (delta^T H, a contraction over the
-batch axis) becomes a per-device partial sum followed by an **all-reduce**, as
-do the loss and the bias gradients; the optimizer update then runs, replicated,
-on identical gradients, so the replicas never drift apart.  Batch norm's means
-over axis 0 (``fnbp.norm``: the batch mean and biased variance, and the means
-in its backward rule) are reductions over the sharded axis too, so they also
-become cross-device all-reduces: in training mode the batch statistics -- and
-hence the running statistics -- are those of the *global* batch, exactly as on
-one device (``tests/test_parallel.py`` checks this against a one-device run).
-The same code runs on 1 or N devices, and N devices reproduce the one-device
-run up to floating-point summation order.  Dropout masks are the same too
-(``jax_threefry_partitionable``, JAX's default, makes random bits independent
-of the sharding).
-
-The alternative -- ``jax.shard_map`` over the per-device shard with an explicit
-``jax.lax.psum(grads, "data")`` (and ``psum``/``pmean`` inside batch norm for
-global statistics) -- is not needed here: it would duplicate the step, and
-forgetting one ``psum`` (e.g. in batch norm) silently gives per-device
-statistics.
-
-Batch size.  ``batch_size`` is the *global* batch B: every optimizer step uses
-B examples in total, B / N per device, and must be divisible by N (checked by
-:func:`place` before anything compiles).  With ``accumulate = m`` the step
-splits B into m micro-batches; keep B / m divisible by N as well, or XLA has to
-reshuffle micro-batches between devices (still correct, slower).
-
-Multi-host (several machines, each with its own devices) -- UNTESTED here
-----------------------------------------------------------------------------
-Run the same program, with the same arguments and the same ``key``, on every
-host, and call ``jax.distributed.initialize`` on every host before anything
-else touches JAX::
-
-    import jax
-    jax.distributed.initialize(coordinator_address="10.0.0.1:1234",   # host 0's address, a free port
-                               num_processes=4,                       # number of hosts (processes)
-                               process_id=i)                          # 0 .. num_processes-1, one per host
-    mesh = fnbp.parallel.make_mesh()     # now spans jax.devices(): every device of every host
-
-(On Cloud TPU, SLURM or Open MPI, ``jax.distributed.initialize()`` with no
-arguments detects all three; elsewhere the environment variables
-``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
-supply them.)  The mesh then covers all D = sum over hosts of the local device
-counts; the global batch B is split over all D devices, so each host's devices
-take B / D examples each (B * local_devices / D per host) per step, and B must
-be divisible by D.  Every host loads the full dataset (:func:`place` builds the
-replicated arrays from each process's own copy, which must be identical);
-because the key is the same on every host, the epoch's permutation and hence
-each step's global batch are identical everywhere, and each device reads its
-own slice.  Gradients are all-reduced over all devices of all hosts by the same
-compiled program.  See ``docs/multihost.md``.
+Several processes (``jax.distributed``): call :func:`initialize` first in every
+process (``fnbp train --coordinator HOST:PORT --num-processes N --process-id I``,
+or ``--distributed`` for cluster auto-detection), with the same program,
+arguments, data and key everywhere; :func:`make_mesh` then spans every device
+of every process, each process fills its own devices from its identical host
+copy (:func:`replicate`), each device gathers its slice of every global batch,
+and only process 0 (:func:`is_main_process`) writes.  On CPU the collectives
+run over gloo.  See ``docs/multihost.md`` (tested by ``tests/test_multiprocess.py``).
 """
 
 import jax
@@ -78,7 +38,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXIS", "make_mesh", "place", "check_batch_size", "replicate", "batch_sharding", "batch_axis",
-           "shard_batch", "initialize", "is_main_process"]
+           "shard_batch", "initialize", "is_main_process", "add_cli_arguments", "initialize_from_args"]
 
 AXIS = "data"
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}

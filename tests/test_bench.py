@@ -325,6 +325,12 @@ def test_quick_run_other_cases(quick_run):
     (row,) = sim["rows"]
     assert row["batch_size"] == TINY_B and _pos(row["ratio_dp_to_one_device"])
     assert row["data_parallel"]["all_reduces"] >= 1 and row["one_device"]["all_reduces"] == 0
+    mp = r["multiprocess"]                                # 2 processes x 2 devices (jax.distributed, gloo)
+    assert mp["status"] == "ok", mp["status"]
+    (row,) = mp["rows"]
+    assert (row["processes"], row["devices"], row["batch_size"]) == (2, 4, TINY_B)
+    assert _pos(row["ratio_mp_to_one_device"]) and row["multi_process"]["n_samples"] == 5
+    assert row["multi_process"]["all_reduces"] >= 1 and row["one_device"]["all_reduces"] == 0
 
 
 def test_quick_run_markdown_is_the_renderer_of_its_json(quick_run):
@@ -332,7 +338,8 @@ def test_quick_run_markdown_is_the_renderer_of_its_json(quick_run):
     assert md == report.render_markdown(r)
     assert md.startswith("# Benchmark") and "Quick mode" in md
     for fragment in ("## Machine", "## One training step", "### Targets", "## Optimizer update alone",
-                     "## Per-example gradients", "## Data parallel", r["machine"]["versions"]["jax"]):
+                     "## Per-example gradients", "## Data parallel", "## Data parallel over processes",
+                     r["machine"]["versions"]["jax"]):
         assert fragment in md, fragment
     assert "fnbp autodiff" in stdout and "peer (jax+optax)" in stdout
 

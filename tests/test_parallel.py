@@ -248,3 +248,43 @@ def test_make_mesh_validation():
     assert parallel.make_mesh(1) is None
     mesh = parallel.make_mesh()
     assert (mesh is None) == (n == 1)
+
+
+def test_make_mesh_axis_types_and_batch_axis():
+    from jax.sharding import AxisType, Mesh
+    import numpy as np
+    with pytest.raises(ValueError, match="axis_type must be 'explicit' or 'auto', got 'manual'"):
+        parallel.make_mesh(axis_type="manual")
+    d = np.array(jax.devices()[:1])
+    assert parallel.batch_axis(Mesh(d, ("data",))) == "data"
+    assert parallel.batch_axis(Mesh(d, ("batch",))) == "batch"                 # a one-axis mesh of any name
+    assert parallel.batch_axis(Mesh(d.reshape(1, 1), ("model", "data"))) == "data"
+    with pytest.raises(ValueError, match=r"needs one named 'data'.*\('x', 'y'\)"):
+        parallel.batch_axis(Mesh(d.reshape(1, 1), ("x", "y")))
+    with pytest.raises(TypeError, match="place: mesh must be a jax.sharding.Mesh"):
+        parallel.place("mesh", 8, {}, {}, {}, np.zeros((8, 2)), np.zeros(8))
+    assert parallel.make_mesh(1, axis_type="auto") is None
+    sharding = parallel.batch_sharding(Mesh(d, ("data",), axis_types=(AxisType.Explicit,)))
+    assert sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "127.0.0.1:1234"], "missing --num-processes, --process-id"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "must be HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "0 <= --process-id < --num-processes"),
+    (["--num-processes", "0", "--process-id", "0", "--coordinator", "h:1"], "--num-processes >= 1")])
+def test_multi_process_flags_are_checked_before_joining(flags, message):
+    import argparse
+    parser = argparse.ArgumentParser()
+    parallel.add_cli_arguments(parser)
+    with pytest.raises(ValueError, match=message):
+        parallel.initialize_from_args(parser.parse_args(flags))
+    assert parallel.initialize_from_args(parser.parse_args([])) == (0, 1)          # alone: nothing to join
+
+
+def test_cli_reports_bad_multi_process_flags_without_traceback(capsys):
+    from fnbp import cli
+    assert cli.main(["train", "--coordinator", "127.0.0.1:1234", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fnbp train: --coordinator, --num-processes and --process-id go together")
+    assert "Traceback" not in err
