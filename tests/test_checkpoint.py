@@ -70,7 +70,8 @@ def test_round_trip_bit_identical(tmp_path, key_kind):
     ckpt.save(path, params=params, opt_state=opt_state, step=123, epoch=4, key=key,
               extra={"lr": 1e-2, "note": "ünïcode", "hist": [1, 2]})
     out = ckpt.load(path, params_like=params, opt_state_like=opt_state)
-    assert set(out) == {"params", "opt_state", "step", "epoch", "key", "extra"}
+    assert set(out) == {"params", "opt_state", "batch_stats", "step", "epoch", "key", "extra", "args"}
+    assert out["batch_stats"] is None and out["args"] is None
     _assert_bit_identical(out["params"], params)
     _assert_bit_identical(out["opt_state"], opt_state)
     assert isinstance(out["opt_state"][0], optax.ScaleByAdamState)
