@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .checkpoint_format import (_KEY, _TREES, CheckpointError, _check_meta, _encode, _is_typed_key, _key_entry,
-                                _np_dtype, _parse_keystr, _rebuild_tree, _stored_array)
+                                _fill, _np_dtype, _parse_keystr, _rebuild_tree, _skeleton, _stored_array)
 
 __all__ = ["CheckpointError", "save", "load", "read_metadata", "clean_stale_temp_files", "FORMAT"]
 
@@ -90,13 +90,14 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None, batch_stats=N
 
     arrays: dict[str, np.ndarray] = {}
     records: list[dict] = []
-    treedefs = {}
+    treedefs, structure = {}, {}
     trees = [("params", params), ("opt_state", opt_state)]
     if batch_stats is not None:
         trees.append(("batch_stats", batch_stats))
     for tree_name, tree in trees:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         treedefs[tree_name] = str(treedef)
+        structure[tree_name] = _skeleton(tree)
         for kp, leaf in leaves:
             name = tree_name + jax.tree_util.keystr(kp)
             if name in arrays:
@@ -123,6 +124,7 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None, batch_stats=N
         "epoch": epoch,
         "extra": extra_json,
         "treedef": treedefs,
+        "structure": structure,
         "leaves": records,
         "key": key_rec,
     }
@@ -353,7 +355,11 @@ def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) 
                     like = {"b": False, "i": 0, "u": 0, "f": 0.0, "c": 0j}[arrays[name].dtype.kind]
                 keys = rec.get("keys") or _parse_keystr(rec["path"])
                 items.append((keys, _rebuild_leaf(like, arrays[name], rec)))
-            out[tree_name] = _rebuild_tree(items)
+            skeleton = meta.get("structure", {}).get(tree_name) if isinstance(meta.get("structure"), dict) else None
+            if skeleton is None:                     # files without the structure record
+                out[tree_name] = _rebuild_tree(items)
+            else:
+                out[tree_name] = _fill(skeleton, {tuple(k[1] for k in keys): leaf for keys, leaf in items})
         else:
             out[tree_name] = None
 

@@ -158,3 +158,25 @@ def _rebuild_tree(items: list):
     if kinds == {"seq"}:
         return [_rebuild_tree(groups[i]) if i in groups else {} for i in range(max(groups) + 1)]
     return {k: _rebuild_tree(v) for k, v in groups.items()}
+
+
+def _skeleton(x):
+    """The container structure of a pytree as JSON (leaves as null), so a template-free load keeps empty
+    containers: dicts and NamedTuples as {"d": {...}}, lists and tuples as {"l": [...]}."""
+    if isinstance(x, dict):
+        return {"d": {str(k): _skeleton(v) for k, v in x.items()}}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return {"d": {f: _skeleton(getattr(x, f)) for f in x._fields}}
+    if isinstance(x, (list, tuple)):
+        return {"l": [_skeleton(v) for v in x]}
+    return None
+
+
+def _fill(skeleton, leaves: dict, path=()):
+    """Rebuild from ``_skeleton`` output; ``leaves`` maps key tuples (str for dict keys and fields,
+    int for positions) to leaves; a null without a stored leaf stays None."""
+    if isinstance(skeleton, dict) and "d" in skeleton:
+        return {k: _fill(v, leaves, path + (k,)) for k, v in skeleton["d"].items()}
+    if isinstance(skeleton, dict) and "l" in skeleton:
+        return [_fill(v, leaves, path + (i,)) for i, v in enumerate(skeleton["l"])]
+    return leaves.get(path)
