@@ -347,7 +347,7 @@ def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) 
                 name = tree_name + jax.tree_util.keystr(kp)
                 rebuilt.append(_rebuild_leaf(leaf, arrays[name], by_tree[tree_name][name]))
             out[tree_name] = jax.tree_util.tree_unflatten(treedef, rebuilt)
-        elif by_tree[tree_name]:
+        else:
             items = []
             for name, rec in by_tree[tree_name].items():
                 like = jnp.zeros(())                  # jax arrays, or Python scalars for Python leaves
@@ -355,13 +355,11 @@ def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) 
                     like = {"b": False, "i": 0, "u": 0, "f": 0.0, "c": 0j}[arrays[name].dtype.kind]
                 keys = rec.get("keys") or _parse_keystr(rec["path"])
                 items.append((keys, _rebuild_leaf(like, arrays[name], rec)))
-            skeleton = meta.get("structure", {}).get(tree_name) if isinstance(meta.get("structure"), dict) else None
-            if skeleton is None:                     # files without the structure record
-                out[tree_name] = _rebuild_tree(items)
-            else:
-                out[tree_name] = _fill(skeleton, {tuple(k[1] for k in keys): leaf for keys, leaf in items})
-        else:
-            out[tree_name] = None
+            structure = meta.get("structure") if isinstance(meta.get("structure"), dict) else {}
+            if structure.get(tree_name) is not None:
+                out[tree_name] = _fill(structure[tree_name], {tuple(k[1] for k in keys): v for keys, v in items})
+            else:                                    # files without the structure record
+                out[tree_name] = _rebuild_tree(items) if items else None
 
     key_rec = meta.get("key")
     if key_rec is None:
