@@ -45,7 +45,7 @@ def _writing(path):
 
 
 def _flag(name):
-    return "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")   # a run-argument name as its command-line flag
 
 
 def _int_arg(flag, lo, hi=None, hi_text=None):
@@ -161,11 +161,6 @@ def _learning_rate(args):
     return optim.exponential_decay(args.lr, args.lr_decay)
 
 
-def _optimizer(args, lr):
-    from . import optim
-    return getattr(optim, args.optimizer)(lr)
-
-
 def _activation(name, slope):
     from . import activations
     if name == "leaky_relu":
@@ -218,26 +213,18 @@ def _check_resume(ckpt, meta, run_args, allowed):
     now, then = _settings(run_args), _settings(stored)
     fixed, needs_flag, changed = [], [], []
     for k in sorted(set(now) | set(then)):
-        if now.get(k) == then.get(k):
-            continue
-        text = f"{_flag(k)} {then.get(k)!r} -> {now.get(k)!r}"
-        if k not in OVERRIDABLE:
-            fixed.append(text)
-        elif k not in allowed:
-            needs_flag.append(text)
-        else:
-            changed.append(k)
-    if fixed or needs_flag:
-        parts = []
-        if fixed:
-            parts.append("cannot change on resume (they define the data, the network or the optimizer state): "
-                         + "; ".join(fixed))
-        if needs_flag:
-            names = ",".join(_flag(t.split()[0][2:].replace("-", "_"))[2:] for t in needs_flag)
-            parts.append("changed (pass --allow-changed " + names + " to continue with the new values): "
-                         + "; ".join(needs_flag))
-        raise UsageError(f"fnbp train: --resume: the settings differ from those stored in {ckpt}: "
-                         + "; ".join(parts))
+        if now.get(k) != then.get(k):
+            text = f"{_flag(k)} {then.get(k)!r} -> {now.get(k)!r}"
+            (fixed if k not in OVERRIDABLE else changed if k in allowed else needs_flag).append((k, text))
+    parts = []
+    if fixed:
+        parts.append("cannot change on resume (they define the data, the network or the optimizer state): "
+                     + "; ".join(t for _, t in fixed))
+    if needs_flag:
+        parts.append(f"changed (pass --allow-changed {','.join(_flag(k)[2:] for k, _ in needs_flag)} to continue "
+                     f"with the new values): " + "; ".join(t for _, t in needs_flag))
+    if parts:
+        raise UsageError(f"fnbp train: --resume: the settings differ from those stored in {ckpt}: " + "; ".join(parts))
     if changed:
         segments = segments + [{"from_epoch": epoch + 1, "args": now}]
     return history, segments
@@ -245,7 +232,7 @@ def _check_resume(ckpt, meta, run_args, allowed):
 
 def _cmd_train(args):
     import jax
-    from . import checkpoint, mlp, train as training
+    from . import checkpoint, mlp, optim, train as training
 
     if args.epochs < 1:
         raise UsageError(f"fnbp train: --epochs must be >= 1, got {args.epochs}")
@@ -271,7 +258,7 @@ def _cmd_train(args):
     params = mlp.init(k_init, args.layers, init=args.init, batch_norm=args.batch_norm,
                       prelu_alpha=0.25 if args.activation == "prelu" else None)
     lr = _learning_rate(args)
-    opt = _optimizer(args, lr)
+    opt = getattr(optim, args.optimizer)(lr)
     cfg = training.Config(activation=_activation(args.activation, args.slope), l2=args.l2, grad=args.grad,
                           dropout=args.dropout)
     opt_state, state = opt.init(params), mlp.init_state(params)
