@@ -62,7 +62,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     good = fnbp(*common, "--epochs", "1", "--lr", "1e-3")
     assert good.returncode == 0, good.stderr
     before = (out / "checkpoint.npz").read_bytes()
-    bad = fnbp(*common, "--epochs", "3", "--lr", "1e30", "--resume")
+    bad = fnbp(*common, "--epochs", "3", "--lr", "1e30", "--resume", "--allow-changed", "lr")
     assert bad.returncode == 1
     assert "epoch 1 (0-based), step" in bad.stderr and "last good checkpoint" in bad.stderr
     assert (out / "checkpoint.npz").read_bytes() == before
