@@ -38,7 +38,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXIS", "make_mesh", "place", "check_batch_size", "replicate", "batch_sharding", "batch_axis",
-           "shard_batch", "initialize", "is_main_process", "add_cli_arguments", "initialize_from_args"]
+           "shard_batch", "initialize", "is_main_process", "add_cli_arguments", "initialize_from_args",
+           "mesh_for_cli"]
 
 AXIS = "data"
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
@@ -199,6 +200,17 @@ def add_cli_arguments(parser):
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run detected from the cluster (Cloud TPU, SLURM, Open MPI, or "
                         "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+
+
+def mesh_for_cli(devices, error=ValueError):
+    """``fnbp train --devices N``'s mesh: N devices (0: all, of every process), None for one device.
+    With several processes the mesh must span every device (``error`` otherwise)."""
+    n = jax.device_count() if devices == 0 else devices
+    if devices < 0 or (jax.process_count() > 1 and n != jax.device_count()):
+        raise error(f"fnbp train: --devices must be 0 (all devices) or a count >= 1"
+                    + (f"; with {jax.process_count()} processes the mesh spans every device of every process, "
+                       f"so 0 or {jax.device_count()}" if jax.process_count() > 1 else "") + f", got {devices}")
+    return make_mesh(n) if n > 1 else None
 
 
 def initialize_from_args(args, error=ValueError):
