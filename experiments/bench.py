@@ -300,7 +300,7 @@ def step_functions():
     import jax
     import optax
     from fnbp import losses, optim
-    from fnbp.backprop import backprop
+    from fnbp import backprop
 
     ours_opt, peer_opt = optim.adam(LEARNING_RATE), optax.adam(LEARNING_RATE)
 
