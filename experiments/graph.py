@@ -85,26 +85,26 @@ def draw(net, tr, path, title=""):
     import networkx as nx
     from fnbp import graph
     G, layer = nx.DiGraph(), {}
+    for n in net.nodes:                      # op nodes: 1 + the deepest op node they read
+        layer[n.name] = 1 + max([layer[r.node] for r in n.args if isinstance(r, graph.Out)], default=0)
     for n in net.nodes:
         record = tr.nodes.get(n.name)
-        depth = 0
-        for ref in n.args:
+        for i, ref in enumerate(n.args):
             if isinstance(ref, graph.Const):
                 continue
             src = graph.key_name(ref)
             if src not in G:
-                value = None if record is None else record.inputs[n.args.index(ref)]
+                value = None if record is None else record.inputs[i]
                 G.add_node(src, label=f"{src}\n{_text(value)}" + _grad(tr, src), kind="leaf")
-                layer[src] = 0
+            if not isinstance(ref, graph.Out):    # a leaf sits one column before its first consumer
+                layer[src] = min(layer.get(src, layer[n.name] - 1), layer[n.name] - 1)
             G.add_edge(src, n.name)
-            depth = max(depth, layer[src] + 1)
-        layer[n.name] = depth
         value = "" if record is None else _text(record.output)
         G.add_node(n.name, label=f"{n.name} = {record.op if record else 'aux'}\n{value}" + _grad(tr, n.name),
                    kind="op")
     nx.set_node_attributes(G, layer, "layer")
     pos = nx.multipartite_layout(G, subset_key="layer")
-    fig, ax = common.plt.subplots(figsize=(2.2 * (max(layer.values()) + 1), 1.2 + 0.9 * max(
+    fig, ax = common.plt.subplots(figsize=(3.0 * (max(layer.values()) + 1), 1.2 + 1.1 * max(
         sum(1 for v in layer.values() if v == k) for k in set(layer.values()))))
     nx.draw_networkx_edges(G, pos, ax=ax, arrows=True, arrowsize=14, node_size=2600)
     for name, (px, py) in pos.items():
