@@ -44,10 +44,12 @@ __all__ = ["Out", "Input", "Param", "State", "Const", "Node", "Graph", "node", "
 
 
 class Out(NamedTuple):
+    """The output of an earlier node, by its name (a plain string argument means the same)."""
     node: str
 
 
 class Input(NamedTuple):
+    """A network input by name: "x", the target "d", a dropout "key", the L2 lambda "l2"."""
     name: str
 
 
@@ -72,10 +74,12 @@ class State(_Path):
 
 
 class Const(NamedTuple):
+    """A constant argument (a leaky slope, a dropout probability, a layer index): it gets no gradient."""
     value: Any
 
 
 class Node(NamedTuple):
+    """One node: ``name = op(*args, **options)`` (make it with :func:`node`)."""
     name: str
     op: Callable            # a function made by fnbp.rule (any function for aux nodes and in ``apply``)
     args: tuple             # references: Out, Input, Param, State, Const
@@ -84,6 +88,8 @@ class Node(NamedTuple):
 
 
 class Graph(NamedTuple):
+    """A network: nodes in topological order, the output node's name, and the running-statistics updates
+    (make it with :func:`make`)."""
     nodes: tuple
     output: str                 # the node whose output the network returns (y, or the scalar E)
     state_updates: tuple = ()   # ((state path, node name), ...): new running statistics
@@ -247,6 +253,7 @@ def forward(net, params, inputs, state=None, *, who="fnbp.graph.forward"):
 
 
 class Gradients(NamedTuple):
+    """What ``backward`` returns."""
     params: Any             # structured like params (zeros where no gradient arrives)
     inputs: dict            # network input name -> cotangent (only inputs that received one)
     grad_table: dict        # key_name(reference) -> summed cotangent, for every node, input and parameter
@@ -370,6 +377,7 @@ class NodeTrace:
 
 
 class Trace(NamedTuple):
+    """Per node its ``NodeTrace``, and the grad_table (what ``trace=True`` returns)."""
     nodes: dict             # node name -> NodeTrace
     grad_table: dict        # key_name(reference) -> summed cotangent (nodes, inputs, parameters)
 

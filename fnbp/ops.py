@@ -7,6 +7,7 @@ rule: it is the auxiliary update of batch norm's running averages (no gradient).
 """
 import jax.numpy as jnp
 
+from . import norm
 from .activations import sum_to_shape
 from .rules import rule
 
@@ -73,10 +74,10 @@ def _batch_norm_eval_bwd(res, grad_y, *, eps):
 batch_norm_eval = rule(_batch_norm_eval_fwd, _batch_norm_eval_bwd)
 
 
-def running_statistics(x, running, *, momentum=0.1):
-    """New running batch-norm statistics: running <- (1 - momentum) running + momentum (batch mean,
-    batch biased variance) over the batch axis of x (PyTorch's convention, see ``fnbp.norm``)."""
-    mu = jnp.mean(x, axis=0)
-    var = jnp.mean(jnp.square(x - mu), axis=0)
-    return {"mean": (1 - momentum) * running["mean"] + momentum * mu,
-            "var": (1 - momentum) * running["var"] + momentum * var}
+def running_statistics(x, running, *, momentum=0.1, unbiased_running_var=True):
+    """Batch norm's new running statistics from the batch x (B, n): the update of
+    ``fnbp.norm.batch_norm_train`` (PyTorch's convention, the formula kept there), without a
+    gradient.  Under jit the normalised output it also computes is dropped as unused."""
+    ones = jnp.ones(jnp.shape(x)[-1:], jnp.result_type(x))
+    return norm.batch_norm_train(x, ones, jnp.zeros_like(ones), running, momentum=momentum,
+                                 unbiased_running_var=unbiased_running_var)[1]

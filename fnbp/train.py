@@ -126,7 +126,7 @@ def make_step(cfg: Config, opt, *, accumulate=1):
     def step(carry, batch):
         params, opt_state, state = carry
         x, d, key = batch
-        at = optim.lookahead_params(params, opt_state)    # = params unless the optimizer looks ahead (Nesterov)
+        at = optim.gradient_point(opt, params, opt_state)   # θ̃: = params unless the optimizer looks ahead (Nesterov)
         if accumulate == 1:
             (E, state), grads = objective_and_grad(at, state, x, d, key)
         else:
