@@ -9,10 +9,12 @@ backprop rules of the lecture notes, encoded with ``jax.custom_vjp``:
 
 Modules: layers, activations, losses, norm (the rules); reference (plain jnp);
 crosscheck (``fnbp.check``); mlp, backprop; optim; train, data, checkpoint,
-parallel; perceptron; examples.
+parallel; perceptron; examples; per_example, dp, feedback (per-example
+quantities, DP-SGD, feedback alignment and straight-through estimators).
 """
 from . import (activations, checkpoint, data, examples, layers, losses, mlp, norm, optim, parallel, perceptron,
                reference, rules, train)
+from . import dp, feedback, per_example
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .backprop import backprop
 from .crosscheck import check
@@ -25,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "batch_norm", "dropout", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
-           "parallel", "perceptron", "examples"]
+           "parallel", "perceptron", "examples", "per_example", "dp", "feedback"]
