@@ -22,14 +22,20 @@ class UsageError(ValueError):
 
 # --- fnbp check ------------------------------------------------------------------
 def _cmd_check(args):
-    from .crosscheck import check_all, format_table
-    results = check_all()
-    print(format_table(results))
-    bad = [r.name for r in results if not r.ok]
+    from . import checklist
+    from .crosscheck import AUTODIFF_RTOL, FD_TOL
+    rules = None if not args.rule else [r for spec in args.rule for r in spec.split(",") if r]
+    unknown = sorted(set(rules or ()) - set(checklist.case_names()))
+    if unknown:
+        raise UsageError(f"fnbp check: --rule {','.join(unknown)}: no such rule; the rules are "
+                         f"{', '.join(checklist.case_names())}")
+    print(checklist.TABLE_HEADER, flush=True)
+    results = checklist.check_all(rules=rules, on_result=lambda r: print(checklist.format_row(r), flush=True))
+    bad = [r for r in results if not r.ok]
     print(f"\n{len(results) - len(bad)}/{len(results)} rules agree with autodiff of the reference "
-          f"(rel <= 1e-10) and finite differences (rel <= 1e-6) in float64.")
-    if bad:
-        print("disagree: " + ", ".join(bad))
+          f"(rel <= {AUTODIFF_RTOL:g}) and finite differences (rel <= {FD_TOL:g}) in float64.")
+    for r in bad:
+        print(str(r))
     return 1 if bad else 0
 
 
@@ -196,20 +202,16 @@ def _cmd_train(args):
 
 # --- fnbp bench -------------------------------------------------------------------
 def _cmd_bench(args):
-    root = Path(__file__).resolve().parents[1]
-    if (root / "experiments" / "bench.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from experiments import bench
-    except ImportError as e:
-        raise UsageError(f"fnbp bench: the benchmark lives in experiments/bench.py of a source checkout ({e})")
-    return bench.main(args.bench_args)
+    from .bench import main as bench_main
+    return bench_main(args.bench_args, prog="fnbp bench")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fnbp", description="fnbp -- functional backprop: neural networks whose gradients are the "
                                  "hand-derived backprop rules of the lecture notes, in JAX.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"fnbp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,bench}")
 
     t = sub.add_parser("train", help="train a network (default: 64-32-10 ReLU on scikit-learn's digits)",
@@ -252,13 +254,16 @@ def build_parser():
     c = sub.add_parser("check", help="cross-check every rule against autodiff and finite differences",
                        description="Cross-check every hand-written backward rule against jax.vjp of its plain "
                                    "reference and against central finite differences, in float64; prints one "
-                                   "table row per rule and exits 1 if any disagrees.")
+                                   "table row per rule as it finishes and exits 1 if any disagrees (naming the "
+                                   "argument, index and both values of the worst disagreement).")
+    c.add_argument("--rule", action="append", metavar="NAME",
+                   help="check only this rule (repeat, or comma-separate; e.g. --rule relu,dense)")
     c.set_defaults(func=_cmd_check)
 
     b = sub.add_parser("bench", help="benchmark fnbp vs jax.grad+optax vs PyTorch vs the GEMM rate",
-                       description="Run experiments/bench.py (source checkout); arguments after 'bench' go to it "
+                       description="Run the benchmark (fnbp.bench); arguments after 'bench' go to it "
                                    "(try: fnbp bench --help, fnbp bench --quick).", add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for experiments/bench.py")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (fnbp.bench)")
     b.set_defaults(func=_cmd_bench)
     return parser
 
