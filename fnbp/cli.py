@@ -125,7 +125,7 @@ def _plot(history, path):
 
 def _cmd_train(args):
     import jax
-    from . import checkpoint, mlp, train as training
+    from . import checkpoint, dp, mlp, train as training
 
     ds = _load_data(args)
     _check_layers(args.layers, ds)
@@ -146,8 +146,16 @@ def _cmd_train(args):
                       prelu_alpha=0.25 if args.activation == "prelu" else None)
     lr = _learning_rate(args)
     opt = _optimizer(args, lr)
+    if args.dp_clip < 0 or args.dp_noise < 0 or (args.dp_noise and not args.dp_clip):
+        raise UsageError(f"fnbp train: --dp-clip and --dp-noise must be >= 0 and --dp-noise needs --dp-clip > 0, "
+                         f"got --dp-clip {args.dp_clip} --dp-noise {args.dp_noise}")
+    if not 0 < args.dp_delta < 1:
+        raise UsageError(f"fnbp train: --dp-delta must be in (0, 1), got {args.dp_delta}")
+    if args.dp_clip and args.batch_norm:
+        raise UsageError("fnbp train: --dp-clip: batch norm couples the examples of a batch, so they have no "
+                         "per-example gradients to clip; drop --batch-norm")
     cfg = training.Config(activation=_activation(args.activation, args.slope), l2=args.l2, grad=args.grad,
-                          dropout=args.dropout)
+                          dropout=args.dropout, dp_clip=args.dp_clip, dp_noise=args.dp_noise)
     opt_state, state = opt.init(params), mlp.init_state(params)
     out = Path(args.out)
     ckpt = out / "checkpoint.npz"
@@ -170,6 +178,10 @@ def _cmd_train(args):
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
 
     def on_epoch(result):
+        if args.dp_clip:                       # privacy spent so far (fnbp.dp.epsilon, dp-accounting)
+            B = len(ds.y_train) if args.batch_size is None else args.batch_size
+            result.history[-1]["epsilon"] = dp.epsilon(noise_multiplier=args.dp_noise, steps=result.step,
+                                                       sample_rate=B / len(ds.y_train), delta=args.dp_delta)
         checkpoint.save(ckpt, params=result.params, opt_state=(result.opt_state, result.state), step=result.step,
                         epoch=result.epoch, key=k_train, extra={"args": run_args, "history": history + result.history})
 
@@ -193,7 +205,8 @@ def _cmd_train(args):
     if not args.quiet:
         for h in result.history:
             print(f"epoch {h['epoch']:3d}  loss {h['loss']:.4f}  test loss {h['test_loss']:.4f}  "
-                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s")
+                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s"
+                  + (f"  epsilon {h['epsilon']:.3f} (delta {args.dp_delta:g})" if "epsilon" in h else ""))
     print(f"final test accuracy {last['test_accuracy']:.4f} ({ds.name}, {len(ds.y_test)} test examples) "
           f"after {last['epoch']} epochs in {seconds:.1f} s (compile {result.compile_seconds:.1f} s); "
           f"wrote {out / 'history.json'}, {out / 'curves.png'}, {ckpt}")
@@ -245,6 +258,11 @@ def build_parser():
                    help="jax.value_and_grad through the custom_vjp layers, or the explicit fnbp.backprop loop")
     t.add_argument("--devices", type=int, default=0,
                    help="data-parallel over N devices (0 = all visible devices when more than one, 1 = one device)")
+    t.add_argument("--dp-clip", type=float, default=0.0, metavar="C",
+                   help="DP-SGD: clip each example's gradient to L2 norm C (0 = off); prints epsilon per epoch")
+    t.add_argument("--dp-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="DP-SGD: Gaussian noise multiplier sigma (noise std sigma*C on the summed gradient)")
+    t.add_argument("--dp-delta", type=float, default=1e-5, help="DP-SGD: the delta of the reported (epsilon, delta)")
     t.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and shuffling")
     t.add_argument("--out", default="runs/digits", help="output directory")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")

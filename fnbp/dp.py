@@ -18,6 +18,7 @@ The noise is drawn from an explicit key: ``private_grad`` for a one-call noised 
 count in its state) chained before any optimizer.  The privacy budget (epsilon at delta) comes from
 Google's ``dp-accounting`` library (``epsilon``); fnbp writes no accountant.
 """
+import logging
 import math
 from typing import NamedTuple
 
@@ -29,7 +30,8 @@ from . import activations, losses
 from .layers import dense_backward
 from .per_example import layer_passes, norms_from_passes
 
-__all__ = ["clipped_grad_sum", "private_grad", "gaussian_noise", "GaussianNoiseState", "add_noise", "epsilon"]
+__all__ = ["clipped_grad_sum", "loss_and_clipped_grad_sum", "private_grad", "gaussian_noise", "GaussianNoiseState",
+           "add_noise", "gaussian", "epsilon"]
 
 
 def _check_clip(name, clip, noise_multiplier=None):
@@ -51,9 +53,17 @@ def clipped_grad_sum(params, x, d, *, clip, activation=activations.relu, output=
     grad_W = delta^T diag(c) H and grad_b = delta^T c through ``dense_backward`` -- no per-example gradient
     is formed.  Arguments as ``fnbp.per_example.grads``; clip: C > 0.
     """
-    _check_clip("fnbp.dp.clipped_grad_sum", clip)
-    _, passes = layer_passes(params, x, d, activation=activation, output=output, loss=loss, dropout=dropout,
-                             key=key, name="fnbp.dp.clipped_grad_sum")
+    _, sums, norms = loss_and_clipped_grad_sum(params, x, d, clip=clip, activation=activation, output=output,
+                                               loss=loss, dropout=dropout, key=key, name="fnbp.dp.clipped_grad_sum")
+    return sums, norms
+
+
+def loss_and_clipped_grad_sum(params, x, d, *, clip, activation=activations.relu, output=activations.identity,
+                              loss=losses.half_sse, dropout=0.0, key=None, name="fnbp.dp.loss_and_clipped_grad_sum"):
+    """(E, clipped sum, norms): ``clipped_grad_sum`` plus E = sum_n E_n, the batch's summed loss."""
+    _check_clip(name, clip)
+    E, passes = layer_passes(params, x, d, activation=activation, output=output, loss=loss, dropout=dropout,
+                             key=key, name=name)
     norms = norms_from_passes(passes)
     c = 1.0 / jnp.maximum(1.0, norms / clip)                 # c_n = min(1, C / ||g_n||); 1 for a zero gradient
     sums = []
@@ -61,16 +71,20 @@ def clipped_grad_sum(params, x, d, *, clip, activation=activations.relu, output=
         weighted_delta = p.delta * c[:, None].astype(p.delta.dtype)          # diag(c) delta
         grad_W, grad_b, _ = dense_backward((layer["W"], p.h_prev), weighted_delta)   # delta^T diag(c) H
         sums.append({"W": grad_W, "b": grad_b})
-    return sums, norms
+    return E, sums, norms
+
+
+def gaussian(tree, key, std):
+    """tree + N(0, std^2 I), one normal draw per leaf from fold_in(key, leaf index)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    noised = [g + std * jax.random.normal(jax.random.fold_in(key, i), jnp.shape(g), jnp.result_type(g))
+              for i, g in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, noised)
 
 
 def add_noise(clipped_sum, key, *, clip, noise_multiplier, batch_size):
-    """(clipped_sum + N(0, sigma^2 C^2 I)) / batch_size, one normal draw per leaf from fold_in(key, leaf index)."""
-    leaves, treedef = jax.tree_util.tree_flatten(clipped_sum)
-    std = noise_multiplier * clip
-    noised = [(g + std * jax.random.normal(jax.random.fold_in(key, i), jnp.shape(g), jnp.result_type(g)))
-              / batch_size for i, g in enumerate(leaves)]
-    return jax.tree_util.tree_unflatten(treedef, noised)
+    """(clipped_sum + N(0, sigma^2 C^2 I)) / batch_size (noise from ``gaussian(., key, sigma C)``)."""
+    return jax.tree_util.tree_map(lambda g: g / batch_size, gaussian(clipped_sum, key, noise_multiplier * clip))
 
 
 def private_grad(params, x, d, key, *, clip, noise_multiplier, activation=activations.relu,
@@ -138,11 +152,17 @@ def epsilon(*, noise_multiplier, sample_rate, steps, delta, accountant="rdp"):
     if noise_multiplier == 0:
         return math.inf
     import dp_accounting                       # imported here: only privacy accounting needs it
+    absl_logger = logging.getLogger("absl")    # dp-accounting logs each RDP order it drops (harmless) at WARNING
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
     if accountant == "rdp":
         acc = dp_accounting.rdp.RdpAccountant()
     else:
         acc = dp_accounting.pld.PLDAccountant()
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl_logger.setLevel(level)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import activations, losses, mlp, optim
+from . import activations, dp, losses, mlp, optim
 from .backprop import backprop, loss_rule
 
 __all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteLossError",
@@ -45,6 +45,9 @@ class Config:
     dropout: drop probability between hidden layers (training only).
     bn_position, bn_momentum: batch norm placement and running-average momentum,
       used when the parameters have ``"gamma"``/``"beta"`` (``fnbp.mlp.init(..., batch_norm=True)``).
+    dp_clip, dp_noise: DP-SGD (``fnbp.dp``) when dp_clip = C > 0: each example's gradient clipped to
+      norm C (from one backward of the explicit rules, whatever ``grad`` says), then N(0, (dp_noise C)^2 I)
+      added to the step's sum, from the step's key.  Not with batch norm.
     """
     activation: Callable = activations.relu
     output: Callable = activations.identity
@@ -54,8 +57,13 @@ class Config:
     dropout: float = 0.0
     bn_position: str = "before"
     bn_momentum: float = 0.1
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
 
     def __post_init__(self):
+        if not (self.dp_clip >= 0 and self.dp_noise >= 0) or (self.dp_noise and not self.dp_clip):
+            raise ValueError(f"fnbp.train.Config: dp_clip and dp_noise must be >= 0, and dp_noise needs dp_clip > 0; "
+                             f"got dp_clip={self.dp_clip}, dp_noise={self.dp_noise}")
         if self.grad not in ("autodiff", "backprop"):
             raise ValueError(f"fnbp.train.Config: grad must be 'autodiff' or 'backprop', got {self.grad!r}")
         if not 0 <= self.dropout < 1:
@@ -108,7 +116,12 @@ def make_step(cfg: Config, opt, *, accumulate=1):
     sum_loss = _with_reduction(cfg.loss, "sum")
 
     def data_loss_and_grad(params, state, x, d, key):
-        """(sum of per-example losses, new state), grads of that sum (no L2 here)."""
+        """(sum of per-example losses, new state), grads of that sum (no L2 here); with DP, the clipped sum."""
+        if cfg.dp_clip:
+            E, sums, _ = dp.loss_and_clipped_grad_sum(params, x, d, clip=cfg.dp_clip, activation=cfg.activation,
+                                                      output=cfg.output, loss=sum_loss, dropout=cfg.dropout,
+                                                      key=key, name="fnbp.train (DP-SGD)")
+            return (E, state), sums
         if cfg.grad == "backprop":
             E, grads = backprop(params, x, d, activation=cfg.activation, output=cfg.output, loss=sum_loss)
             return (E, state), grads
@@ -138,6 +151,8 @@ def make_step(cfg: Config, opt, *, accumulate=1):
             zero = jax.tree_util.tree_map(jnp.zeros_like, at)
             (E, grads, state), _ = jax.lax.scan(
                 micro, (jnp.zeros((), x.dtype), zero, state), (jnp.arange(accumulate), micro_x, micro_d))
+        if cfg.dp_noise:                                   # once per step, after accumulation (DP-SGD)
+            grads = dp.gaussian(grads, jax.random.fold_in(key, 0x0D9), cfg.dp_noise * cfg.dp_clip)
         if reduction == "mean":
             n = x.shape[0]
             E, grads = E / n, jax.tree_util.tree_map(lambda g: g / n, grads)

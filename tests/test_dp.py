@@ -116,3 +116,38 @@ def test_bad_arguments_are_named():
     bn = fnbp.mlp.init(jax.random.key(0), (5, 7, 6, 3), batch_norm=True)
     with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: batch norm couples"):
         dp.clipped_grad_sum(bn, x, d, clip=1.0)
+
+
+def test_train_with_huge_clip_and_no_noise_is_ordinary_training_and_noise_follows_the_key():
+    data = fnbp.data.load_digits(seed=0)
+    data = data._replace(x_train=data.x_train[:256], y_train=data.y_train[:256])
+    params = fnbp.mlp.init(jax.random.key(0), (64, 16, 10))
+    run = functools.partial(fnbp.train.train, params, fnbp.optim.sgd(0.1), data, key=jax.random.key(1), epochs=1,
+                            batch_size=32, progress=False)
+    plain = run(cfg=fnbp.train.Config(grad="backprop"))
+    clipped_only = run(cfg=fnbp.train.Config(dp_clip=1e9))
+    assert max_abs_diff(plain.params, clipped_only.params) <= 1e-5
+    noisy = run(cfg=fnbp.train.Config(dp_clip=1.0, dp_noise=1.0))
+    again = run(cfg=fnbp.train.Config(dp_clip=1.0, dp_noise=1.0))
+    assert max_abs_diff(noisy.params, again.params) == 0.0
+    assert max_abs_diff(noisy.params, plain.params) > 1e-3
+    with pytest.raises(ValueError, match=r"fnbp\.train\.Config: dp_clip and dp_noise must be >= 0"):
+        fnbp.train.Config(dp_noise=1.0)
+
+
+def test_cli_prints_epsilon_per_epoch(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "fnbp", "train", "--dp-clip", "1", "--dp-noise", "1.1", "--epochs",
+                          "2", "--layers", "64,10", "--batch-size", "64", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("epoch")]
+    eps = [float(ln.split("epsilon ")[1].split()[0]) for ln in lines]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1] < 10
+    n_train, B = 1438, 64
+    assert eps[1] == pytest.approx(dp.epsilon(noise_multiplier=1.1, sample_rate=B / n_train,
+                                              steps=2 * (n_train // B), delta=1e-5), abs=1e-3)
+    bad = subprocess.run([sys.executable, "-m", "fnbp", "train", "--dp-noise", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--dp-noise needs --dp-clip > 0" in bad.stderr and "Traceback" not in bad.stderr

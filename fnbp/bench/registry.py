@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated"]
+CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.per_example_rules"]
 """Modules whose import registers cases, in report order."""
 
 
