@@ -92,3 +92,15 @@ def test_nan_input_gives_nan_norm_for_that_example_only():
     act, _, loss, _, params, x, d = make_case("relu-half_sse")
     norms = per_example.grad_norms(params, x.at[2, 0].set(jnp.nan), d, activation=act, loss=loss)
     assert bool(jnp.isnan(norms[2])) and bool(jnp.all(jnp.isfinite(jnp.delete(norms, 2))))
+
+
+def test_bench_case_reports_the_issue_ratios():
+    """The benchmark rows (fnbp.bench case 'per_example_rules') on a tiny network: fields present, and the
+    two ways agree in float32.  Speed is reported by the benchmark, never asserted."""
+    from fnbp.bench import per_example_rules
+    res = per_example_rules.bench_per_example_rules((8, 6, 3), 4, min_time=0.001, seed=0)
+    assert set(res["stats"]) == set(per_example_rules.VARIANTS)
+    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
+    assert res["agreement_float32"]["norms_max_rel"] < 1e-5 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
+    text = "\n".join(per_example_rules.render(res))
+    assert "| DP step, temp memory |" in text and "≤ 0.1" in text
