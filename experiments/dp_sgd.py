@@ -30,7 +30,7 @@ import optax  # noqa: E402
 
 import fnbp  # noqa: E402
 from experiments import common  # noqa: E402
-from experiments.bench import temp_bytes  # noqa: E402
+from fnbp.bench.harness import temp_bytes  # noqa: E402
 
 CE = fnbp.losses.softmax_cross_entropy
 DELTA = 1e-5
