@@ -154,7 +154,8 @@ def render(res, result=None):
 
 def _run(ctx):
     ctx.log("per-example norms and DP step: fnbp rules vs vmap(grad) ...")
-    return bench_per_example_rules(ctx.sizes, 32 if ctx.quick else 256, min_time=ctx.min_time, seed=ctx.seed)
+    B = min(ctx.per_example_batch, 32) if ctx.quick else 256          # the B = 256 for a full run
+    return bench_per_example_rules(ctx.sizes, B, min_time=ctx.min_time, seed=ctx.seed)
 
 
 register("per_example_rules", run=_run, render=render,
