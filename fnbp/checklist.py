@@ -13,7 +13,7 @@ import numpy as np
 from . import activations, layers, losses, norm, reference
 from .crosscheck import check_many
 
-__all__ = ["CASES", "case_names", "check_all", "format_table"]
+__all__ = ["CASES", "case_names", "check_all", "format_row", "format_table"]
 
 
 def _away_from_zero(x, margin=0.1):
@@ -78,6 +78,7 @@ CASES = _cases()
 
 
 def case_names():
+    """The registered rules' names (what ``fnbp check --rule`` accepts)."""
     return [name for name, *_ in CASES]
 
 
@@ -114,6 +115,7 @@ def check_all(seed=0, batch_sizes=(None, 7), rules=None, on_result=None, chunk=8
 
 
 def format_row(r):
+    """One markdown table row for a ``CheckResult``."""
     return (f"| {r.name} | {len(r.argnums)} | {max(r.autodiff_rel, default=0):.1e} | "
             f"{max(r.fd_rel, default=0):.1e} | {sum(r.fd_coords)} | {r.vmap_abs:.0e} | "
             f"{'yes' if r.ok else 'NO'} |")

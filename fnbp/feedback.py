@@ -20,20 +20,20 @@ forward and replaces g' in the backward by the derivative of a surrogate:
     window = math.inf: the identity STE, delta = grad_h E (Bengio et al.'s plain straight-through).
 
 All are ``fnbp.rule`` rules: usable in ``jax.grad`` (through ``apply`` or ``fnbp.mlp.apply``), in the
-explicit loop (``backprop`` here, ``fnbp.backprop`` for the activations) and in the network walker.
+explicit walker (``backprop`` here, ``fnbp.backprop`` for the activations).
 """
 import math
 
 import jax
 import jax.numpy as jnp
 
-from . import activations, losses
-from .backprop import forward_backward
-from .layers import check_dense_shapes, dense_backward, dense_forward
-from .mlp import check_params, layer_activations, apply_activation
+from . import activations, graph, losses, mlp
+from .graph import Input
+from .layers import check_dense_shapes, dense, dense_backward, dense_forward
+from .mlp import check_params
 from .rules import rule
 
-__all__ = ["dense_fa", "sign_ste", "step_ste", "init_feedback", "apply", "backprop", "angle"]
+__all__ = ["dense_fa", "sign_ste", "step_ste", "init_feedback", "network", "apply", "backprop", "angle"]
 
 
 # --- feedback alignment ---------------------------------------------------------------
@@ -130,27 +130,40 @@ def _check_feedback(params, feedback, name):
                              f"got {jnp.shape(B)}")
 
 
+def network(params, *, activation=activations.relu, output=activations.identity, who="fnbp.feedback.network"):
+    """``fnbp.mlp.network`` with every dense node "a{k}" a ``dense_fa`` taking B_k from the network input
+    "B{k}" (k = 1 ... L): a_k = W_k h_{k-1} + b_k forward, B_k^T delta_k sent down."""
+    net = mlp.network(params, activation=activation, output=output, who=who)
+    nodes = [graph.node(n.name, dense_fa, *n.args, Input("B" + n.name[1:])) if n.op is dense else n
+             for n in net.nodes]
+    return graph.make(nodes, net.output, net.state_updates)
+
+
+def _inputs(feedback, **inputs):
+    return {**inputs, **{f"B{k + 1}": jax.lax.stop_gradient(B) for k, B in enumerate(feedback)}}
+
+
 def apply(params, feedback, x, *, activation=activations.relu, output=activations.identity):
     """Forward pass y = h_L with every dense layer a ``dense_fa`` (same y as ``fnbp.mlp.apply``);
     ``jax.grad`` of a loss of it gives the feedback-alignment updates.  feedback: from ``init_feedback``."""
-    check_params(params, x, name="fnbp.feedback.apply")
-    _check_feedback(params, feedback, "fnbp.feedback.apply")
-    h = x
-    for layer, B, g in zip(params, feedback, layer_activations(len(params), activation, output)):
-        a = dense_fa(layer["W"], layer["b"], h, jax.lax.stop_gradient(B))   # a_k = W_k h_{k-1} + b_k
-        h = apply_activation(g, a, layer)                                    # h_k = g_k(a_k)
-    return h
+    who = "fnbp.feedback.apply"
+    check_params(params, x, name=who)
+    _check_feedback(params, feedback, who)
+    net = network(params, activation=activation, output=output, who=who)
+    return graph.apply(net, params, _inputs(feedback, x=x))[0]
 
 
 def backprop(params, feedback, x, d, *, activation=activations.relu, output=activations.identity,
              loss=losses.half_sse):
-    """(E, updates): the explicit loop of ``fnbp.backprop`` with ``dense_fa``'s rule in every layer, so
-    grad_{h_{k-1}} = B_k^T delta_k.  updates has params' structure ({"W", "b"} per layer)."""
-    _check_feedback(params, feedback, "fnbp.feedback.backprop")
-    E, passes = forward_backward(params, x, d, activation=activation, output=output, loss=loss,
-                                 dense_rule=dense_fa.rule, dense_extra=[(B,) for B in feedback],
-                                 name="fnbp.feedback.backprop")
-    return E, [{"W": p.grad_W, "b": p.grad_b} for p in passes]
+    """(E, updates): the explicit walker (``fnbp.graph.forward``/``backward``) on ``network``, so
+    grad_{h_{k-1}} = B_k^T delta_k.  updates has params' structure."""
+    who = "fnbp.feedback.backprop"
+    check_params(params, x, name=who)
+    _check_feedback(params, feedback, who)
+    net = graph.objective(network(params, activation=activation, output=output, who=who),
+                          losses.loss_spec(loss, name=who))
+    E, tape = graph.forward(net, params, _inputs(feedback, x=x, d=d), who=who)
+    return E, graph.backward(tape, who=who).params
 
 
 def angle(u, v):

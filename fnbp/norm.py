@@ -116,6 +116,14 @@ def batch_norm_eval(x, gamma, beta, running, *, eps=1e-5):
     return gamma * (x - running["mean"]) / jnp.sqrt(running["var"] + eps) + beta
 
 
+def _concrete_scalar(p):
+    """p as a float when it is known outside jit (a Python, numpy or concrete jnp scalar), else None."""
+    try:
+        return float(p)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
 # --- dropout -----------------------------------------------------------------
 def _dropout_fwd(x, p, key):
     """Inverted dropout with the mask drawn from ``key`` (see ``dropout``).  Backward: grad_x = grad_y m / (1 - p)."""
@@ -144,10 +152,13 @@ def dropout(x, p, key, *, train=True):
     """
     if not train:
         return x
-    if isinstance(p, (int, float)) and not 0 <= p < 1:
-        raise ValueError(f"fnbp.norm.dropout: the drop probability p must be in [0, 1), got {p}")
+    p_value = _concrete_scalar(p)
+    if p_value is not None and not 0 <= p_value < 1:
+        raise ValueError(f"fnbp.norm.dropout: the drop probability p must be in [0, 1), got {p_value}")
     if isinstance(p, (int, float)) and p == 0:
         return x
+    if key is None:
+        raise ValueError("fnbp.norm.dropout: training-mode dropout needs an explicit jax.random key, got None")
     return _dropout(x, p, key)
 
 

@@ -28,36 +28,63 @@ hidden layer k is ``jax.random.bernoulli(fold_in(split(k, B)[n], k), 1 - p, (n_k
 Batch norm couples the examples of a batch (example n's output depends on the others), so there
 is no per-example gradient: it is refused.
 
-(delta_k, h_{k-1}) come from ``fnbp.backprop.forward_backward``, the notes' loop of rules.
+(delta_k, h_{k-1}) come from the network walker (``fnbp.graph.forward``/``backward`` on
+``fnbp.mlp.network``): node "a{k}"'s input h_{k-1} and the cotangent delta_k arriving at it.
 """
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from . import activations, losses, norm
-from .backprop import forward_backward
+from . import activations, graph, losses, mlp, norm
 from .mlp import uses_layer_alpha, layer_activations
+from .rules import rule
 
-__all__ = ["layer_passes", "grads", "batch_l2", "grad_norms", "sum_grad_squared", "variance",
-           "squared_norms_from_passes",
-           "norms_from_passes"]
+__all__ = ["LayerPass", "layer_passes", "dropout_per_example", "grads", "batch_l2", "grad_norms",
+           "sum_grad_squared", "variance", "squared_norms_from_passes", "norms_from_passes"]
 
 
-def _dropout_hook(p, keys, k):
-    """(fwd, bwd) applying the dropout rule to hidden layer k with example n's key fold_in(keys[n], k)."""
-    rule = norm.dropout.rule
+class LayerPass(NamedTuple):
+    """What dense layer k saw in one walk (arrays with the batch axis of x)."""
+    h_prev: Any        # h_{k-1}, the layer's input, (B, n_in)
+    delta: Any         # delta_k = grad_{a_k} E, example n's own row under reduction='sum', (B, n_out)
+    grad_W: Any        # delta_k^T H_{k-1}
+    grad_b: Any        # sum over the batch of delta_k
 
-    def fwd(h):
-        return jax.vmap(lambda h_n, key_n: rule.fwd(h_n, p, jax.random.fold_in(key_n, k)))(h, keys)
 
-    def bwd(res, grad_h):
-        return jax.vmap(lambda r, g_n: rule.bwd(r, g_n)[0])(res, grad_h)
+def _dropout_per_example_fwd(h, p, keys):
+    """Inverted dropout with one mask per example: row n of h (B, n_units) uses ``fnbp.dropout``'s
+    mask from keys[n] (keys: B keys).  Backward: grad_h_n = grad_y_n m_n / (1 - p), as ``dropout``."""
+    return jax.vmap(lambda h_n, key_n: norm.dropout.rule.fwd(h_n, p, key_n))(h, keys)
 
-    return fwd, bwd
+
+def _dropout_per_example_bwd(res, grad_y):
+    return jax.vmap(lambda r, g_n: norm.dropout.rule.bwd(r, g_n)[0])(res, grad_y), None, None
+
+
+dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example")
+
+
+def _fold_in_each(keys, k):
+    return jax.vmap(lambda key_n: jax.random.fold_in(key_n, k))(keys)
+
+
+def _per_example_masks(net):
+    """The MLP graph with its dropout nodes drawing one mask per example: "key{i}" folds k into each
+    example's key, "dropout{i}" is ``dropout_per_example``."""
+    nodes = []
+    for n in net.nodes:
+        if n.name.startswith("key"):
+            n = graph.node(n.name, _fold_in_each, *n.args, aux=True)
+        elif n.name.startswith("dropout"):
+            n = graph.node(n.name, dropout_per_example, *n.args)
+        nodes.append(n)
+    return graph.make(nodes, net.output, net.state_updates)
 
 
 def layer_passes(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
                  dropout=0.0, key=None, name="fnbp.per_example"):
-    """(E, passes): the summed loss and per dense layer a ``LayerPass`` (h_prev, delta, grad_W, grad_b, ...)
+    """(E, passes): the summed loss and per dense layer a ``LayerPass`` (h_prev, delta, grad_W, grad_b)
     with every example's own delta row; refuses what couples examples or has no per-example rule here."""
     if not isinstance(params, (list, tuple)) or not params:
         raise ValueError(f"{name}: params must be a non-empty list of {{'W', 'b'}} dicts, got {type(params).__name__}")
@@ -67,20 +94,35 @@ def layer_passes(params, x, d, *, activation=activations.relu, output=activation
                          "use a network without batch-norm parameters (gamma, beta)")
     if jnp.ndim(x) != 2:
         raise ValueError(f"{name}: x must be a mini-batch of shape (batch, n_0), got shape {jnp.shape(x)}")
+    mlp.check_params(params, x, name=name)
     gs = layer_activations(len(params), activation, output)
     if any(uses_layer_alpha(g) and "alpha" in layer for g, layer in zip(gs, params)):
         raise ValueError(f"{name}: per-example gradients of a learnable PReLU slope are not implemented; "
                          "use a fixed slope (functools.partial(fnbp.prelu, alpha=...) or fnbp.leaky_relu)")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise ValueError(f"{name}: dropout must be a drop probability in [0, 1), got {dropout!r}")
-    hooks = None
+    keys = None
     if dropout:
         if key is None:
             raise ValueError(f"{name}: dropout={dropout} needs an explicit jax.random key (key=...)")
         keys = jax.random.split(key, jnp.shape(x)[0])
-        hooks = [_dropout_hook(dropout, keys, k) for k in range(len(params) - 1)]
-    return forward_backward(params, x, d, activation=activation, output=output, loss=loss, reduction="sum",
-                            after_hidden=hooks, name=name)
+    spec = losses.loss_spec(loss, name=name)
+    if not spec.takes_reduction:
+        raise ValueError(f"{name}: the loss must take reduction= (each example's own loss needs "
+                         f"reduction='sum'), got {loss!r}")
+    net = mlp.network(params, activation=activation, output=output, train=True, dropout=dropout, running=False,
+                      who=name)
+    net = graph.objective(_per_example_masks(net) if dropout else net, spec._replace(reduction="sum"))
+    E, tape = graph.forward(net, params, {"x": x, "d": d, "key": keys}, who=name)
+    nodes = graph.trace(tape, graph.backward(tape, who=name)).nodes
+    passes = []
+    for i in range(1, len(params) + 1):
+        a = nodes[f"a{i}"]                       # inputs (W_k, b_k, h_{k-1}); grad_output delta_k
+        delta = a.grad_output if a.grad_output is not None else jnp.zeros_like(a.output)
+        grad_W, grad_b = a.grad_inputs[:2] if a.grad_output is not None else (jnp.zeros_like(a.inputs[0]),
+                                                                               jnp.zeros_like(a.inputs[1]))
+        passes.append(LayerPass(a.inputs[2], delta, grad_W, grad_b))
+    return E, passes
 
 
 def _passes(name, params, x, d, activation, output, loss, dropout, key):

@@ -42,11 +42,12 @@ def tanh(a):
 
 
 def relu(a):
-    """g(a) = max(a, 0), written as ``where(a > 0, a, 0)`` so autodiff gives g'(0) = 0 like the rule.
+    """g(a) = max(a, 0), written as ``where(a > 0, a, 0 a)`` so autodiff gives g'(0) = 0 like the rule
+    and NaN stays NaN (0 NaN = NaN), as in ``jax.nn.relu``.
 
     Reference for :func:`fnbp.relu`.
     """
-    return jnp.where(a > 0, a, 0.0)
+    return jnp.where(a > 0, a, 0.0 * a)
 
 
 def leaky_relu(a, slope=0.01):
@@ -67,7 +68,7 @@ def step(a):
 
     Reference for :func:`fnbp.step`.
     """
-    return jnp.where(a > 0, 1.0, 0.0).astype(a.dtype)
+    return jnp.where(jnp.isnan(a), a, jnp.where(a > 0, 1.0, 0.0).astype(a.dtype))   # NaN stays NaN
 
 
 def sign(a):

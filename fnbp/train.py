@@ -21,15 +21,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import activations, dp, losses, mlp, optim
-from .backprop import backprop, loss_rule
+from . import activations, dp, graph, losses, mlp, optim
+from .train_checks import (NonFiniteInputError, check_labels, _FN, _check_data, _check_finite_tree,
+                           _check_hyperparameters)
 
-__all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteLossError",
-           "batch_plan"]
+__all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteError",
+           "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError", "batch_plan", "check_labels"]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+    """Training stopped: a loss, parameter or optimizer-state value became NaN or inf."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The training loss became NaN or inf."""
+
+
+class NonFiniteParamsError(NonFiniteError):
+    """The parameters, optimizer state or batch-norm statistics became NaN or inf during a step
+    (a non-finite gradient or update), although the loss of that step was finite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +47,23 @@ class Config:
     """What the network is and how one step computes its gradient (hashable, static under jit).
 
     activation, output: the hidden and output activations (as ``fnbp.mlp.apply``).
-    loss: one of ``fnbp.losses`` (``reduction='mean'`` unless a ``functools.partial`` says 'sum').
-    l2: lambda of the L2 penalty on the weights.
-    grad: ``"autodiff"`` -- ``jax.value_and_grad`` through the custom_vjp layers (any
-      network, batch norm and dropout included), or ``"backprop"`` -- the explicit
-      loop ``fnbp.backprop`` (dense layers and activations only).
+    loss: a loss spec (``fnbp.losses.loss_spec``): one of ``fnbp.losses`` (``reduction='mean'``
+      unless a ``functools.partial`` says 'sum'), a rule of your own, or -- with grad="autodiff"
+      only -- any function L(y, d) -> scalar (e.g. an optax loss with ``.mean()``).
+    l2: lambda of the L2 penalty on the weights (a node of the objective, ``fnbp.graph.objective``).
+    grad: ``"autodiff"`` -- ``jax.value_and_grad`` through ``fnbp.graph.apply`` (the custom_vjp
+      rules), or ``"backprop"`` -- the explicit walker ``fnbp.graph.forward``/``backward``; both
+      run every op (batch norm and dropout included) and give the same gradients.
     dropout: drop probability between hidden layers (training only).
     bn_position, bn_momentum: batch norm placement and running-average momentum,
       used when the parameters have ``"gamma"``/``"beta"`` (``fnbp.mlp.init(..., batch_norm=True)``).
+    model: any network the walker runs, ``model(params, *, train) -> fnbp.graph.Graph`` with
+      input "x" (and "key" for dropout) and running statistics in the state pytree; None
+      (default) is the MLP of the fields above (``fnbp.mlp.network``).
     dp_clip, dp_noise: DP-SGD (``fnbp.dp``) when dp_clip = C > 0: each example's gradient clipped to
       norm C (from one backward of the explicit rules, whatever ``grad`` says), then N(0, (dp_noise C)^2 I)
-      added to the step's sum, from the step's key.  Not with batch norm.
+      added to the step's sum, from the step's key.  Not with batch norm nor
+      a ``model``.
     """
     activation: Callable = activations.relu
     output: Callable = activations.identity
@@ -59,23 +75,31 @@ class Config:
     bn_momentum: float = 0.1
     dp_clip: float = 0.0
     dp_noise: float = 0.0
+    model: Callable = None
 
     def __post_init__(self):
         if not (self.dp_clip >= 0 and self.dp_noise >= 0) or (self.dp_noise and not self.dp_clip):
             raise ValueError(f"fnbp.train.Config: dp_clip and dp_noise must be >= 0, and dp_noise needs dp_clip > 0; "
                              f"got dp_clip={self.dp_clip}, dp_noise={self.dp_noise}")
+        if self.dp_clip and self.model is not None:
+            raise ValueError("fnbp.train.Config: DP-SGD (dp_clip > 0) runs on the MLP of the fields; got a model")
         if self.grad not in ("autodiff", "backprop"):
             raise ValueError(f"fnbp.train.Config: grad must be 'autodiff' or 'backprop', got {self.grad!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"fnbp.train.Config: dropout must be in [0, 1), got {self.dropout}")
-        if self.grad == "backprop" and self.dropout:
-            raise ValueError("fnbp.train.Config: grad='backprop' covers dense layers and activations; "
-                             "use grad='autodiff' with dropout")
+        losses.loss_spec(self.loss, name="fnbp.train.Config")       # a bad loss or reduction fails here
+
+    def network(self, params, *, train):
+        """The network as a ``fnbp.graph.Graph`` (training or inference mode)."""
+        if self.model is not None:
+            return self.model(params, train=train)
+        return mlp.network(params, activation=self.activation, output=self.output, train=train,
+                           dropout=self.dropout if train else 0.0, bn_position=self.bn_position,
+                           bn_momentum=self.bn_momentum, who="fnbp.train")
 
     def forward(self, params, state, x, *, train, key=None):
-        return mlp.apply_stateful(params, state, x, train=train, key=key, activation=self.activation,
-                                  output=self.output, dropout=self.dropout if train else 0.0,
-                                  bn_position=self.bn_position, bn_momentum=self.bn_momentum)
+        """``(y, new_state)``: the network's output and running statistics."""
+        return graph.apply(self.network(params, train=train), params, {"x": x, "key": key}, state)
 
 
 class TrainResult(NamedTuple):
@@ -89,11 +113,6 @@ class TrainResult(NamedTuple):
     compile_seconds: float
 
 
-def _with_reduction(loss, reduction):
-    fn, _, _ = loss_rule(loss, name="fnbp.train")
-    return functools.partial(fn, reduction=reduction)
-
-
 def _accuracy(y, d):
     if jnp.issubdtype(d.dtype, jnp.integer):
         return jnp.mean(jnp.argmax(y, axis=-1) == d)
@@ -105,39 +124,43 @@ def _accuracy(y, d):
 def make_step(cfg: Config, opt, *, accumulate=1):
     """One optimizer step ``(params, opt_state, state), (x, d, key) -> (new carry, E)``.
 
-    With ``accumulate = m > 1`` the mini-batch is split into m equal micro-batches
-    whose gradients are summed (the notes' "running gradient": per micro-batch
-    loss with reduction='sum', then divided by the batch size when the loss's
-    reduction is 'mean'), followed by one optimizer update -- the same update as
-    the whole batch at once, with 1/m of the activation memory.  (Batch norm then
-    normalises each micro-batch with its own statistics.)
+    The objective E = L(y; d) + lambda Omega is one graph (``fnbp.graph.objective``),
+    differentiated by the explicit walker or by autodiff (``cfg.grad``).  With
+    ``accumulate = m > 1`` the mini-batch is split into m equal micro-batches whose
+    objectives are combined as the loss combines examples (``fnbp.losses.reduce``: their
+    mean for reduction='mean', their sum for 'sum', the penalty counted once), followed by
+    one optimizer update -- the same update as the whole batch at once, with 1/m of the
+    activation memory.  (Batch norm then normalises each micro-batch with its own statistics.)
     """
-    _, _, reduction = loss_rule(cfg.loss, name="fnbp.train")
-    sum_loss = _with_reduction(cfg.loss, "sum")
+    spec = losses.loss_spec(cfg.loss, name="fnbp.train")         # parsed once
+    with_l2 = mlp.has_l2(cfg.l2)
+    # m micro-batch objectives J_i = L_i + (lambda / c) Omega reduce to the whole batch's J when
+    # weighted by c / m, with c = reduce(ones(m)) (1 for 'mean', m for 'sum').
+    combined = float(losses.reduce(jnp.ones(accumulate), spec.reduction))
+    weight, l2_each = combined / accumulate, cfg.l2 / combined if with_l2 else cfg.l2
 
-    def data_loss_and_grad(params, state, x, d, key):
-        """(sum of per-example losses, new state), grads of that sum (no L2 here); with DP, the clipped sum."""
-        if cfg.dp_clip:
+    def objective_and_grad(params, state, x, d, key):
+        """((E, new state), grads) of one (micro-)batch's objective."""
+        net = graph.objective(cfg.network(params, train=True), spec, l2=with_l2)
+        inputs = {"x": x, "d": d, "key": key, "l2": l2_each}
+        if cfg.dp_clip:     # the clipped sum of per-example gradients, reduced as the loss reduces examples
             E, sums, _ = dp.loss_and_clipped_grad_sum(params, x, d, clip=cfg.dp_clip, activation=cfg.activation,
-                                                      output=cfg.output, loss=sum_loss, dropout=cfg.dropout,
+                                                      output=cfg.output, loss=spec.fn, dropout=cfg.dropout,
                                                       key=key, name="fnbp.train (DP-SGD)")
-            return (E, state), sums
-        if cfg.grad == "backprop":
-            E, grads = backprop(params, x, d, activation=cfg.activation, output=cfg.output, loss=sum_loss)
+            scale = 1.0 / x.shape[0] if spec.reduction == "mean" else 1.0
+            E, grads = E * scale, jax.tree_util.tree_map(lambda g: g * scale, sums)
+            if with_l2:
+                E_l2, g_l2 = jax.value_and_grad(losses.l2_penalty)(params, l2_each)   # runs the l2 rule
+                E, grads = E + E_l2, jax.tree_util.tree_map(jnp.add, grads, g_l2)
             return (E, state), grads
-
-        def objective(p):
-            y, new_state = cfg.forward(p, state, x, train=True, key=key)
-            return sum_loss(y, d), new_state
-
-        return jax.value_and_grad(objective, has_aux=True)(params)
+        return graph.value_and_grad(net, params, inputs, state, explicit=cfg.grad == "backprop", who="fnbp.train")
 
     def step(carry, batch):
         params, opt_state, state = carry
         x, d, key = batch
-        at = optim.lookahead_params(params, opt_state)    # = params unless the optimizer looks ahead (Nesterov)
+        at = optim.gradient_point(opt, params, opt_state)   # θ̃: = params unless the optimizer looks ahead (Nesterov)
         if accumulate == 1:
-            (E, state), grads = data_loss_and_grad(at, state, x, d, key)
+            (E, state), grads = objective_and_grad(at, state, x, d, key)
         else:
             micro_x = x.reshape((accumulate, -1) + x.shape[1:])
             micro_d = d.reshape((accumulate, -1) + d.shape[1:])
@@ -145,20 +168,15 @@ def make_step(cfg: Config, opt, *, accumulate=1):
             def micro(acc, mb):
                 E_acc, g_acc, st = acc
                 i, xm, dm = mb
-                (E, st), g = data_loss_and_grad(at, st, xm, dm, jax.random.fold_in(key, i))
-                return (E_acc + E, jax.tree_util.tree_map(jnp.add, g_acc, g), st), None
+                (E, st), g = objective_and_grad(at, st, xm, dm, jax.random.fold_in(key, i))
+                return (E_acc + weight * E, jax.tree_util.tree_map(lambda a, b: a + weight * b, g_acc, g), st), None
 
             zero = jax.tree_util.tree_map(jnp.zeros_like, at)
             (E, grads, state), _ = jax.lax.scan(
                 micro, (jnp.zeros((), x.dtype), zero, state), (jnp.arange(accumulate), micro_x, micro_d))
-        if cfg.dp_noise:                                   # once per step, after accumulation (DP-SGD)
-            grads = dp.gaussian(grads, jax.random.fold_in(key, 0x0D9), cfg.dp_noise * cfg.dp_clip)
-        if reduction == "mean":
-            n = x.shape[0]
-            E, grads = E / n, jax.tree_util.tree_map(lambda g: g / n, grads)
-        if not (isinstance(cfg.l2, (int, float)) and cfg.l2 == 0):
-            E_l2, g_l2 = jax.value_and_grad(losses.l2_penalty)(at, cfg.l2)   # runs the l2 rule
-            E, grads = E + E_l2, jax.tree_util.tree_map(jnp.add, grads, g_l2)
+        if cfg.dp_noise:       # N(0, (sigma C)^2 I) on the step's clipped sum, once, after accumulation (DP-SGD)
+            std = cfg.dp_noise * cfg.dp_clip / (x.shape[0] if spec.reduction == "mean" else 1)
+            grads = dp.gaussian(grads, jax.random.fold_in(key, 0x0D9), std)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
         return (params, opt_state, state), E
@@ -183,11 +201,30 @@ def batch_plan(n_examples, batch_size, accumulate=1):
     return B, n_examples // B
 
 
+def _all_finite(tree):
+    """One boolean: every inexact leaf of ``tree`` is finite (integer leaves such as counts are skipped)."""
+    flags = [jnp.all(jnp.isfinite(v)) for v in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(jnp.result_type(v), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_sharding=None):
     """A function ``(params, opt_state, state, x, d, epoch_key) -> (params, opt_state, state, losses)``
     running one epoch as a ``lax.scan`` over its steps (jit it; ``train`` does, with donation)."""
+    return _make_epoch(cfg, opt, batch_size=batch_size, n_examples=n_examples, accumulate=accumulate,
+                       batch_sharding=batch_sharding, finite_flags=False)
+
+
+def _make_epoch(cfg, opt, *, batch_size, n_examples, accumulate, batch_sharding, finite_flags):
+    """``make_epoch``; with ``finite_flags`` the epoch also returns one boolean per step: the
+    parameters, optimizer state and batch-norm statistics after that step are all finite (a cheap
+    in-jit check; the host reads the flags once per epoch, with the losses)."""
     B, n_steps = batch_plan(n_examples, batch_size, accumulate)
-    step = make_step(cfg, opt, accumulate=accumulate)
+    plain_step = make_step(cfg, opt, accumulate=accumulate)
+
+    def step(carry, batch):
+        carry, E = plain_step(carry, batch)
+        return carry, ((E, _all_finite(carry)) if finite_flags else E)
 
     def epoch(params, opt_state, state, x, d, epoch_key):
         perm = jax.random.permutation(epoch_key, x.shape[0])[: n_steps * B].reshape(n_steps, B)
@@ -200,8 +237,10 @@ def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_
                 db = jax.lax.with_sharding_constraint(db, batch_sharding)
             return step(carry, (xb, db, jax.random.fold_in(epoch_key, i)))
 
-        (params, opt_state, state), step_losses = jax.lax.scan(body, (params, opt_state, state), jnp.arange(n_steps))
-        return params, opt_state, state, step_losses
+        (params, opt_state, state), per_step = jax.lax.scan(body, (params, opt_state, state), jnp.arange(n_steps))
+        if finite_flags:
+            return (params, opt_state, state) + tuple(per_step)
+        return params, opt_state, state, per_step
 
     return epoch
 
@@ -209,13 +248,17 @@ def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_
 def evaluate(cfg: Config, params, state, x, d):
     """(mean loss, accuracy) in inference mode (running batch-norm statistics, no dropout)."""
     y, _ = cfg.forward(params, state, x, train=False)
-    return _with_reduction(cfg.loss, "mean")(y, d), _accuracy(y, d)
+    return losses.loss_spec(cfg.loss, name="fnbp.train")(y, d, reduction="mean"), _accuracy(y, d)
 
 
 def _learning_rate(schedule, step):
     if schedule is None:
         return None
     return float(schedule(jnp.asarray(step))) if callable(schedule) else float(schedule)
+
+
+def _uses_batch_norm(params):
+    return any(isinstance(layer, dict) and "gamma" in layer for layer in params)
 
 
 def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_state=None, state=None,
@@ -244,21 +287,43 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
       mesh: a ``jax.sharding.Mesh`` with one axis ``"data"`` for data-parallel
         training (see ``fnbp.parallel``); None for one device.
 
-    The epoch's per-step losses are checked after each epoch: a NaN or inf raises
-    ``NonFiniteLossError`` naming the epoch and step, before ``on_epoch`` is
-    called, so the last checkpoint written is the last good one.
+    Checks before anything is compiled (on the host, once): integer hyperparameters
+    (TypeError for bool/float/str, ValueError below their minimum), every split's
+    labels (``check_labels``) and features finite, and the parameters, optimizer
+    state and batch-norm statistics finite (``NonFiniteInputError``); batch norm
+    with one example per batch is refused.
+
+    During training each step also returns a finiteness flag of the new parameters,
+    optimizer state and statistics (a reduction inside the jit-compiled scan; the
+    host reads flags and losses once per epoch).  A NaN or inf loss raises
+    ``NonFiniteLossError``, a non-finite parameter/state with a finite loss
+    ``NonFiniteParamsError`` (both ``NonFiniteError``), naming the epoch and step,
+    before ``on_epoch`` is called, so the last checkpoint written is the last good one.
 
     History entries: epoch, loss (mean training loss over the epoch's steps),
     test_loss, test_accuracy, train_accuracy, learning_rate (at the epoch's last
     step), seconds, examples_per_s (compile time excluded).
     """
+    epochs, batch_size, accumulate, start_epoch, start_step = _check_hyperparameters(
+        opt, key, epochs, batch_size, accumulate, start_epoch, start_step, on_epoch)
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"{_FN}: on_epoch must be callable or None, got {type(on_epoch).__name__}")
+    mlp.check_params(params, np.asarray(data.x_train)[:1] if hasattr(data, "x_train") else None, name=_FN)
+    _check_data(data, params)
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-    mlp.check_params(params, x_train[:1], name="fnbp.train")
     opt_state = opt.init(params) if opt_state is None else opt_state
     state = mlp.init_state(params) if state is None else state
+    _check_finite_tree("params", params)
+    _check_finite_tree("opt_state", opt_state)
+    _check_finite_tree("state", state)
     n = x_train.shape[0]
     B, n_steps = batch_plan(n, batch_size, accumulate)
+    if _uses_batch_norm(params) and B // accumulate < 2:
+        raise ValueError(f"{_FN}: batch norm in training needs at least 2 examples per batch (per micro-batch with "
+                         f"accumulate), got batch_size={B}, accumulate={accumulate}: with one example the "
+                         f"normalised activation is 0 and the layer outputs beta whatever the input (PyTorch "
+                         f"refuses it too)")
     # The epoch donates its buffers; work on copies so the caller's arrays stay valid.
     params, opt_state, state = jax.tree_util.tree_map(lambda v: jnp.array(v, copy=True), (params, opt_state, state))
 
@@ -269,8 +334,8 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
             mesh, B, params, opt_state, state, x_train, y_train)
         x_test, y_test = parallel.replicate(mesh, (x_test, y_test))    # evaluation inputs on the same devices
 
-    epoch_fn = jax.jit(make_epoch(cfg, opt, batch_size=B, n_examples=n, accumulate=accumulate,
-                                  batch_sharding=batch_sharding), donate_argnums=(0, 1, 2))
+    epoch_fn = jax.jit(_make_epoch(cfg, opt, batch_size=B, n_examples=n, accumulate=accumulate,
+                                   batch_sharding=batch_sharding, finite_flags=True), donate_argnums=(0, 1, 2))
     eval_fn = jax.jit(functools.partial(evaluate, cfg))
 
     t0 = time.perf_counter()
@@ -288,17 +353,22 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
     result = TrainResult(params, opt_state, state, key, start_epoch, step, history, compile_seconds)
     for epoch in range(start_epoch, epochs):
         t = time.perf_counter()
-        params, opt_state, state, step_losses = compiled(params, opt_state, state, x_train, y_train,
-                                                         jax.random.fold_in(key, epoch))
-        step_losses = np.asarray(step_losses)
+        params, opt_state, state, step_losses, step_finite = compiled(params, opt_state, state, x_train, y_train,
+                                                                      jax.random.fold_in(key, epoch))
+        step_losses, step_finite = np.asarray(step_losses), np.asarray(step_finite)   # the epoch's one host sync
         seconds = time.perf_counter() - t
-        bad = np.flatnonzero(~np.isfinite(step_losses))
+        bad = np.flatnonzero(~np.isfinite(step_losses) | ~step_finite)
         if bad.size:
             i = int(bad[0])
-            raise NonFiniteLossError(
-                f"fnbp.train: the training loss became {step_losses[i]} at epoch {epoch} (0-based), step {i} of "
-                f"{n_steps} in that epoch (global step {step + i}); training stopped, the parameters of this epoch "
-                f"are discarded and no checkpoint was written for it (lower the learning rate?)")
+            where = (f"at epoch {epoch} (0-based), step {i} of {n_steps} in that epoch (global step {step + i}); "
+                     f"training stopped, the parameters of this epoch are discarded and no checkpoint was written "
+                     f"for it")
+            if not np.isfinite(step_losses[i]):
+                raise NonFiniteLossError(f"fnbp.train: the training loss became {step_losses[i]} {where} "
+                                         f"(lower the learning rate?)")
+            raise NonFiniteParamsError(f"fnbp.train: the parameters, optimizer state or batch-norm statistics became "
+                                       f"NaN or inf {where} (a non-finite gradient or update; lower the learning "
+                                       f"rate?)")
         step += n_steps
         test_loss, test_acc = eval_fn(params, state, x_test, y_test)
         _, train_acc = eval_fn(params, state, x_train, y_train)

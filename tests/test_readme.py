@@ -76,9 +76,6 @@ def test_first_example_runs_and_backprop_equals_grad(first_example):
     assert extra["SHAPES"] == "[(32, 64), (10, 32)]"           # W (n_out, n_in), as the comment says
 
 
-@pytest.mark.xfail(strict=True, reason="TODO(integrator): fnbp.check reports a failure for relu on the digits "
-                   "because finite differences straddle ReLU's kink at the exact zeros of the pixels; the "
-                   "kink-aware fnbp.check on main fixes it -- then this XPASSes: delete this xfail marker")
 def test_first_example_prints_true(first_example):
     assert first_example[0] == "True"
 

@@ -67,7 +67,7 @@ from ._base import (LookaheadTransformation, Schedule, ScalarOrSchedule, apply_u
                     gradient_point, leafwise_optimizer, update_moment)
 from .adaptive import (AdaDeltaState, AdaGradState, AdamState, DeltaBarDeltaState, RMSPropState, adadelta, adagrad,
                        adam, delta_bar_delta, rmsprop)
-from .momentum import (CountState, EmaMomentumState, MomentumState, NesterovState, ema_momentum, lookahead_params,
+from .gradient_descent import (CountState, EmaMomentumState, MomentumState, NesterovState, ema_momentum, lookahead_params,
                        momentum, nesterov, sgd, simplified_nesterov)
 from .schedules import constant, exponential_decay, inverse_decay
 

@@ -190,7 +190,7 @@ def gradient_point(opt, params, state):
     look = getattr(opt, "lookahead", None)
     if look is not None:
         return look(params, state)
-    from .momentum import lookahead_params  # the state-reading form, for wrappers that hide the method
+    from .gradient_descent import lookahead_params  # the state-reading form, for wrappers that hide the method
     return lookahead_params(params, state)
 
 
