@@ -232,7 +232,7 @@ def _check_resume(ckpt, meta, run_args, allowed):
 
 def _cmd_train(args):
     import jax
-    from . import checkpoint, mlp, optim, train as training
+    from . import checkpoint, dp, mlp, optim, train as training
 
     if args.epochs < 1:
         raise UsageError(f"fnbp train: --epochs must be >= 1, got {args.epochs}")
@@ -257,7 +257,7 @@ def _cmd_train(args):
     lr = _learning_rate(args)
     opt = getattr(optim, args.optimizer)(lr)
     cfg = training.Config(activation=_activation(args.activation, args.slope), l2=args.l2, grad=args.grad,
-                          dropout=args.dropout)
+                          dropout=args.dropout, dp_clip=args.dp_clip, dp_noise=args.dp_noise)
     opt_state, state = opt.init(params), mlp.init_state(params)
     ckpt = out / "checkpoint.npz"
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
@@ -283,7 +283,12 @@ def _cmd_train(args):
         print(f"removed {stale} (a temporary file left by an interrupted save)", flush=True)
     lines = not args.quiet and not sys.stderr.isatty()      # no progress bar: one line per epoch instead
 
+    B = len(ds.y_train) if args.batch_size is None else args.batch_size
+
     def on_epoch(result):
+        if args.dp_clip:                       # privacy spent so far (fnbp.dp.epsilon, dp-accounting)
+            result.history[-1]["epsilon"] = dp.epsilon(noise_multiplier=args.dp_noise, steps=result.step,
+                                                       sample_rate=B / len(ds.y_train), delta=args.dp_delta)
         with _writing(ckpt):
             checkpoint.save(ckpt, params=result.params, opt_state=result.opt_state, batch_stats=result.state,
                             step=result.step, epoch=result.epoch, key=k_train,
@@ -292,10 +297,10 @@ def _cmd_train(args):
         if lines:
             h = result.history[-1]
             print(f"epoch {h['epoch']:3d}  loss {h['loss']:.4f}  test loss {h['test_loss']:.4f}  "
-                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s", flush=True)
+                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s"
+                  + (f"  epsilon {h['epsilon']:.3f} at delta {args.dp_delta:g}" if "epsilon" in h else ""), flush=True)
 
     if not args.quiet:
-        B = len(ds.y_train) if args.batch_size is None else args.batch_size
         print(f"compiling... (one epoch = {len(ds.y_train) // B} steps of {B} examples; {ds.name}, "
               f"{len(ds.y_train)} training examples)", flush=True)
     t0 = time.perf_counter()
@@ -379,6 +384,9 @@ def add_parser(sub):
                    help="jax.value_and_grad through the custom_vjp layers, or the explicit fnbp.backprop loop")
     t.add_argument("--devices", type=_int_arg("--devices", 0), default=0,
                    help="data-parallel over N devices (0 = all visible devices when more than one, 1 = one device)")
+    t.add_argument("--dp-clip", type=_float_arg("--dp-clip", 0.0), default=0.0, help="DP-SGD: clip norm C (0 = off)")
+    t.add_argument("--dp-noise", type=_float_arg("--dp-noise", 0.0), default=0.0, help="DP-SGD: noise multiplier")
+    t.add_argument("--dp-delta", type=_float_arg("--dp-delta", 0, 1, lo_open=True), default=1e-5, help="DP-SGD: delta")
     t.add_argument("--seed", type=_int_arg("--seed", 0, SEED_LIMIT, "2**32"), default=0,
                    help="seed of the data split, initialisation and shuffling")
     t.add_argument("--out", default=None, help=f"output directory (default: runs/<data>-{MODEL}, e.g. "

@@ -79,7 +79,8 @@ class Config:
 
     def __post_init__(self):
         if not (self.dp_clip >= 0 and self.dp_noise >= 0) or (self.dp_noise and not self.dp_clip):
-            raise ValueError(f"fnbp.train.Config: dp_clip and dp_noise must be >= 0, and dp_noise needs dp_clip > 0; "
+            raise ValueError(f"fnbp.train.Config: dp_clip and dp_noise must be >= 0, and dp_noise needs dp_clip > 0 "
+                             f"(fnbp train: --dp-noise needs --dp-clip > 0); "
                              f"got dp_clip={self.dp_clip}, dp_noise={self.dp_noise}")
         if self.dp_clip and self.model is not None:
             raise ValueError("fnbp.train.Config: DP-SGD (dp_clip > 0) runs on the MLP of the fields; got a model")
