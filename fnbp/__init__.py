@@ -10,10 +10,13 @@ backprop rules of the lecture notes, encoded with ``jax.custom_vjp``:
 Modules: layers, activations, losses, norm (the rules); reference (plain jnp);
 ops (add, mul, log); graph (the walker: the notes' general back-propagation);
 crosscheck (``fnbp.check``); mlp (with ``backprop``, the walker on the MLP); skip (a
-skip-connection graph); optim; train, data, checkpoint, parallel; perceptron.
+skip-connection graph); optim; train, data, checkpoint, parallel; perceptron;
+per_example, dp, feedback (per-example quantities, DP-SGD, feedback alignment and
+straight-through estimators).
 """
 from . import (activations, checkpoint, data, graph, layers, losses, mlp, norm, ops, optim, parallel, perceptron,
                reference, rules, skip, train)
+from . import dp, feedback, per_example
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .mlp import backprop
 from .crosscheck import check
@@ -26,4 +29,4 @@ __version__ = "0.1.0"
 __all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "batch_norm", "dropout", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
-           "parallel", "perceptron", "graph", "ops", "skip"]
+           "parallel", "perceptron", "graph", "ops", "skip", "per_example", "dp", "feedback"]

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._cli_args import _batch_size, _float_arg, _int_arg, _layers
+
 OPTIMIZERS = ("sgd", "momentum", "ema_momentum", "nesterov", "simplified_nesterov", "adagrad", "rmsprop",
               "adadelta", "adam", "delta_bar_delta")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "prelu", "identity", "step", "sign")
@@ -47,59 +49,6 @@ def _writing(path):
 
 def _flag(name):
     return "--" + name.replace("_", "-")   # a run-argument name as its command-line flag
-
-
-def _int_arg(flag, lo, hi=None, hi_text=None):
-    def parse(text):
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
-        if n < lo or (hi is not None and n >= hi):
-            span = f">= {lo}" if hi is None else f"in [{lo}, {hi_text or hi})"
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer {span}, got {text}")
-        return n
-    return parse
-
-
-def _float_arg(flag, lo=None, hi=None, *, lo_open=False):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-        if v != v or v in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {text}")
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            raise argparse.ArgumentTypeError(f"{flag} must be {'>' if lo_open else '>='} {lo}, got {text}")
-        if hi is not None and v >= hi:
-            raise argparse.ArgumentTypeError(f"{flag} must be < {hi}, got {text}")
-        return v
-    return parse
-
-
-def _layers(text):
-    try:
-        widths = [int(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers must be comma-separated integers like 64,32,10, got {text!r}")
-    if len(widths) < 2 or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"--layers needs the input width and at least one layer width, "
-                                         f"all >= 1, got {text!r}")
-    return widths
-
-
-def _batch_size(text):
-    if text == "full":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-size must be an integer >= 1 or 'full', got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--batch-size must be an integer >= 1 or 'full' (full batch is spelled "
-                                         f"'full'), got {text}")
-    return n
 
 
 def _allow_changed(text):
@@ -233,7 +182,7 @@ def _check_resume(ckpt, meta, run_args, allowed):
 
 def _cmd_train(args):
     import jax
-    from . import checkpoint, mlp, optim, parallel, train as training
+    from . import checkpoint, dp, mlp, optim, parallel, train as training
 
     process, n_processes = parallel.initialize_from_args(args, UsageError)   # before anything uses a device
     writer = process == 0                   # only process 0 writes the checkpoint, history and plot
@@ -256,7 +205,7 @@ def _cmd_train(args):
     lr = _learning_rate(args)
     opt = getattr(optim, args.optimizer)(lr)
     cfg = training.Config(activation=_activation(args.activation, args.slope), l2=args.l2, grad=args.grad,
-                          dropout=args.dropout)
+                          dropout=args.dropout, dp_clip=args.dp_clip, dp_noise=args.dp_noise)
     opt_state, state = opt.init(params), mlp.init_state(params)
     ckpt = out / "checkpoint.npz"
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
@@ -283,7 +232,12 @@ def _cmd_train(args):
             print(f"removed {stale} (a temporary file left by an interrupted save)", flush=True)
     lines = writer and not args.quiet and not sys.stderr.isatty()   # no progress bar: one line per epoch instead
 
+    B = len(ds.y_train) if args.batch_size is None else args.batch_size
+
     def on_epoch(result):
+        if args.dp_clip:                       # privacy spent so far (fnbp.dp.epsilon, dp-accounting)
+            result.history[-1]["epsilon"] = dp.epsilon(noise_multiplier=args.dp_noise, steps=result.step,
+                                                       sample_rate=B / len(ds.y_train), delta=args.dp_delta)
         with _writing(ckpt):
             checkpoint.save(ckpt, params=result.params, opt_state=result.opt_state, batch_stats=result.state,
                             step=result.step, epoch=result.epoch, key=k_train,
@@ -292,10 +246,10 @@ def _cmd_train(args):
         if lines:
             h = result.history[-1]
             print(f"epoch {h['epoch']:3d}  loss {h['loss']:.4f}  test loss {h['test_loss']:.4f}  "
-                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s", flush=True)
+                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s"
+                  + (f"  epsilon {h['epsilon']:.3f} at delta {args.dp_delta:g}" if "epsilon" in h else ""), flush=True)
 
     if not args.quiet:
-        B = len(ds.y_train) if args.batch_size is None else args.batch_size
         print(f"compiling... (one epoch = {len(ds.y_train) // B} steps of {B} examples; {ds.name}, "
               f"{len(ds.y_train)} training examples)", flush=True)
     t0 = time.perf_counter()
@@ -383,6 +337,9 @@ def add_parser(sub):
                    help="jax.value_and_grad through the custom_vjp layers, or the explicit fnbp.backprop loop")
     t.add_argument("--devices", type=_int_arg("--devices", 0), default=0,
                    help="data-parallel over N devices (0 = all visible devices when more than one, 1 = one device)")
+    t.add_argument("--dp-clip", type=_float_arg("--dp-clip", 0.0), default=0.0, help="DP-SGD: clip norm C (0 = off)")
+    t.add_argument("--dp-noise", type=_float_arg("--dp-noise", 0.0), default=0.0, help="DP-SGD: noise multiplier")
+    t.add_argument("--dp-delta", type=_float_arg("--dp-delta", 0, 1, lo_open=True), default=1e-5, help="DP-SGD: delta")
     t.add_argument("--seed", type=_int_arg("--seed", 0, SEED_LIMIT, "2**32"), default=0,
                    help="seed of the data split, initialisation and shuffling")
     t.add_argument("--out", default=None, help=f"output directory (default: runs/<data>-{MODEL}, e.g. "

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import activations, graph, losses, mlp, optim
+from . import activations, dp, graph, losses, mlp, optim
 from .train_checks import (NonFiniteInputError, check_labels, _FN, _check_data, _check_finite_tree,
                            _check_hyperparameters)
 
@@ -60,6 +60,10 @@ class Config:
     model: any network the walker runs, ``model(params, *, train) -> fnbp.graph.Graph`` with
       input "x" (and "key" for dropout) and running statistics in the state pytree; None
       (default) is the MLP of the fields above (``fnbp.mlp.network``).
+    dp_clip, dp_noise: DP-SGD (``fnbp.dp``) when dp_clip = C > 0: each example's gradient clipped to
+      norm C (from one backward of the explicit rules, whatever ``grad`` says), then N(0, (dp_noise C)^2 I)
+      added to the step's sum, from the step's key.  Not with batch norm nor
+      a ``model``.
     """
     activation: Callable = activations.relu
     output: Callable = activations.identity
@@ -69,9 +73,17 @@ class Config:
     dropout: float = 0.0
     bn_position: str = "before"
     bn_momentum: float = 0.1
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
     model: Callable = None
 
     def __post_init__(self):
+        if not (self.dp_clip >= 0 and self.dp_noise >= 0) or (self.dp_noise and not self.dp_clip):
+            raise ValueError(f"fnbp.train.Config: dp_clip and dp_noise must be >= 0, and dp_noise needs dp_clip > 0 "
+                             f"(fnbp train: --dp-noise needs --dp-clip > 0); "
+                             f"got dp_clip={self.dp_clip}, dp_noise={self.dp_noise}")
+        if self.dp_clip and self.model is not None:
+            raise ValueError("fnbp.train.Config: DP-SGD (dp_clip > 0) runs on the MLP of the fields; got a model")
         if self.grad not in ("autodiff", "backprop"):
             raise ValueError(f"fnbp.train.Config: grad must be 'autodiff' or 'backprop', got {self.grad!r}")
         if not 0 <= self.dropout < 1:
@@ -132,6 +144,16 @@ def make_step(cfg: Config, opt, *, accumulate=1):
         """((E, new state), grads) of one (micro-)batch's objective."""
         net = graph.objective(cfg.network(params, train=True), spec, l2=with_l2)
         inputs = {"x": x, "d": d, "key": key, "l2": l2_each}
+        if cfg.dp_clip:     # the clipped sum of per-example gradients, reduced as the loss reduces examples
+            E, sums, _ = dp.loss_and_clipped_grad_sum(params, x, d, clip=cfg.dp_clip, activation=cfg.activation,
+                                                      output=cfg.output, loss=spec.fn, dropout=cfg.dropout,
+                                                      key=key, name="fnbp.train (DP-SGD)")
+            scale = 1.0 / x.shape[0] if spec.reduction == "mean" else 1.0
+            E, grads = E * scale, jax.tree_util.tree_map(lambda g: g * scale, sums)
+            if with_l2:
+                E_l2, g_l2 = jax.value_and_grad(losses.l2_penalty)(params, l2_each)   # runs the l2 rule
+                E, grads = E + E_l2, jax.tree_util.tree_map(jnp.add, grads, g_l2)
+            return (E, state), grads
         return graph.value_and_grad(net, params, inputs, state, explicit=cfg.grad == "backprop", who="fnbp.train")
 
     def step(carry, batch):
@@ -153,6 +175,9 @@ def make_step(cfg: Config, opt, *, accumulate=1):
             zero = jax.tree_util.tree_map(jnp.zeros_like, at)
             (E, grads, state), _ = jax.lax.scan(
                 micro, (jnp.zeros((), x.dtype), zero, state), (jnp.arange(accumulate), micro_x, micro_d))
+        if cfg.dp_noise:       # N(0, (sigma C)^2 I) on the step's clipped sum, once, after accumulation (DP-SGD)
+            std = cfg.dp_noise * cfg.dp_clip / (x.shape[0] if spec.reduction == "mean" else 1)
+            grads = dp.gaussian(grads, jax.random.fold_in(key, 0x0D9), std)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
         return (params, opt_state, state), E

@@ -14,7 +14,11 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+<<<<<<< HEAD
 CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.multiprocess"]
+=======
+CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.per_example_rules"]
+>>>>>>> pex
 """Modules whose import registers cases, in report order."""
 
 

@@ -1,0 +1,37 @@
+"""Per-example norms and the DP-SGD step, fnbp rules vs vmap(grad): the ``per_example_rules`` case of
+``fnbp.bench`` run alone (what it measures: ``fnbp/bench/per_example_rules.py``).
+
+    python -m experiments.bench_per_example                  # writes experiments/results/bench_per_example.{md,json}
+    python -m experiments.bench_per_example --quick --sizes 16,8,8,4 --batch 8 --out /tmp/x
+
+(``fnbp bench --cases per_example_rules`` runs the same case inside the full benchmark's report.)
+"""
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # noqa: E402
+from fnbp.bench.per_example_rules import bench_per_example_rules, render  # noqa: E402
+
+
+def main(argv=None):
+    def add(p):
+        p.add_argument("--sizes", default="784,512,512,10")
+        p.add_argument("--batch", type=int, default=256)
+        p.add_argument("--min-time", type=float, default=5.0, help="seconds of samples per variant")
+    args = common.parse_args("per-example norms and DP-SGD step: fnbp rules vs vmap(grad)", argv, add_arguments=add)
+    sizes = tuple(int(v) for v in args.sizes.split(","))
+    min_time = min(args.min_time, 0.05) if args.quick else args.min_time
+    t0 = time.perf_counter()
+    res = bench_per_example_rules(sizes, args.batch, min_time=min_time, seed=args.seed)
+    md = "\n".join(render(res)).replace("## Per-example", "# Per-example", 1)
+    common.write_results(args.out, "bench_per_example", md, res, args=args, seconds=time.perf_counter() - t0)
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

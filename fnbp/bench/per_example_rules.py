@@ -1,0 +1,162 @@
+"""Bench case ``per_example_rules``: per-example norms and the DP-SGD step from the explicit rules
+(``fnbp.per_example``, ``fnbp.dp``) vs ``jax.vmap(jax.grad)`` of a plain-jnp loss (issue #14).
+
+784-512-512-10 ReLU network (``--sizes``), softmax cross-entropy, B = 256 (32 with ``--quick``),
+float32, side by side, interleaved (one call of each variant per round, shuffled order):
+
+* ``norms_fnbp``: ``fnbp.per_example.grad_norms`` -- one forward, one backward (reduction='sum'),
+  ||g_n||^2 = sum_k ||delta_{k,n}||^2 (||h_{k-1,n}||^2 + 1), no per-example gradient formed;
+* ``norms_vmap``: ``jit(vmap(grad))`` of the plain-jnp per-example loss, then the norms of the
+  materialised B x |theta| gradients (what a JAX user writes);
+* ``dp_fnbp``: one DP-SGD step, ``fnbp.dp.private_grad`` (norms, clip factors, the clipped sum as
+  delta^T diag(c) H, Gaussian noise) + the SGD update;
+* ``dp_vmap``: the same step with ``vmap(grad)`` + clip + sum (same noise function, same update);
+* ``step_plain``: the ordinary (non-private) step ``fnbp.backprop`` + SGD, for scale.
+
+Reported: median ms per call (IQR), the paired per-round ratios fnbp / vmap, XLA's temp memory of
+each compiled program (``memory_analysis().temp_size_in_bytes``).  Targets of issue #14: norms
+<= 0.1x the time, DP step >= 5x faster with temp memory <= 1/10.
+"""
+import time
+
+import jax
+import jax.numpy as jnp
+
+import fnbp
+
+from .harness import interleaved, paired_ratio, summarize, temp_bytes
+from .registry import register
+
+
+def _fmt(x, digits=4):
+    if x is None:
+        return "—"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:.{digits}g}"
+
+
+def md_table(headers, rows):
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+                     + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
+
+
+VARIANTS = ("norms_fnbp", "norms_vmap", "dp_fnbp", "dp_vmap", "step_plain")
+CLIP, SIGMA, LR = 1.0, 1.1, 0.05
+
+
+def plain_loss(params, x_n, d_n):
+    """Example n's own loss with plain jnp (the peer's model; autodiff differentiates it)."""
+    h = x_n
+    for k, layer in enumerate(params):
+        a = h @ layer["W"].T + layer["b"]
+        h = jax.nn.relu(a) if k < len(params) - 1 else a
+    return -jax.nn.log_softmax(h)[d_n]
+
+
+def vmap_grads(params, x, d):
+    return jax.vmap(jax.grad(plain_loss), in_axes=(None, 0, 0))(params, x, d)
+
+
+def vmap_norms(params, x, d):
+    g = vmap_grads(params, x, d)
+    return _norms(g)
+
+
+def _norms(g):
+    return jnp.sqrt(sum(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1) for v in jax.tree_util.tree_leaves(g)))
+
+
+def vmap_private_grad(params, x, d, key):
+    g = vmap_grads(params, x, d)
+    norms = _norms(g)
+    c = 1.0 / jnp.maximum(1.0, norms / CLIP)
+    sums = jax.tree_util.tree_map(lambda leaf: jnp.tensordot(c, leaf, axes=1), g)     # clip, then sum
+    return fnbp.dp.add_noise(sums, key, clip=CLIP, noise_multiplier=SIGMA, batch_size=x.shape[0])
+
+
+CE = fnbp.losses.softmax_cross_entropy
+
+
+def programs():
+    def sgd(params, g):
+        return jax.tree_util.tree_map(lambda p, u: p - LR * u, params, g)
+
+    return {
+        "norms_fnbp": lambda p, x, d, key: fnbp.per_example.grad_norms(p, x, d, loss=CE),
+        "norms_vmap": lambda p, x, d, key: vmap_norms(p, x, d),
+        "dp_fnbp": lambda p, x, d, key: sgd(p, fnbp.dp.private_grad(p, x, d, key, clip=CLIP, noise_multiplier=SIGMA,
+                                                                     loss=CE)[0]),
+        "dp_vmap": lambda p, x, d, key: sgd(p, vmap_private_grad(p, x, d, key)),
+        "step_plain": lambda p, x, d, key: sgd(p, fnbp.backprop(p, x, d, loss=CE)[1]),
+    }
+
+
+def bench_per_example_rules(sizes, batch, *, min_time, seed=0):
+    """Interleaved timing of the five variants; returns the report section (stats, paired ratios, temp ratios)."""
+    key = jax.random.key(seed)
+    params = fnbp.mlp.init(key, sizes)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, sizes[0]), jnp.float32)
+    d = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, sizes[-1])
+    noise_key = jax.random.fold_in(key, 3)
+    compiled, info = {}, {}
+    for name, fn in programs().items():
+        t0 = time.perf_counter()
+        compiled[name] = jax.jit(fn).lower(params, x, d, noise_key).compile()
+        info[name] = {"compile_s": time.perf_counter() - t0, "temp_bytes": temp_bytes(compiled[name])}
+    # the two ways agree (float32): norms and the private step
+    n1, n2 = compiled["norms_fnbp"](params, x, d, noise_key), compiled["norms_vmap"](params, x, d, noise_key)
+    p1, p2 = compiled["dp_fnbp"](params, x, d, noise_key), compiled["dp_vmap"](params, x, d, noise_key)
+    agree = {"norms_max_rel": float(jnp.max(jnp.abs(n1 - n2) / n2)),
+             "dp_step_max_abs": max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                                    zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)))}
+    fns = {n: (lambda c=c: jax.block_until_ready(c(params, x, d, noise_key))) for n, c in compiled.items()}
+    samples = interleaved(fns, min_time)
+    stats = {n: dict(summarize(samples[n], batch_size=batch), **info[n]) for n in VARIANTS}
+    ratios = {"norms_time": paired_ratio(samples["norms_fnbp"], samples["norms_vmap"]),
+              "dp_time": paired_ratio(samples["dp_fnbp"], samples["dp_vmap"]),
+              "dp_vs_plain_step": paired_ratio(samples["dp_fnbp"], samples["step_plain"])}
+    mem = {}
+    for a, b in (("norms_fnbp", "norms_vmap"), ("dp_fnbp", "dp_vmap")):
+        ta, tb = info[a]["temp_bytes"], info[b]["temp_bytes"]
+        mem[a.split("_")[0] + "_temp"] = (ta / tb) if ta is not None and tb else None
+    return {"sizes": list(sizes), "batch": batch, "min_time": min_time, "n_params": fnbp.mlp.num_params(sizes),
+            "stats": stats,
+            "ratios": ratios, "temp_ratios": mem, "agreement_float32": agree}
+
+
+def render(res, result=None):
+    """Markdown lines of the section."""
+    s, r, m = res["stats"], res["ratios"], res["temp_ratios"]
+    L = [f"## Per-example norms and DP-SGD: explicit rules vs vmap(grad)", "",
+         f"Network {'-'.join(map(str, res['sizes']))} (ReLU, softmax cross-entropy, {res['n_params']:,} parameters), "
+         f"B = {res['batch']}, float32, clip C = {CLIP}, sigma = {SIGMA}. One process, interleaved rounds "
+         f"(`fnbp.bench.harness.interleaved`), min {res['min_time']} s per variant. Shared CPU: compare the paired "
+         "ratios, not absolute times.", ""]
+    rows = [[n, _fmt(s[n]["ms_median"]), f"{_fmt(s[n]['ms_q1'])}–{_fmt(s[n]['ms_q3'])}",
+             _fmt(s[n]["n_samples"]), _fmt((s[n]["temp_bytes"] or 0) / 2 ** 20),
+             _fmt(s[n]["compile_s"])] for n in VARIANTS]
+    L.append(md_table(["variant", "ms median", "IQR", "samples", "temp MB", "compile s"], rows))
+    L += ["", "| ratio (fnbp / vmap way) | median over rounds | IQR | target |", "|---|---|---|---|",
+          f"| per-example norms, time | {_fmt(r['norms_time']['median'])} | "
+          f"{_fmt(r['norms_time']['q1'])}–{_fmt(r['norms_time']['q3'])} | ≤ 0.1 |",
+          f"| DP step, time | {_fmt(r['dp_time']['median'])} | "
+          f"{_fmt(r['dp_time']['q1'])}–{_fmt(r['dp_time']['q3'])} | ≤ 0.2 (≥ 5x faster) |",
+          f"| DP step, temp memory | {_fmt(m['dp_temp'])} | — | ≤ 0.1 |",
+          f"| norms, temp memory | {_fmt(m['norms_temp'])} | — | — |",
+          f"| DP step / ordinary step, time | {_fmt(r['dp_vs_plain_step']['median'])} | "
+          f"{_fmt(r['dp_vs_plain_step']['q1'])}–{_fmt(r['dp_vs_plain_step']['q3'])} | — |", "",
+          f"Agreement in float32: norms max relative difference {_fmt(res['agreement_float32']['norms_max_rel'])}, "
+          f"DP step parameters max abs difference {_fmt(res['agreement_float32']['dp_step_max_abs'])} "
+          "(same noise key; the float64 tests check ≤ 1e-10).", ""]
+    return L
+
+
+def _run(ctx):
+    ctx.log("per-example norms and DP step: fnbp rules vs vmap(grad) ...")
+    B = min(ctx.per_example_batch, 32) if ctx.quick else 256          # the issue's B = 256 for a full run
+    return bench_per_example_rules(ctx.sizes, B, min_time=ctx.min_time, seed=ctx.seed)
+
+
+register("per_example_rules", run=_run, render=render,
+         help="per-example norms and the DP-SGD step: fnbp.per_example/fnbp.dp vs vmap(grad) (+ clip)")

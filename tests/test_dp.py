@@ -1,0 +1,153 @@
+"""fnbp.dp: the clipped sum against clip-then-sum of vmap(grad), the noise, and epsilon from dp-accounting."""
+import functools
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fnbp
+from fnbp import dp
+
+from per_example_oracle import flat_norms, make_case, max_abs_diff, reference_grads
+
+jax.config.update("jax_enable_x64", True)
+
+
+@pytest.mark.parametrize("case", ["tanh-softmax_ce", "relu-half_sse"])
+def test_clipped_sum_equals_clip_then_sum_of_vmap_grad(case):
+    act, _, loss, _, params, x, d = make_case(case, seed=4)
+    ref = reference_grads(case, params, x, d)
+    ref_norms = flat_norms(ref)
+    clip = float(jnp.median(ref_norms))                     # some examples clipped, some not
+    assert int(jnp.sum(ref_norms > clip)) >= 2 and int(jnp.sum(ref_norms < clip)) >= 2
+    scale = jnp.minimum(1.0, clip / ref_norms)
+    ref_sum = jax.tree_util.tree_map(lambda g: jnp.tensordot(scale, g, axes=1), ref)
+    got, norms = jax.jit(functools.partial(dp.clipped_grad_sum, clip=clip, activation=act, loss=loss))(params, x, d)
+    assert max_abs_diff(got, ref_sum) <= 1e-10
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-10)
+    unclipped = jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), ref)
+    assert max_abs_diff(got, unclipped) > 1e-3               # clipping changed the sum
+
+
+def test_huge_clip_gives_the_plain_sum_and_clipped_examples_have_norm_clip():
+    act, _, loss, _, params, x, d = make_case("relu-half_sse", seed=5)
+    got, _ = dp.clipped_grad_sum(params, x, d, clip=1e9, activation=act, loss=loss)
+    _, plain = fnbp.backprop(params, x, d, activation=act, loss=functools.partial(loss, reduction="sum"))
+    assert max_abs_diff(got, plain) <= 1e-10
+    # one example alone, clipped: its contribution has norm exactly C
+    one, norms = dp.clipped_grad_sum(params, x[:1], d[:1], clip=1e-3, activation=act, loss=loss)
+    assert float(norms[0]) > 1e-3
+    np.testing.assert_allclose(flat_norms(jax.tree_util.tree_map(lambda g: g[None], one)), [1e-3], rtol=1e-10)
+
+
+def test_private_grad_noise_has_std_sigma_clip_and_follows_the_key():
+    act, _, loss, _, params, x, d = make_case("tanh-softmax_ce", seed=6)
+    clip, sigma = 0.5, 1.3
+    kw = dict(clip=clip, noise_multiplier=sigma, activation=act, loss=loss)
+    g1, _ = dp.private_grad(params, x, d, jax.random.key(1), **kw)
+    g1b, _ = dp.private_grad(params, x, d, jax.random.key(1), **kw)
+    g2, _ = dp.private_grad(params, x, d, jax.random.key(2), **kw)
+    assert max_abs_diff(g1, g1b) == 0.0 and max_abs_diff(g1, g2) > 1e-2
+    sums, _ = dp.clipped_grad_sum(params, x, d, clip=clip, activation=act, loss=loss)
+    noise = jnp.concatenate([(x.shape[0] * a - s).ravel() for a, s in
+                             zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(sums))])
+    assert noise.size > 100
+    np.testing.assert_allclose(float(jnp.std(noise)), sigma * clip, rtol=0.15)
+    assert abs(float(jnp.mean(noise))) < 0.3 * sigma * clip
+    zero_noise, _ = dp.private_grad(params, x, d, jax.random.key(1), **dict(kw, noise_multiplier=0.0))
+    assert max_abs_diff(zero_noise, jax.tree_util.tree_map(lambda s: s / x.shape[0], sums)) <= 1e-15
+
+
+def test_gaussian_noise_transformation_chains_with_an_optimizer():
+    act, _, loss, _, params, x, d = make_case("relu-half_sse", seed=7)
+    clip, sigma, key = 1.0, 0.8, jax.random.key(3)
+    tx = optax.chain(dp.gaussian_noise(clip, sigma, x.shape[0], key), fnbp.optim.sgd(0.1))
+    state = tx.init(params)
+    sums, _ = dp.clipped_grad_sum(params, x, d, clip=clip, activation=act, loss=loss)
+    updates, state = tx.update(sums, state, params)
+    expected = dp.add_noise(sums, jax.random.fold_in(key, 0), clip=clip, noise_multiplier=sigma,
+                            batch_size=x.shape[0])
+    assert max_abs_diff(updates, jax.tree_util.tree_map(lambda g: -0.1 * g, expected)) <= 1e-12
+    updates2, state = tx.update(sums, state, params)
+    assert max_abs_diff(updates, updates2) > 1e-3             # step 1 draws fresh noise
+    assert int(state[0].count) == 2
+
+
+def test_epsilon_grows_with_steps_and_shrinks_with_sigma():
+    kw = dict(sample_rate=256 / 60000, delta=1e-5)
+    eps_steps = [dp.epsilon(noise_multiplier=1.1, steps=s, **kw) for s in (100, 1000, 10000)]
+    assert eps_steps[0] < eps_steps[1] < eps_steps[2]
+    eps_sigma = [dp.epsilon(noise_multiplier=s, steps=1000, **kw) for s in (0.7, 1.1, 2.0)]
+    assert eps_sigma[0] > eps_sigma[1] > eps_sigma[2]
+    assert dp.epsilon(noise_multiplier=1.1, steps=0, **kw) == 0.0
+    assert dp.epsilon(noise_multiplier=0.0, steps=10, **kw) == math.inf
+
+
+def test_epsilon_matches_dp_accounting_for_the_mnist_setting():
+    """Abadi et al.'s MNIST-style setting: B = 256 of N = 60000, sigma = 1.1, 60 epochs, delta = 1e-5,
+    accounted independently here through dp_accounting's RDP accountant (compose with a count)."""
+    q, sigma, steps, delta = 256 / 60000, 1.1, 60 * 60000 // 256, 1e-5
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    expected = accountant.get_epsilon(delta)
+    got = dp.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert 1.0 < got < 5.0                                   # a meaningful budget, not 0 or inf
+    pld = dp.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant="pld")
+    assert 0.5 * got < pld <= got * 1.01                      # PLD is the tighter bound
+
+
+def test_bad_arguments_are_named():
+    act, _, loss, _, params, x, d = make_case("relu-half_sse")
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: clip must be a positive finite number"):
+        dp.clipped_grad_sum(params, x, d, clip=0.0)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.private_grad: noise_multiplier must be a finite number >= 0"):
+        dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=-1.0)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.epsilon: delta must be in \(0, 1\), got 0"):
+        dp.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=0)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.epsilon: sample_rate must be in \(0, 1\]"):
+        dp.epsilon(noise_multiplier=1.0, sample_rate=2.0, steps=10, delta=1e-5)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.gaussian_noise: batch_size must be a positive integer"):
+        dp.gaussian_noise(1.0, 1.0, 0, jax.random.key(0))
+    bn = fnbp.mlp.init(jax.random.key(0), (5, 7, 6, 3), batch_norm=True)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: batch norm couples"):
+        dp.clipped_grad_sum(bn, x, d, clip=1.0)
+
+
+def test_train_with_huge_clip_and_no_noise_is_ordinary_training_and_noise_follows_the_key():
+    data = fnbp.data.load_digits(seed=0)
+    data = data._replace(x_train=data.x_train[:256], y_train=data.y_train[:256])
+    params = fnbp.mlp.init(jax.random.key(0), (64, 16, 10))
+    run = functools.partial(fnbp.train.train, params, fnbp.optim.sgd(0.1), data, key=jax.random.key(1), epochs=1,
+                            batch_size=32, progress=False)
+    plain = run(cfg=fnbp.train.Config(grad="backprop"))
+    clipped_only = run(cfg=fnbp.train.Config(dp_clip=1e9))
+    assert max_abs_diff(plain.params, clipped_only.params) <= 1e-5
+    noisy = run(cfg=fnbp.train.Config(dp_clip=1.0, dp_noise=1.0))
+    again = run(cfg=fnbp.train.Config(dp_clip=1.0, dp_noise=1.0))
+    assert max_abs_diff(noisy.params, again.params) == 0.0
+    assert max_abs_diff(noisy.params, plain.params) > 1e-3
+    with pytest.raises(ValueError, match=r"fnbp\.train\.Config: dp_clip and dp_noise must be >= 0"):
+        fnbp.train.Config(dp_noise=1.0)
+
+
+def test_cli_prints_epsilon_per_epoch(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "fnbp", "train", "--dp-clip", "1", "--dp-noise", "1.1", "--epochs",
+                          "2", "--layers", "64,10", "--batch-size", "64", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("epoch")]
+    eps = [float(ln.split("epsilon ")[1].split()[0]) for ln in lines]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1] < 10
+    n_train, B = 1438, 64
+    assert eps[1] == pytest.approx(dp.epsilon(noise_multiplier=1.1, sample_rate=B / n_train,
+                                              steps=2 * (n_train // B), delta=1e-5), abs=1e-3)
+    bad = subprocess.run([sys.executable, "-m", "fnbp", "train", "--dp-noise", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--dp-noise needs --dp-clip > 0" in bad.stderr and "Traceback" not in bad.stderr
