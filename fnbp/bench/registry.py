@@ -14,11 +14,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-<<<<<<< HEAD
-CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.multiprocess"]
-=======
-CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.per_example_rules"]
->>>>>>> pex
+CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.multiprocess", "fnbp.bench.per_example_rules"]
 """Modules whose import registers cases, in report order."""
 
 
