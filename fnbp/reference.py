@@ -93,3 +93,43 @@ def batch_norm(x, gamma, beta, *, eps=1e-5):
 def dropout(x, p, key):
     keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
     return jnp.where(keep, x / (1.0 - p), 0.0)
+
+
+# --- convolutional layers (lax's own ops, differentiated by JAX) ----------------
+def _lax_padding(padding):
+    return padding.upper() if isinstance(padding, str) else ((padding, padding), (padding, padding))
+
+
+def conv2d(W, b, h, *, stride=1, padding="SAME"):
+    """lax.conv_general_dilated with x NHWC, W (C_out, C_in, kh, kw) (OIHW), plus the bias."""
+    from jax import lax
+    a = lax.conv_general_dilated(h, W, (stride, stride), _lax_padding(padding),
+                                 dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    return a + b
+
+
+def max_pool(x, window=2, stride=None):
+    """lax.reduce_window max over (window x window), no padding; autodiff gives select_and_scatter."""
+    from jax import lax
+    s = window if stride is None else stride
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, s, s, 1), "VALID")
+
+
+def avg_pool(x, window=2, stride=None):
+    from jax import lax
+    s = window if stride is None else stride
+    return lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, s, s, 1), "VALID") / (window * window)
+
+
+def flatten(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def global_avg_pool(x):
+    return jnp.mean(x, axis=(1, 2))
+
+
+def batch_norm_channels(x, gamma, beta, *, eps=1e-5):
+    mu = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.var(x, axis=(0, 1, 2))
+    return gamma * (x - mu) / jnp.sqrt(var + eps) + beta
