@@ -50,6 +50,7 @@ VARIANTS = {                       # name -> (Config options, LeNet options)
 def add_arguments(p):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3, help="seeds of the main configuration")
+    p.add_argument("--data-dir", default=None, help="MNIST directory (default: fnbp.data.load_mnist's search)")
 
 
 def run(cfg, params, data, *, epochs, key, state=None):
@@ -85,16 +86,16 @@ def images(data):
     return data._replace(x_train=nhwc(data.x_train), x_test=nhwc(data.x_test))
 
 
-def load(quick, seed):
+def load(quick, seed, data_dir=None):
     if quick:
         return images(fdata.load_digits(seed=seed))            # pixels already in [0, 1]
-    return images(fdata.load_mnist(flatten=False))
+    return images(fdata.load_mnist(data_dir, flatten=False))
 
 
 def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv, add_arguments=add_arguments)
     t_start = time.perf_counter()
-    data = load(args.quick, 0)
+    data = load(args.quick, 0, args.data_dir)
     epochs, n_seeds = (1, 1) if args.quick else (args.epochs, args.seeds)
     shape = data.x_train.shape[1:]
     arch_options = dict(channels=(4, 8), hidden=(16,)) if args.quick else {}
@@ -114,11 +115,12 @@ def main(argv=None):
         seconds.append(secs)
         curves[f"main, seed {seed}"] = hist
         if s == 0:
-            main_params, main_state = params, state
-    results["main: shifts ±2 + dropout 0.25"] = {"seeds": n_seeds, "accuracies": finals,
-                                                 "mean": float(np.mean(finals)),
-                                                 "std": float(np.std(finals, ddof=1)) if n_seeds > 1 else None,
-                                                 "seconds_per_run": float(np.mean(seconds))}
+            main_params = params
+        results["main: shifts ±2 + dropout 0.25"] = {
+            "seeds": len(finals), "accuracies": finals, "mean": float(np.mean(finals)),
+            "std": float(np.std(finals, ddof=1)) if len(finals) > 1 else None,
+            "seconds_per_run": float(np.mean(seconds))}
+        report(args, data, epochs, main_arch, main_params, results, curves, t_start)
     for name, (cfg_opts, arch_opts) in variants.items():
         common.log(f"{name}, seed {args.seed}")
         arch = cnn.lenet(shape, **arch_options, **arch_opts)
@@ -127,6 +129,7 @@ def main(argv=None):
         curves[name] = hist
         results[name] = {"seeds": 1, "accuracies": [hist[-1]["test_accuracy"]], "mean": hist[-1]["test_accuracy"],
                          "std": None, "seconds_per_run": secs}
+        report(args, data, epochs, main_arch, main_params, results, curves, t_start)
     common.log(f"MLP, seed {args.seed}")
     n_in = int(np.prod(shape))
     flat = data._replace(x_train=data.x_train.reshape(-1, n_in), x_test=data.x_test.reshape(-1, n_in))
@@ -137,8 +140,13 @@ def main(argv=None):
     results["MLP " + "-".join(map(str, sizes))] = {"seeds": 1, "accuracies": [hist[-1]["test_accuracy"]],
                                                    "mean": hist[-1]["test_accuracy"], "std": None,
                                                    "seconds_per_run": secs}
+    report(args, data, epochs, main_arch, main_params, results, curves, t_start)
+    return results
 
-    # --- pictures ----------------------------------------------------------------------------
+
+def report(args, data, epochs, main_arch, main_params, results, curves, t_start):
+    """Write the table, the curves and the pictures (after every run, so a long run leaves results)."""
+    cols = 8
     plt = common.plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, hist in curves.items():
@@ -149,7 +157,6 @@ def main(argv=None):
     common.save_figure(fig, args.out, f"{NAME}_curves.png")
 
     W1 = np.asarray(main_params["conv"][0]["W"])[:, 0]          # (32, k, k)
-    cols = 8
     fig, axes = plt.subplots(-(-W1.shape[0] // cols), cols, figsize=(cols, 1.1 * -(-W1.shape[0] // cols)))
     for k, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
@@ -192,7 +199,6 @@ def main(argv=None):
     common.write_results(args.out, NAME, "\n".join(md), {"results": results, "curves": curves,
                                                          "arch": dataclasses.asdict(main_arch), "epochs": epochs},
                          args=args, seconds=time.perf_counter() - t_start)
-    return results
 
 
 if __name__ == "__main__":
