@@ -22,6 +22,16 @@ __all__ = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step",
            "ACTIVATIONS", "sum_to_shape"]
 
 
+def _floating(name):
+    """A trace-time check that the pre-activation is a floating-point array (the named error)."""
+    def check(a, *_):
+        dtype = jnp.result_type(a)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"fnbp.{name}: the pre-activation a must be a floating-point array, got dtype {dtype} "
+                            f"(convert with jnp.asarray(a, jnp.float32))")
+    return check
+
+
 def _identity_fwd(a):
     """Identity g(a) = a.  Backward: delta = grad_h E (g'(a) = 1)."""
     return a, None
@@ -31,7 +41,7 @@ def _identity_bwd(_, grad_h):
     return (grad_h,)                                    # g'(a) = 1
 
 
-identity = rule(_identity_fwd, _identity_bwd)
+identity = rule(_identity_fwd, _identity_bwd, check=_floating("identity"))
 
 
 def _sigmoid_fwd(a):
@@ -48,7 +58,7 @@ def _sigmoid_bwd(h, grad_h):
     return (grad_h * h * (1 - h),)                      # g'(a) = g(a) (1 - g(a))
 
 
-sigmoid = rule(_sigmoid_fwd, _sigmoid_bwd)
+sigmoid = rule(_sigmoid_fwd, _sigmoid_bwd, check=_floating("sigmoid"))
 
 
 def _tanh_fwd(a):
@@ -61,7 +71,7 @@ def _tanh_bwd(h, grad_h):
     return (grad_h * (1 - h * h),)                      # g'(a) = 1 - g(a)^2
 
 
-tanh = rule(_tanh_fwd, _tanh_bwd)
+tanh = rule(_tanh_fwd, _tanh_bwd, check=_floating("tanh"))
 
 
 def _relu_fwd(a):
@@ -77,7 +87,7 @@ def _relu_bwd(mask, grad_h):
     return (jnp.where(mask, grad_h, jnp.zeros((), grad_h.dtype)),)   # g'(a) = [a > 0]
 
 
-relu = rule(_relu_fwd, _relu_bwd)
+relu = rule(_relu_fwd, _relu_bwd, check=_floating("relu"))
 
 
 def _leaky_relu_fwd(a, slope=0.01):
@@ -96,7 +106,7 @@ def _leaky_relu_bwd(res, grad_h):
     return delta, None
 
 
-leaky_relu = rule(_leaky_relu_fwd, _leaky_relu_bwd)
+leaky_relu = rule(_leaky_relu_fwd, _leaky_relu_bwd, check=_floating("leaky_relu"))
 
 
 def sum_to_shape(x, shape):
@@ -128,6 +138,7 @@ def _prelu_bwd(res, grad_h):
 
 
 def _check_prelu(a, alpha):
+    _floating("prelu")(a)
     try:
         shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(alpha))
     except ValueError:
@@ -155,7 +166,7 @@ def _step_fwd(a):
     return jnp.where(jnp.isnan(a), a, (a > 0).astype(a.dtype)), None
 
 
-step = rule(_step_fwd, _zero_bwd)
+step = rule(_step_fwd, _zero_bwd, check=_floating("step"))
 
 
 def _sign_fwd(a):
@@ -167,7 +178,7 @@ def _sign_fwd(a):
     return jnp.sign(a), None
 
 
-sign = rule(_sign_fwd, _zero_bwd)
+sign = rule(_sign_fwd, _zero_bwd, check=_floating("sign"))
 
 
 def _softmax_fwd(a):
@@ -189,7 +200,7 @@ def _softmax_bwd(p, grad_h):
     return (p * (grad_h - jnp.sum(grad_h * p, axis=-1, keepdims=True)),)   # J^T g = p (.) (g - <g, p>)
 
 
-softmax = rule(_softmax_fwd, _softmax_bwd)
+softmax = rule(_softmax_fwd, _softmax_bwd, check=_floating("softmax"))
 
 
 ACTIVATIONS = {

@@ -17,6 +17,7 @@ the same width and viewed back on load.
 """
 from __future__ import annotations
 
+import glob
 import json
 import operator
 import os
@@ -29,67 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CheckpointError", "save", "load", "read_metadata", "FORMAT"]
+from .checkpoint_format import (_KEY, _TREES, CheckpointError, _check_meta, _encode, _is_typed_key, _key_entry,
+                                _fill, _np_dtype, _parse_keystr, _rebuild_tree, _skeleton, _stored_array)
+
+__all__ = ["CheckpointError", "save", "load", "read_metadata", "clean_stale_temp_files", "FORMAT"]
 
 FORMAT = "fnbp-checkpoint-v1"
 _META = "__fnbp_meta__"
-_KEY = "key"
-_TREES = ("params", "opt_state")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is corrupt, not an fnbp checkpoint, or does not match the templates."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Leaf encoding
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_typed_key(x) -> bool:
-    dt = getattr(x, "dtype", None)
-    return dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
-
-
-def _encode(name: str, leaf, fn: str) -> tuple[np.ndarray, dict]:
-    """Leaf -> (array to store, metadata record)."""
-    if _is_typed_key(leaf):
-        data = np.asarray(jax.random.key_data(leaf))
-        rec = {"kind": "key", "impl": str(jax.random.key_impl(leaf)), "dtype": str(data.dtype),
-               "shape": list(leaf.shape)}
-        return data, rec
-    if isinstance(leaf, (bool, int, float, complex)):
-        kind = "python"
-    elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-        kind = "array"
-    else:
-        raise TypeError(
-            f"{fn}: leaf {name} has unsupported type {type(leaf).__name__}; expected a jax/numpy "
-            f"array, a numpy scalar, a Python bool/int/float/complex or a jax PRNG key"
-        )
-    arr = np.asarray(leaf)
-    if arr.dtype.kind in "OUSV" and not _is_user_dtype(arr.dtype):
-        raise TypeError(f"{fn}: leaf {name} has unsupported dtype {arr.dtype}")
-    rec = {"kind": kind, "dtype": arr.dtype.name, "shape": list(arr.shape)}
-    if _is_user_dtype(arr.dtype):  # e.g. ml_dtypes bfloat16: np.save would write it as raw void
-        arr = arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
-    return arr, rec
-
-
-def _is_user_dtype(dt: np.dtype) -> bool:
-    return dt.num >= 256  # NPY_USERDEF: dtypes registered by extensions such as ml_dtypes
-
-
-def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(jnp.dtype(name))  # jnp.dtype knows bfloat16, float8_*, int4, ...
-
-
-def _stored_array(arr: np.ndarray, rec: dict) -> np.ndarray:
-    """Undo the unsigned-int view used for extension dtypes."""
-    dt = _np_dtype(rec["dtype"])
-    if _is_user_dtype(dt):
-        arr = arr.view(dt)
-    return arr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,21 +60,24 @@ def _as_int(fn: str, what: str, v) -> int:
     raise TypeError(f"{fn}: {what} must be an integer, got {type(v).__name__} {v!r}")
 
 
-def save(path, *, params, opt_state, step, epoch, key, extra=None) -> Path:
+def save(path, *, params, opt_state, step, epoch, key, extra=None, batch_stats=None) -> Path:
     """Write a checkpoint to ``path`` atomically and return ``Path(path)``.
 
     ``params`` and ``opt_state`` are arbitrary pytrees (dicts, lists, tuples, NamedTuples such as
     optax states) whose leaves are jax/numpy arrays, numpy scalars, Python bool/int/float/complex or
     typed PRNG keys. ``key`` is a raw ``uint32`` key (``jax.random.PRNGKey``), a typed key
     (``jax.random.key``) or ``None``. ``step`` and ``epoch`` are integers; ``extra`` is any
-    JSON-serialisable value (checked before anything is written).
+    JSON-serialisable value (checked before anything is written). ``batch_stats`` (optional) is a
+    third pytree stored under its own name, e.g. batch norm's running statistics
+    (``fnbp.mlp.init_state``).
 
     Steps: the parent directory is created if missing; the npz is written to a temporary file
     ``.<name>.*.tmp`` in the same directory, flushed and ``os.fsync``-ed, then moved over ``path``
     with ``os.replace`` (atomic on POSIX); the directory is then fsync-ed where the OS allows. If
     anything fails the temporary file is removed and the exception propagates, so an existing
     checkpoint at ``path`` is either fully replaced or left untouched. The file is written exactly at
-    ``path`` (no ``.npz`` suffix is added).
+    ``path`` (no ``.npz`` suffix is added). The file's mode is ``0666`` less the umask (``0644``
+    under the usual umask ``022``), as for any other file the program writes.
     """
     fn = "fnbp.checkpoint.save"
     path = Path(path)
@@ -140,17 +90,22 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None) -> Path:
 
     arrays: dict[str, np.ndarray] = {}
     records: list[dict] = []
-    treedefs = {}
-    for tree_name, tree in (("params", params), ("opt_state", opt_state)):
+    treedefs, structure = {}, {}
+    trees = [("params", params), ("opt_state", opt_state)]
+    if batch_stats is not None:
+        trees.append(("batch_stats", batch_stats))
+    for tree_name, tree in trees:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         treedefs[tree_name] = str(treedef)
+        structure[tree_name] = _skeleton(tree)
         for kp, leaf in leaves:
             name = tree_name + jax.tree_util.keystr(kp)
             if name in arrays:
                 raise ValueError(f"{fn}: two leaves map to the same entry name {name!r}")
             arr, rec = _encode(name, leaf, fn)
             arrays[name] = arr
-            records.append({"name": name, "tree": tree_name, "path": jax.tree_util.keystr(kp), **rec})
+            records.append({"name": name, "tree": tree_name, "path": jax.tree_util.keystr(kp),
+                            "keys": [_key_entry(k) for k in kp], **rec})
     if key is None:
         key_rec = None
     else:
@@ -169,6 +124,7 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None) -> Path:
         "epoch": epoch,
         "extra": extra_json,
         "treedef": treedefs,
+        "structure": structure,
         "leaves": records,
         "key": key_rec,
     }
@@ -181,6 +137,9 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None) -> Path:
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; give the usual mode of a new file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -190,6 +149,25 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def clean_stale_temp_files(path) -> list[Path]:
+    """Remove the temporary files ``.<name>.*.tmp`` that an interrupted :func:`save` to ``path``
+    left behind (e.g. killed with SIGKILL between writing and renaming); returns the removed paths.
+    Only files of exactly that pattern, beside ``path``, are touched. Call it when no other process
+    is saving to ``path`` (``fnbp train`` does, at start)."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink():
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _fsync_dir(d: Path) -> None:
@@ -245,10 +223,7 @@ def _read_all(path: Path, fn: str) -> tuple[dict, dict[str, np.ndarray]]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{fn}: {path}: unknown checkpoint format: expected {FORMAT!r}, found {found!r}")
-    names = {r["name"] for r in meta["leaves"]} | ({_KEY} if meta.get("key") else set())
-    missing = sorted(names - set(arrays))
-    if missing:
-        raise CheckpointError(f"{fn}: {path}: metadata lists entries that the file lacks: {missing}")
+    _check_meta(meta, arrays, f"{fn}: {path}")
     return meta, arrays
 
 
@@ -313,23 +288,30 @@ def _diff_lines(tree_name: str, expected: dict, saved: dict) -> list[str]:
     return lines
 
 
-def load(path, *, params_like, opt_state_like) -> dict:
-    """Read the checkpoint at ``path`` into the structures of ``params_like`` / ``opt_state_like``.
+def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) -> dict:
+    """Read the checkpoint at ``path``; with templates, into their structures, else template-free.
 
-    The templates give the pytree structure and each leaf's expected shape and dtype (their values
-    are ignored; ``jax.ShapeDtypeStruct`` leaves are accepted). Every template leaf path must be in
-    the file and vice versa, with equal shape and dtype; otherwise a :class:`CheckpointError`
-    (``ValueError``) lists every difference: leaf paths missing from the file, extra leaf paths in
-    the file, and shape / dtype mismatches, each with the path and both values.
+    Template-free (``fnbp.checkpoint.load(path)``): each stored tree comes back as nested dicts
+    (dict keys; NamedTuple states such as ``AdamState`` as a dict of their fields) and lists
+    (sequence positions) of jax arrays (Python scalars for Python leaves), e.g. ``params[0]["W"]``.
 
-    Leaves come back as the template leaf's type: jax arrays for jax-array (or ShapeDtypeStruct)
-    templates, numpy arrays / scalars for numpy ones, Python scalars for Python ones, typed keys
-    for typed-key templates, always with the saved dtype and exact bytes.
+    With a template (``params_like`` etc.) the template gives the pytree structure and each leaf's
+    expected shape and dtype (their values are ignored; ``jax.ShapeDtypeStruct`` leaves are
+    accepted). Every template leaf path must be in the file and vice versa, with equal shape and
+    dtype; otherwise a :class:`CheckpointError` (``ValueError``) lists every difference: leaf paths
+    missing from the file, extra leaf paths in the file, and shape / dtype mismatches, each with the
+    path and both values. Leaves come back as the template leaf's type: jax arrays for jax-array (or
+    ShapeDtypeStruct) templates, numpy arrays / scalars for numpy ones, Python scalars for Python
+    ones, typed keys for typed-key templates, always with the saved dtype and exact bytes.
 
-    Returns ``{"params", "opt_state", "step", "epoch", "key", "extra"}``; ``key`` is rebuilt from
-    the file alone: a uint32 jax array for a raw key, a typed key (same implementation) for a
-    typed one, ``None`` if none was saved. A missing file raises ``FileNotFoundError``; a file that
-    is not a zip, is truncated, fails its CRC check or lacks fnbp metadata raises
+    Returns ``{"params", "opt_state", "batch_stats", "step", "epoch", "key", "extra", "args"}``:
+    ``batch_stats`` is None when the file has none (and no template asks for it); ``args`` is
+    ``extra["args"]`` when ``extra`` is a dict holding one (``fnbp train`` stores its run
+    arguments there), else None. ``key`` is rebuilt from the file alone: a uint32 jax array for a
+    raw key, a typed key (same implementation) for a typed one, ``None`` if none was saved. A
+    missing file raises ``FileNotFoundError``; a file that is not a zip, is truncated, fails its CRC
+    check, lacks fnbp metadata or whose metadata contradicts its arrays (wrong types of step,
+    epoch, records; an array whose shape or dtype differs from its record) raises
     :class:`CheckpointError`; all messages name the file.
     """
     fn = "fnbp.checkpoint.load"
@@ -337,12 +319,15 @@ def load(path, *, params_like, opt_state_like) -> dict:
     meta, arrays = _read_all(path, fn)
     by_tree: dict[str, dict[str, dict]] = {t: {} for t in _TREES}
     for rec in meta["leaves"]:
-        by_tree.setdefault(rec["tree"], {})[rec["name"]] = rec
+        by_tree[rec["tree"]][rec["name"]] = rec
 
     out = {}
     problems = []
     plans = {}
-    for tree_name, template in (("params", params_like), ("opt_state", opt_state_like)):
+    templates = {"params": params_like, "opt_state": opt_state_like, "batch_stats": batch_stats_like}
+    for tree_name, template in templates.items():
+        if template is None:
+            continue
         leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
         expected = {tree_name + jax.tree_util.keystr(kp): _template_info(leaf) for kp, leaf in leaves}
         problems += _diff_lines(tree_name, expected, by_tree[tree_name])
@@ -354,12 +339,27 @@ def load(path, *, params_like, opt_state_like) -> dict:
             f"{fn}: {path} does not match the templates ({len(problems)} difference(s)):\n  "
             + "\n  ".join(shown) + more
         )
-    for tree_name, (leaves, treedef) in plans.items():
-        rebuilt = []
-        for kp, leaf in leaves:
-            name = tree_name + jax.tree_util.keystr(kp)
-            rebuilt.append(_rebuild_leaf(leaf, arrays[name], by_tree[tree_name][name]))
-        out[tree_name] = jax.tree_util.tree_unflatten(treedef, rebuilt)
+    for tree_name in _TREES:
+        if tree_name in plans:
+            leaves, treedef = plans[tree_name]
+            rebuilt = []
+            for kp, leaf in leaves:
+                name = tree_name + jax.tree_util.keystr(kp)
+                rebuilt.append(_rebuild_leaf(leaf, arrays[name], by_tree[tree_name][name]))
+            out[tree_name] = jax.tree_util.tree_unflatten(treedef, rebuilt)
+        else:
+            items = []
+            for name, rec in by_tree[tree_name].items():
+                like = jnp.zeros(())                  # jax arrays, or Python scalars for Python leaves
+                if rec["kind"] == "python":
+                    like = {"b": False, "i": 0, "u": 0, "f": 0.0, "c": 0j}[arrays[name].dtype.kind]
+                keys = rec.get("keys") or _parse_keystr(rec["path"])
+                items.append((keys, _rebuild_leaf(like, arrays[name], rec)))
+            structure = meta.get("structure") if isinstance(meta.get("structure"), dict) else {}
+            if structure.get(tree_name) is not None:
+                out[tree_name] = _fill(structure[tree_name], {tuple(k[1] for k in keys): v for keys, v in items})
+            else:                                    # files without the structure record
+                out[tree_name] = _rebuild_tree(items) if items else None
 
     key_rec = meta.get("key")
     if key_rec is None:
@@ -368,5 +368,7 @@ def load(path, *, params_like, opt_state_like) -> dict:
         key = jax.random.wrap_key_data(jnp.asarray(arrays[_KEY]), impl=key_rec["impl"])
     else:
         key = jnp.asarray(arrays[_KEY])
-    out.update(step=meta["step"], epoch=meta["epoch"], key=key, extra=meta["extra"])
+    extra = meta.get("extra")
+    out.update(step=meta["step"], epoch=meta["epoch"], key=key, extra=extra,
+               args=extra.get("args") if isinstance(extra, dict) else None)
     return out

@@ -59,9 +59,16 @@ def _n_components(shape):
     return shape[-1] if len(shape) else 1
 
 
+def _check_not_empty(name, y, reduction):
+    if reduction == "mean" and jnp.ndim(y) > 1 and math.prod(jnp.shape(y)[:-1]) == 0:
+        raise ValueError(f"fnbp.losses.{name}: the batch is empty (y of shape {jnp.shape(y)}); the mean over no "
+                         f"examples is undefined")
+
+
 def _check_regression(y, d, *, reduction="mean", name):
     _check_reduction(name, reduction)
     _check_same_shape(name, y, d)
+    _check_not_empty(name, y, reduction)
 
 
 def _checker(name):
@@ -204,6 +211,7 @@ def _check_softmax_cross_entropy_inputs(logits, labels, *, reduction="mean"):
     if len(logits_shape) < 1 or logits_shape[:-1] != labels_shape:
         raise ValueError("fnbp.losses.softmax_cross_entropy: logits must have shape labels.shape + (n_classes,); "
                          f"got logits {logits_shape} and labels {labels_shape} (batch sizes must match)")
+    _check_not_empty("softmax_cross_entropy", logits, reduction)
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError("fnbp.losses.softmax_cross_entropy: labels must be integer class indices, "
                          f"got dtype {jnp.result_type(labels)} (use cross_entropy for one-hot/probability targets)")

@@ -12,8 +12,10 @@ PyTorch's convention: ``momentum`` is the weight of the *new* batch,
     running <- (1 - momentum) running + momentum batch_statistic     (default 0.1),
 
 which is Keras's ``momentum=0.9`` style with 0.9 = 1 - 0.1.  This momentum is the
-layer's own hyperparameter, unrelated to the optimizer's.  The running variance
-stores the batch's biased variance (what the normalisation used).
+layer's own hyperparameter, unrelated to the optimizer's.  As in PyTorch, the
+running variance stores the *unbiased* batch variance, sigma^2 B / (B - 1), while
+the normalisation itself uses the biased sigma^2 (``unbiased_running_var=False``
+stores the biased one, as Keras/Flax do).
 
 Dropout (Srivastava et al. 2014): in training mode each unit is zeroed with
 probability ``p`` (the *drop* probability) and the survivors are scaled by
@@ -74,15 +76,32 @@ def init_batch_norm_state(n, dtype=jnp.float32):
     return {"mean": jnp.zeros((n,), dtype), "var": jnp.ones((n,), dtype)}
 
 
-def batch_norm_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5):
+def batch_norm_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5, unbiased_running_var=True):
     """Training mode: normalise with the batch statistics; return (y, new running statistics).
 
-    running <- (1 - momentum) running + momentum (batch mean, batch biased variance).
+    x (B, n); gamma, beta (n,); running = {"mean": (n,), "var": (n,)}.  PyTorch's convention:
+
+        running_mean <- (1 - momentum) running_mean + momentum mu
+        running_var  <- (1 - momentum) running_var  + momentum sigma^2 B / (B - 1)
+
+    i.e. the running variance averages the *unbiased* batch variance (as
+    ``torch.nn.BatchNorm1d`` does), while y itself is normalised with the biased
+    sigma^2 = 1/B sum_n (x_n - mu)^2.  ``unbiased_running_var=False`` stores the biased
+    sigma^2 instead (Keras's and Flax's convention).  B = 1 needs the biased form
+    (the unbiased variance of one example is undefined).  The running statistics
+    carry no gradient.
     """
+    batch = jnp.shape(x)[0] if jnp.ndim(x) == 2 else 0
+    if unbiased_running_var and batch == 1:
+        raise ValueError(f"fnbp.norm.batch_norm_train: training-mode batch norm needs a (micro-)batch of at least 2 "
+                         f"examples for the unbiased running variance (PyTorch refuses B = 1 too), got x of shape "
+                         f"{jnp.shape(x)}; use a larger batch, or unbiased_running_var=False")
     y = batch_norm(x, gamma, beta, eps=eps)
     x = jax.lax.stop_gradient(x)
     mu = jnp.mean(x, axis=0)
-    var = jnp.mean(jnp.square(x - mu), axis=0)
+    var = jnp.mean(jnp.square(x - mu), axis=0)                # biased: what y was normalised with
+    if unbiased_running_var:
+        var = var * (batch / (batch - 1))                     # Bessel's correction, as PyTorch stores
     new = {"mean": (1 - momentum) * running["mean"] + momentum * mu,
            "var": (1 - momentum) * running["var"] + momentum * var}
     return y, new
@@ -95,6 +114,14 @@ def batch_norm_eval(x, gamma, beta, running, *, eps=1e-5):
     and a batch give the same per-example outputs.
     """
     return gamma * (x - running["mean"]) / jnp.sqrt(running["var"] + eps) + beta
+
+
+def _concrete_scalar(p):
+    """p as a float when it is known outside jit (a Python, numpy or concrete jnp scalar), else None."""
+    try:
+        return float(p)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
 
 
 # --- dropout -----------------------------------------------------------------
@@ -125,10 +152,13 @@ def dropout(x, p, key, *, train=True):
     """
     if not train:
         return x
-    if isinstance(p, (int, float)) and not 0 <= p < 1:
-        raise ValueError(f"fnbp.norm.dropout: the drop probability p must be in [0, 1), got {p}")
+    p_value = _concrete_scalar(p)
+    if p_value is not None and not 0 <= p_value < 1:
+        raise ValueError(f"fnbp.norm.dropout: the drop probability p must be in [0, 1), got {p_value}")
     if isinstance(p, (int, float)) and p == 0:
         return x
+    if key is None:
+        raise ValueError("fnbp.norm.dropout: training-mode dropout needs an explicit jax.random key, got None")
     return _dropout(x, p, key)
 
 

@@ -3,49 +3,81 @@
 These are what the tests and ``fnbp.check`` differentiate with JAX's own
 autodiff (``jax.vjp``) to cross-check the hand-written backward rules.  They are
 deliberately the most literal transcription of the forward equations.
+
+Because they carry no ``jax.custom_vjp``, they are also fnbp's *forward-mode
+twin*: ``jax.jvp``, ``jax.jacfwd`` and forward-over-reverse work on them (the
+hand-written rules support reverse mode only).  Shapes and symbols follow the
+rules they mirror: W (n_out, n_in), h (batch, n_in), a (batch, n), y and d
+(batch, n) or (n,).
 """
 import jax
 import jax.numpy as jnp
 
+__all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
+           "half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
+           "batch_norm", "dropout"]
+
 
 def dense(W, b, h):
+    """a = W h + b on a batch: ``h @ W.T + b``; W (n_out, n_in), b (n_out,), h (batch, n_in) -> (batch, n_out).
+
+    Reference for :func:`fnbp.dense`.
+    """
     return h @ W.T + b
 
 
 def identity(a):
+    """g(a) = a.  Reference for :func:`fnbp.identity`."""
     return a
 
 
 def sigmoid(a):
+    """g(a) = 1 / (1 + e^-a) (``jax.nn.sigmoid``).  Reference for :func:`fnbp.sigmoid`."""
     return jax.nn.sigmoid(a)
 
 
 def tanh(a):
+    """g(a) = tanh(a).  Reference for :func:`fnbp.tanh`."""
     return jnp.tanh(a)
 
 
 def relu(a):
-    return jnp.where(a > 0, a, 0.0)
+    """g(a) = max(a, 0), written as ``where(a > 0, a, 0 a)`` so autodiff gives g'(0) = 0 like the rule
+    and NaN stays NaN (0 NaN = NaN), as in ``jax.nn.relu``.
+
+    Reference for :func:`fnbp.relu`.
+    """
+    return jnp.where(a > 0, a, 0.0 * a)
 
 
 def leaky_relu(a, slope=0.01):
+    """g(a) = a for a > 0, ``slope`` * a otherwise.  Reference for :func:`fnbp.leaky_relu`."""
     return jnp.where(a > 0, a, slope * a)
 
 
 def prelu(a, alpha):
+    """g(a) = a for a > 0, alpha * a otherwise, alpha a learned parameter (broadcast against a).
+
+    Reference for :func:`fnbp.prelu`.
+    """
     return jnp.where(a > 0, a, alpha * a)
 
 
 def step(a):
-    # autodiff of a comparison gives zero, like the notes' g' = 0
-    return jnp.where(a > 0, 1.0, 0.0).astype(a.dtype)
+    """Heaviside step g(a) = [a > 0] in a's dtype; autodiff of the comparison gives the notes' g' = 0.
+
+    Reference for :func:`fnbp.step`.
+    """
+    return jnp.where(jnp.isnan(a), a, jnp.where(a > 0, 1.0, 0.0).astype(a.dtype))   # NaN stays NaN
 
 
 def sign(a):
+    """g(a) = sign(a) (g' = 0 almost everywhere).  Reference for :func:`fnbp.sign`."""
     return jnp.sign(a)
 
 
 def softmax(a):
+    """g(a)_i = e^{a_i} / sum_j e^{a_j} over the last axis.  Reference for :func:`fnbp.softmax`."""
     return jax.nn.softmax(a, axis=-1)
 
 
@@ -54,43 +86,80 @@ def _reduce(per_example, reduction):
 
 
 def half_sse(y, d, *, reduction="mean"):
+    """E_n = 1/2 sum_i (y_i - d_i)^2 per example, then mean (or sum) over the batch.
+
+    Reference for :func:`fnbp.losses.half_sse`.
+    """
     return _reduce(0.5 * jnp.sum((y - d) ** 2, axis=-1), reduction)
 
 
 def sse(y, d, *, reduction="mean"):
+    """E_n = sum_i (y_i - d_i)^2 per example, then mean (or sum) over the batch.
+
+    Reference for :func:`fnbp.losses.sse`.
+    """
     return _reduce(jnp.sum((y - d) ** 2, axis=-1), reduction)
 
 
 def mse(y, d, *, reduction="mean"):
+    """E_n = 1/n sum_i (y_i - d_i)^2 (mean over the n outputs), then mean (or sum) over the batch.
+
+    Reference for :func:`fnbp.losses.mse`.
+    """
     return _reduce(jnp.mean((y - d) ** 2, axis=-1), reduction)
 
 
 def mae(y, d, *, reduction="mean"):
+    """E_n = 1/n sum_i |y_i - d_i| (mean over the n outputs), then mean (or sum) over the batch.
+
+    Reference for :func:`fnbp.losses.mae`.
+    """
     return _reduce(jnp.mean(jnp.abs(y - d), axis=-1), reduction)
 
 
 def cross_entropy(p, d, *, reduction="mean"):
+    """E_n = -sum_i d_i log p_i on probabilities p (after a softmax layer), then mean (or sum).
+
+    Reference for :func:`fnbp.losses.cross_entropy`.
+    """
     return _reduce(-jnp.sum(d * jnp.log(p), axis=-1), reduction)
 
 
 def softmax_cross_entropy(logits, labels, *, reduction="mean"):
+    """E_n = -log softmax(y)_{label_n} on logits y (batch, n) and integer labels (batch,).
+
+    Reference for :func:`fnbp.losses.softmax_cross_entropy`.
+    """
     log_p = jax.nn.log_softmax(logits, axis=-1)
     return _reduce(-jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0], reduction)
 
 
 def l2_penalty(params, lam):
+    """lambda Omega with Omega = 1/2 sum_k ||W_k||^2 over the leaves named ``"W"`` only (biases excluded).
+
+    Reference for :func:`fnbp.losses.l2_penalty`.
+    """
     weights = [x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
                if isinstance(p[-1], jax.tree_util.DictKey) and p[-1].key == "W"]
     return lam * 0.5 * sum(jnp.sum(W ** 2) for W in weights)
 
 
 def batch_norm(x, gamma, beta, *, eps=1e-5):
+    """Training-mode batch norm over axis 0 of x (B, n): gamma (x - mu) / sqrt(sigma^2 + eps) + beta.
+
+    mu and sigma^2 are the batch mean and *biased* variance (``jnp.var``).  Reference for
+    :func:`fnbp.batch_norm`.
+    """
     mu = jnp.mean(x, axis=0)
     var = jnp.var(x, axis=0)
     return gamma * (x - mu) / jnp.sqrt(var + eps) + beta
 
 
 def dropout(x, p, key):
+    """Inverted dropout: keep each unit with probability 1 - p (mask from ``key``), scale survivors by 1/(1 - p).
+
+    Same key, same mask as :func:`fnbp.dropout`.
+    """
     keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
     return jnp.where(keep, x / (1.0 - p), 0.0)
 

@@ -147,6 +147,11 @@ def rule(fwd, bwd, *, name=None, check=None):
             raise TypeError(f"fnbp.{name}: {e}") from None
         bound.apply_defaults()
         values = tuple(bound.arguments[p] for p in positional)
+        for p, v in zip(positional, values):
+            if isinstance(v, (list, tuple)) and all(isinstance(leaf, (int, float, bool, complex))
+                                                    for leaf in jax.tree_util.tree_leaves(v)):
+                raise TypeError(f"fnbp.{name}: {p} must be an array, got a Python {type(v).__name__} of numbers "
+                                f"(use jnp.asarray({p}))")
         options = tuple((o, bound.arguments[o]) for o in option_names)
         if check is not None:
             check(*values, **dict(options))

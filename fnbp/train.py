@@ -23,13 +23,24 @@ import numpy as np
 
 from . import activations, losses, mlp, optim
 from .backprop import backprop, loss_rule
+from .train_checks import (NonFiniteInputError, check_labels, _FN, _check_data, _check_finite_tree,
+                           _check_hyperparameters)
 
-__all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteLossError",
-           "batch_plan"]
+__all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteError",
+           "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError", "batch_plan", "check_labels"]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+    """Training stopped: a loss, parameter or optimizer-state value became NaN or inf."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The training loss became NaN or inf."""
+
+
+class NonFiniteParamsError(NonFiniteError):
+    """The parameters, optimizer state or batch-norm statistics became NaN or inf during a step
+    (a non-finite gradient or update), although the loss of that step was finite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,11 +179,30 @@ def batch_plan(n_examples, batch_size, accumulate=1):
     return B, n_examples // B
 
 
+def _all_finite(tree):
+    """One boolean: every inexact leaf of ``tree`` is finite (integer leaves such as counts are skipped)."""
+    flags = [jnp.all(jnp.isfinite(v)) for v in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(jnp.result_type(v), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_sharding=None):
     """A function ``(params, opt_state, state, x, d, epoch_key) -> (params, opt_state, state, losses)``
     running one epoch as a ``lax.scan`` over its steps (jit it; ``train`` does, with donation)."""
+    return _make_epoch(cfg, opt, batch_size=batch_size, n_examples=n_examples, accumulate=accumulate,
+                       batch_sharding=batch_sharding, finite_flags=False)
+
+
+def _make_epoch(cfg, opt, *, batch_size, n_examples, accumulate, batch_sharding, finite_flags):
+    """``make_epoch``; with ``finite_flags`` the epoch also returns one boolean per step: the
+    parameters, optimizer state and batch-norm statistics after that step are all finite (a cheap
+    in-jit check; the host reads the flags once per epoch, with the losses)."""
     B, n_steps = batch_plan(n_examples, batch_size, accumulate)
-    step = make_step(cfg, opt, accumulate=accumulate)
+    plain_step = make_step(cfg, opt, accumulate=accumulate)
+
+    def step(carry, batch):
+        carry, E = plain_step(carry, batch)
+        return carry, ((E, _all_finite(carry)) if finite_flags else E)
 
     def epoch(params, opt_state, state, x, d, epoch_key):
         perm = jax.random.permutation(epoch_key, x.shape[0])[: n_steps * B].reshape(n_steps, B)
@@ -185,8 +215,10 @@ def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_
                 db = jax.lax.with_sharding_constraint(db, batch_sharding)
             return step(carry, (xb, db, jax.random.fold_in(epoch_key, i)))
 
-        (params, opt_state, state), step_losses = jax.lax.scan(body, (params, opt_state, state), jnp.arange(n_steps))
-        return params, opt_state, state, step_losses
+        (params, opt_state, state), per_step = jax.lax.scan(body, (params, opt_state, state), jnp.arange(n_steps))
+        if finite_flags:
+            return (params, opt_state, state) + tuple(per_step)
+        return params, opt_state, state, per_step
 
     return epoch
 
@@ -201,6 +233,10 @@ def _learning_rate(schedule, step):
     if schedule is None:
         return None
     return float(schedule(jnp.asarray(step))) if callable(schedule) else float(schedule)
+
+
+def _uses_batch_norm(params):
+    return any(isinstance(layer, dict) and "gamma" in layer for layer in params)
 
 
 def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_state=None, state=None,
@@ -229,21 +265,43 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
       mesh: a ``jax.sharding.Mesh`` with one axis ``"data"`` for data-parallel
         training (see ``fnbp.parallel``); None for one device.
 
-    The epoch's per-step losses are checked after each epoch: a NaN or inf raises
-    ``NonFiniteLossError`` naming the epoch and step, before ``on_epoch`` is
-    called, so the last checkpoint written is the last good one.
+    Checks before anything is compiled (on the host, once): integer hyperparameters
+    (TypeError for bool/float/str, ValueError below their minimum), every split's
+    labels (``check_labels``) and features finite, and the parameters, optimizer
+    state and batch-norm statistics finite (``NonFiniteInputError``); batch norm
+    with one example per batch is refused.
+
+    During training each step also returns a finiteness flag of the new parameters,
+    optimizer state and statistics (a reduction inside the jit-compiled scan; the
+    host reads flags and losses once per epoch).  A NaN or inf loss raises
+    ``NonFiniteLossError``, a non-finite parameter/state with a finite loss
+    ``NonFiniteParamsError`` (both ``NonFiniteError``), naming the epoch and step,
+    before ``on_epoch`` is called, so the last checkpoint written is the last good one.
 
     History entries: epoch, loss (mean training loss over the epoch's steps),
     test_loss, test_accuracy, train_accuracy, learning_rate (at the epoch's last
     step), seconds, examples_per_s (compile time excluded).
     """
+    epochs, batch_size, accumulate, start_epoch, start_step = _check_hyperparameters(
+        opt, key, epochs, batch_size, accumulate, start_epoch, start_step, on_epoch)
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"{_FN}: on_epoch must be callable or None, got {type(on_epoch).__name__}")
+    mlp.check_params(params, np.asarray(data.x_train)[:1] if hasattr(data, "x_train") else None, name=_FN)
+    _check_data(data, params)
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-    mlp.check_params(params, x_train[:1], name="fnbp.train")
     opt_state = opt.init(params) if opt_state is None else opt_state
     state = mlp.init_state(params) if state is None else state
+    _check_finite_tree("params", params)
+    _check_finite_tree("opt_state", opt_state)
+    _check_finite_tree("state", state)
     n = x_train.shape[0]
     B, n_steps = batch_plan(n, batch_size, accumulate)
+    if _uses_batch_norm(params) and B // accumulate < 2:
+        raise ValueError(f"{_FN}: batch norm in training needs at least 2 examples per batch (per micro-batch with "
+                         f"accumulate), got batch_size={B}, accumulate={accumulate}: with one example the "
+                         f"normalised activation is 0 and the layer outputs beta whatever the input (PyTorch "
+                         f"refuses it too)")
     # The epoch donates its buffers; work on copies so the caller's arrays stay valid.
     params, opt_state, state = jax.tree_util.tree_map(lambda v: jnp.array(v, copy=True), (params, opt_state, state))
 
@@ -254,8 +312,8 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
             mesh, B, params, opt_state, state, x_train, y_train)
         x_test, y_test = parallel.replicate(mesh, (x_test, y_test))    # evaluation inputs on the same devices
 
-    epoch_fn = jax.jit(make_epoch(cfg, opt, batch_size=B, n_examples=n, accumulate=accumulate,
-                                  batch_sharding=batch_sharding), donate_argnums=(0, 1, 2))
+    epoch_fn = jax.jit(_make_epoch(cfg, opt, batch_size=B, n_examples=n, accumulate=accumulate,
+                                   batch_sharding=batch_sharding, finite_flags=True), donate_argnums=(0, 1, 2))
     eval_fn = jax.jit(functools.partial(evaluate, cfg))
 
     t0 = time.perf_counter()
@@ -273,17 +331,22 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
     result = TrainResult(params, opt_state, state, key, start_epoch, step, history, compile_seconds)
     for epoch in range(start_epoch, epochs):
         t = time.perf_counter()
-        params, opt_state, state, step_losses = compiled(params, opt_state, state, x_train, y_train,
-                                                         jax.random.fold_in(key, epoch))
-        step_losses = np.asarray(step_losses)
+        params, opt_state, state, step_losses, step_finite = compiled(params, opt_state, state, x_train, y_train,
+                                                                      jax.random.fold_in(key, epoch))
+        step_losses, step_finite = np.asarray(step_losses), np.asarray(step_finite)   # the epoch's one host sync
         seconds = time.perf_counter() - t
-        bad = np.flatnonzero(~np.isfinite(step_losses))
+        bad = np.flatnonzero(~np.isfinite(step_losses) | ~step_finite)
         if bad.size:
             i = int(bad[0])
-            raise NonFiniteLossError(
-                f"fnbp.train: the training loss became {step_losses[i]} at epoch {epoch} (0-based), step {i} of "
-                f"{n_steps} in that epoch (global step {step + i}); training stopped, the parameters of this epoch "
-                f"are discarded and no checkpoint was written for it (lower the learning rate?)")
+            where = (f"at epoch {epoch} (0-based), step {i} of {n_steps} in that epoch (global step {step + i}); "
+                     f"training stopped, the parameters of this epoch are discarded and no checkpoint was written "
+                     f"for it")
+            if not np.isfinite(step_losses[i]):
+                raise NonFiniteLossError(f"fnbp.train: the training loss became {step_losses[i]} {where} "
+                                         f"(lower the learning rate?)")
+            raise NonFiniteParamsError(f"fnbp.train: the parameters, optimizer state or batch-norm statistics became "
+                                       f"NaN or inf {where} (a non-finite gradient or update; lower the learning "
+                                       f"rate?)")
         step += n_steps
         test_loss, test_acc = eval_fn(params, state, x_test, y_test)
         _, train_acc = eval_fn(params, state, x_train, y_train)

@@ -1,5 +1,6 @@
 """Tests for fnbp.checkpoint: bit-exact round trips, atomic writes, structure and corruption errors."""
 import os
+import re
 from typing import NamedTuple
 
 import jax
@@ -70,7 +71,8 @@ def test_round_trip_bit_identical(tmp_path, key_kind):
     ckpt.save(path, params=params, opt_state=opt_state, step=123, epoch=4, key=key,
               extra={"lr": 1e-2, "note": "ünïcode", "hist": [1, 2]})
     out = ckpt.load(path, params_like=params, opt_state_like=opt_state)
-    assert set(out) == {"params", "opt_state", "step", "epoch", "key", "extra"}
+    assert set(out) == {"params", "opt_state", "batch_stats", "step", "epoch", "key", "extra", "args"}
+    assert out["batch_stats"] is None and out["args"] is None
     _assert_bit_identical(out["params"], params)
     _assert_bit_identical(out["opt_state"], opt_state)
     assert isinstance(out["opt_state"][0], optax.ScaleByAdamState)
@@ -247,3 +249,111 @@ def test_save_rejects_bad_arguments_before_writing(tmp_path):
     # jax / numpy integer scalars are fine as step and epoch
     ckpt.save(path, params=params, opt_state=state, step=jnp.int32(5), epoch=np.int64(2), key=None)
     assert ckpt.read_metadata(path)["step"] == 5
+
+
+def test_stale_temp_files_of_our_pattern_are_cleaned(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    stale = [tmp_path / ".checkpoint.npz.abc123.tmp", tmp_path / ".checkpoint.npz.zz_9.tmp"]
+    others = [tmp_path / ".other.npz.abc.tmp", tmp_path / "checkpoint.npz.tmp", tmp_path / "notes.txt"]
+    for f in stale + others:
+        f.write_bytes(b"x" * 10)
+    removed = ckpt.clean_stale_temp_files(path)
+    assert sorted(removed) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(f.name for f in others)
+    assert ckpt.clean_stale_temp_files(tmp_path / "missing" / "c.npz") == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_file_mode_follows_the_umask(tmp_path, umask, mode):
+    params, state = _simple(1)
+    old = os.umask(umask)
+    try:
+        ckpt.save(tmp_path / "c.npz", params=params, opt_state=state, step=0, epoch=0, key=None)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == mode
+
+
+def _fnbp_params():
+    from fnbp import mlp, optim
+    params = mlp.init(jax.random.PRNGKey(0), [3, 4, 2], batch_norm=True)
+    return params, optim.adagrad(0.1).init(params), mlp.init_state(params)
+
+
+def test_template_free_load_returns_the_trees_and_run_arguments(tmp_path):
+    params, opt_state, stats = _fnbp_params()
+    stats = [{"mean": stats[0]["mean"] + 1.5, "var": stats[0]["var"] * 2}, {}]
+    path = tmp_path / "c.npz"
+    ckpt.save(path, params=params, opt_state=opt_state, batch_stats=stats, step=7, epoch=2,
+              key=jax.random.PRNGKey(3), extra={"args": {"lr": 0.1, "layers": [3, 4, 2]}, "history": []})
+    out = ckpt.load(path)
+    assert out["args"] == {"lr": 0.1, "layers": [3, 4, 2]} and out["step"] == 7 and out["epoch"] == 2
+    assert isinstance(out["params"], list) and len(out["params"]) == 2
+    assert set(out["params"][0]) == {"W", "b", "gamma", "beta"}
+    _assert_bit_identical(out["params"], params)
+    assert set(out["opt_state"]) == {"count", "r"}                   # AdaGradState's fields, as a dict
+    _assert_bit_identical(out["opt_state"]["r"], opt_state.r)
+    assert out["batch_stats"] == [{"mean": out["batch_stats"][0]["mean"], "var": out["batch_stats"][0]["var"]}, {}]
+    _assert_bit_identical(out["batch_stats"][0], stats[0])
+    with np.load(path) as z:                                        # statistics under their own name
+        assert any(k.startswith("batch_stats[0]") for k in z.files)
+        assert not any(k.startswith("opt_state") and "mean" in k for k in z.files)
+        assert {k for k in z.files if "['W']" in k and not k.startswith("opt_state")} == \
+            {"params[0]['W']", "params[1]['W']"}
+    templated = ckpt.load(path, params_like=params, opt_state_like=opt_state, batch_stats_like=stats)
+    _assert_bit_identical(templated["batch_stats"], stats)
+
+
+def _rewrite_meta(path, change):
+    import json
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["__fnbp_meta__"].tobytes())
+    change(meta, arrays)
+    arrays["__fnbp_meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(path, **arrays)
+
+
+def _set(field, value):
+    def change(meta, arrays):
+        meta[field] = value
+    return change
+
+
+def _record(name, field, value):
+    def change(meta, arrays):
+        next(r for r in meta["leaves"] if r["name"] == name)[field] = value
+    return change
+
+
+def _array(name, value):
+    def change(meta, arrays):
+        arrays[name] = value
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("epoch", "3"), r"epoch must be a non-negative integer, got '3'"),
+    (_set("epoch", -1), r"epoch must be a non-negative integer, got -1"),
+    (_set("step", True), r"step must be a non-negative integer, got True"),
+    (_set("step", 2.5), r"step must be a non-negative integer"),
+    (_set("leaves", {"a": 1}), r"leaves must be a list"),
+    (_set("key", {"name": "key", "kind": "array", "dtype": "float32", "shape": [2]}), r"key"),
+    (_record("params['w']", "shape", [3]), r"params\['w'\]: the array is float32\[2\] but the metadata records "
+                                           r"float32\[3\]"),
+    (_record("params['w']", "dtype", "float64"), r"params\['w'\]: the array is float32\[2\] but .* float64"),
+    (_record("params['w']", "dtype", "no_such_dtype"), r"unknown dtype 'no_such_dtype'"),
+    (_record("params['w']", "tree", "elsewhere"), r"tree must be one of"),
+    (_array("params['w']", np.zeros((2, 2), np.float32)), r"the array is float32\[2, 2\]"),
+    (_array("key", np.zeros(2, np.float32)), r"key"),
+])
+def test_tampered_metadata_fails_at_load_naming_the_file(tmp_path, change, message):
+    params, state = _simple(1)
+    path = tmp_path / "tampered.npz"
+    ckpt.save(path, params=params, opt_state=state, step=3, epoch=1, key=jax.random.PRNGKey(0))
+    _rewrite_meta(path, change)
+    for load in (lambda: ckpt.load(path), lambda: ckpt.load(path, params_like=params, opt_state_like=state),
+                 lambda: ckpt.read_metadata(path)):
+        with pytest.raises(ckpt.CheckpointError, match=r"tampered\.npz: corrupt or tampered metadata") as ei:
+            load()
+        assert re.search(message, str(ei.value)), str(ei.value)

@@ -62,7 +62,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     good = fnbp(*common, "--epochs", "1", "--lr", "1e-3")
     assert good.returncode == 0, good.stderr
     before = (out / "checkpoint.npz").read_bytes()
-    bad = fnbp(*common, "--epochs", "3", "--lr", "1e30", "--resume")
+    bad = fnbp(*common, "--epochs", "3", "--lr", "1e30", "--resume", "--allow-changed", "lr")
     assert bad.returncode == 1
     assert "epoch 1 (0-based), step" in bad.stderr and "last good checkpoint" in bad.stderr
     assert (out / "checkpoint.npz").read_bytes() == before
@@ -73,3 +73,193 @@ def test_xor_trains_from_the_command_line(tmp_path):
              "--lr-schedule", "constant", "--l2", "0", "--epochs", "300", "--quiet", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "final test accuracy 1.0000" in r.stdout
+
+
+# --- in-process: argument checks, resume rules, filesystem failures (small toy runs, one compile each) ---
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fnbp import checkpoint, cli  # noqa: E402
+
+XOR = ["train", "--data", "xor", "--layers", "2,4,2", "--batch-size", "2", "--lr-schedule", "constant"]
+
+
+def _main(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_help_shows_each_default_once_and_no_python_reprs(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")                       # one line per option
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "[64, 32, 10]" not in text
+    assert "(default: 64,32,10)" in text and "(default: 16)" in text and "runs/<data>-mlp" in text
+    assert text.count("(default: $FNBP_MNIST_DIR") == 1 and text.count("default: True") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: --batch-size must be an integer >= 1 or 'full'"),
+    (["--epochs", "0"], "argument --epochs: --epochs must be an integer >= 1, got 0"),
+    (["--l2", "-0.1"], "argument --l2: --l2 must be >= 0.0, got -0.1"),
+    (["--seed", str(2 ** 63)], "argument --seed: --seed must be an integer in [0, 2**32)"),
+    (["--seed", "-1"], "argument --seed: --seed must be an integer in [0, 2**32)"),
+    (["--lr", "nan"], "argument --lr: --lr must be a finite number"),
+    (["--lr", "0"], "argument --lr: --lr must be > 0.0"),
+    (["--dropout", "1"], "argument --dropout: --dropout must be < 1.0"),
+    (["--accumulate", "0"], "argument --accumulate: --accumulate must be an integer >= 1"),
+    (["--allow-changed", "seed"], "argument --allow-changed"),
+])
+def test_bad_arguments_name_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["train", *argv])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "5"], "--batch-size 5 exceeds the 4 training examples"),
+    (["--batch-size", "4", "--accumulate", "3"], "--accumulate 3 must divide the batch size 4"),
+    (["--batch-norm", "--batch-size", "1"], "--batch-norm needs at least 2 examples per (micro-)batch"),
+    (["--batch-norm", "--batch-size", "full", "--accumulate", "4"], "--batch-norm needs at least 2"),
+])
+def test_batching_errors_name_the_flag_before_training(capsys, tmp_path, argv, message):
+    rc, out, err = _main(capsys, "train", "--data", "xor", "--layers", "2,4,2", *argv, "--out", str(tmp_path / "o"))
+    assert rc == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_default_out_is_per_dataset_and_lines_per_epoch_without_a_terminal(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.umask(0o022)
+    rc, out, err = _main(capsys, *XOR, "--epochs", "2")
+    assert rc == 0, err
+    ckpt = tmp_path / "runs" / "xor-mlp" / "checkpoint.npz"
+    assert ckpt.exists() and ckpt.stat().st_mode & 0o777 == 0o644
+    lines = out.splitlines()
+    assert lines[0].startswith("compiling")
+    assert [l.split()[1] for l in lines if l.startswith("epoch")] == ["1", "2"]    # once each, no dump after
+    assert lines[-1].startswith("final test accuracy")
+    before = ckpt.read_bytes()
+    rc, out, err = _main(capsys, *XOR[:2], "and", *XOR[3:], "--epochs", "1", "--quiet")
+    assert rc == 0 and (tmp_path / "runs" / "and-mlp" / "checkpoint.npz").exists()
+    assert ckpt.read_bytes() == before                                           # the xor run is untouched
+    stored = checkpoint.load(ckpt)
+    assert stored["args"]["data"] == "xor" and stored["batch_stats"] == [{}, {}]
+
+
+def test_resume_refuses_changed_settings_and_history_keeps_old_settings(capsys, tmp_path):
+    out = str(tmp_path / "run")
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", out, "--optimizer", "adagrad")
+    assert rc == 0, err
+    stale = tmp_path / "run" / ".checkpoint.npz.k1ll3d.tmp"
+    stale.write_bytes(b"partial")
+    rc, _, err = _main(capsys, *XOR, "--epochs", "2", "--out", out, "--resume", "--optimizer", "rmsprop",
+                       "--seed", "7", "--lr", "0.1", "--no-standardize")
+    assert rc == 2
+    for text in ["--optimizer 'adagrad' -> 'rmsprop'", "--seed 0 -> 7", "--standardize True -> False",
+                 "--lr 0.003 -> 0.1", "pass --allow-changed lr"]:
+        assert text in err, (text, err)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "2", "--out", out, "--resume", "--optimizer", "adagrad",
+                       "--lr", "0.1", "--quiet")
+    assert rc == 2 and "--allow-changed lr" in err
+    rc, so, err = _main(capsys, *XOR, "--epochs", "2", "--out", out, "--resume", "--optimizer", "adagrad",
+                        "--lr", "0.1", "--allow-changed", "lr")
+    assert rc == 0, err
+    assert not stale.exists() and "removed" in so
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [(s["from_epoch"], s["args"]["lr"]) for s in saved["settings"]] == [(1, 0.003), (2, 0.1)]
+    assert "args" not in saved
+
+
+def test_resume_from_nan_weights_with_l2_0_fails_naming_the_file(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out), "--l2", "0")
+    assert rc == 0, err
+    path = out / "checkpoint.npz"
+
+    def nan_weight(meta, arrays):
+        arrays["params[0]['W']"][0, 0] = np.nan
+    _rewrite(path, nan_weight)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "2", "--quiet", "--out", str(out), "--l2", "0", "--resume")
+    assert rc != 0
+    assert str(path) in err and "params[0]['W']" in err and "Traceback" not in err
+
+
+def test_tampered_history_in_the_checkpoint_is_refused(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))
+    assert rc == 0, err
+    path = out / "checkpoint.npz"
+    for bad in ["not a list", [{"epoch": "1"}], [], [{"epoch": 1}, {"epoch": 2}]]:
+        _rewrite(path, lambda meta, arrays: meta["extra"].update(history=bad))
+        rc, _, err = _main(capsys, *XOR, "--epochs", "3", "--quiet", "--out", str(out), "--resume")
+        assert rc == 2 and str(path) in err and "history" in err, (bad, err)
+
+
+def test_filesystem_failures_are_one_line_and_keep_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(afile))
+    assert rc == 1 and f"cannot write {afile}: it exists and is not a directory" in err
+
+    out = tmp_path / "run"
+    real_save = checkpoint.save
+    calls = []
+
+    def disk_full_on_second_save(path, **kw):
+        calls.append(kw["epoch"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(path, **kw)
+
+    monkeypatch.setattr(checkpoint, "save", disk_full_on_second_save)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "3", "--quiet", "--out", str(out))
+    assert rc == 1 and "Traceback" not in err
+    assert f"cannot write {out / 'checkpoint.npz'}: No space left on device" in err
+    assert f"the last good checkpoint is {out / 'checkpoint.npz'}" in err
+    assert checkpoint.read_metadata(out / "checkpoint.npz")["epoch"] == 1
+    monkeypatch.setattr(checkpoint, "save", real_save)
+
+    def no_plot(history, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli.cli_train, "_plot", no_plot)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(tmp_path / "p"))
+    assert rc == 1 and f"cannot write {tmp_path / 'p' / 'curves.png'}: Permission denied" in err
+    assert len(err.strip().splitlines()) == 2 and "is complete" in err
+
+    def read_only(*a, **kw):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(cli.cli_train.Path, "mkdir", read_only)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(tmp_path / "ro"))
+    assert rc == 1 and f"cannot write {tmp_path / 'ro'}: Permission denied" in err
+
+
+def _rewrite(path, change):
+    """Edit a checkpoint's arrays or metadata in place, as a hostile user would."""
+    with np.load(path) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    meta = json.loads(arrays["__fnbp_meta__"].tobytes())
+    change(meta, arrays)
+    arrays["__fnbp_meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(path, **arrays)
+
+
+def _idx(path, array, code):
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_t10k_fallback_split_is_announced(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 5)
+    _idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (50, 28, 28)), 0x08)
+    _idx(tmp_path / "t10k-labels-idx1-ubyte", labels, 0x08)
+    rc, out, err = _main(capsys, "train", "--data", "mnist", "--data-dir", str(tmp_path), "--layers", "784,4,10",
+                         "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "o"))
+    assert rc == 0, err
+    assert "only the t10k files were found; split its 50 examples 40/10 into train/test" in out

@@ -183,21 +183,53 @@ def test_network_eval_mode_is_per_example_and_keeps_state():
 # ============================================================================ batch norm: running stats
 @pytest.mark.parametrize("momentum", [0.1, 0.3])
 def test_running_statistics_match_numpy_momentum_update(momentum):
-    """PyTorch convention: running <- (1 - m) running + m batch_stat (biased batch variance)."""
+    """PyTorch's convention: running <- (1 - m) running + m batch_stat, where the running variance
+    averages the UNBIASED batch variance (numpy ddof=1) while y uses the biased one."""
     rng = np.random.default_rng(6)
     n = 4
     gamma, beta = rng.normal(size=n), rng.normal(size=n)
     running = norm.init_batch_norm_state(n, jnp.float64)
     mean_np, var_np = np.zeros(n), np.ones(n)
-    for t in range(5):
-        x = rng.normal(size=(8, n)) * (t + 1) + t
+    for t, batch in enumerate((8, 3, 8, 5, 2)):          # several steps, several batch sizes
+        x = rng.normal(size=(batch, n)) * (t + 1) + t
         y, running = norm.batch_norm_train(jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta), running,
                                            momentum=momentum)
         mean_np = (1 - momentum) * mean_np + momentum * x.mean(axis=0)
+        var_np = (1 - momentum) * var_np + momentum * x.var(axis=0, ddof=1)
+        np.testing.assert_allclose(y, np_batch_norm(x, gamma, beta), rtol=1e-12, atol=1e-12)   # biased in y
+        assert np.max(np.abs(np.asarray(running["mean"]) - mean_np)) <= 1e-12
+        assert np.max(np.abs(np.asarray(running["var"]) - var_np)) <= 1e-12
+    # the two conventions really differ (by the factor B/(B-1) on the last batch's contribution)
+    assert np.max(np.abs(var_np - _biased_running_var(momentum))) > 1e-3
+
+
+def _biased_running_var(momentum):
+    rng = np.random.default_rng(6)
+    n = 4
+    rng.normal(size=n), rng.normal(size=n)
+    var_np = np.ones(n)
+    for t, batch in enumerate((8, 3, 8, 5, 2)):
+        x = rng.normal(size=(batch, n)) * (t + 1) + t
         var_np = (1 - momentum) * var_np + momentum * x.var(axis=0, ddof=0)
-        np.testing.assert_allclose(y, np_batch_norm(x, gamma, beta), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(running["mean"], mean_np, rtol=1e-13, atol=1e-14)
-        np.testing.assert_allclose(running["var"], var_np, rtol=1e-13, atol=1e-14)
+    return var_np
+
+
+def test_running_variance_biased_option_and_batch_of_one():
+    """unbiased_running_var=False keeps the biased (Keras/Flax) running variance; B = 1 with the
+    default unbiased form is refused with a message naming the function and the option."""
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(6, 3))
+    ones, zeros = jnp.ones(3), jnp.zeros(3)
+    running = norm.init_batch_norm_state(3, jnp.float64)
+    _, biased = norm.batch_norm_train(jnp.asarray(x), ones, zeros, running, momentum=0.5, unbiased_running_var=False)
+    _, unbiased = norm.batch_norm_train(jnp.asarray(x), ones, zeros, running, momentum=0.5)
+    np.testing.assert_allclose(biased["var"], 0.5 + 0.5 * x.var(0, ddof=0), rtol=1e-13)
+    np.testing.assert_allclose(unbiased["var"], 0.5 + 0.5 * x.var(0, ddof=1), rtol=1e-13)
+    with pytest.raises(ValueError, match="batch_norm_train.*unbiased_running_var=False"):
+        norm.batch_norm_train(jnp.asarray(x[:1]), ones, zeros, running)
+    _, one = norm.batch_norm_train(jnp.asarray(x[:1]), ones, zeros, running, momentum=0.5,
+                                   unbiased_running_var=False)
+    np.testing.assert_allclose(one["var"], 0.5 * np.ones(3), rtol=1e-13)      # variance of one example is 0
 
 
 # ============================================================================ network: before / after
@@ -221,7 +253,7 @@ def np_network(params, x, position, train, state=None, momentum=0.1):
             if train:
                 return np_batch_norm(v, gamma, beta), {
                     "mean": (1 - momentum) * st["mean"] + momentum * v.mean(0),
-                    "var": (1 - momentum) * st["var"] + momentum * v.var(0)}
+                    "var": (1 - momentum) * st["var"] + momentum * v.var(0, ddof=1)}   # PyTorch: unbiased
             return np_batch_norm_eval(v, gamma, beta, st["mean"], st["var"]), st
 
         if position == "before":

@@ -1,14 +1,13 @@
-"""Shared oracle for the rule tests: our custom VJP vs autodiff of the plain reference and
-vs central finite differences, all cases of a file compiled into one program.
+"""The rule tests' access to fnbp's one oracle (``fnbp.crosscheck``): our VJP vs autodiff of the
+plain reference and vs central finite differences, all cases of a file compiled into one program.
 
 Used by tests/test_layers.py, tests/test_activations.py and tests/test_losses.py.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-AD_RTOL = 1e-10     # our VJP vs autodiff of the reference (relative, float64)
-FD_RTOL = 1e-6      # our VJP vs central finite differences (relative, float64)
+from fnbp import crosscheck
+from fnbp.crosscheck import AUTODIFF_RTOL as AD_RTOL, FD_TOL as FD_RTOL     # the one oracle's tolerances
 
 
 def max_rel(x, ref):
@@ -19,22 +18,6 @@ def max_rel(x, ref):
         return 0.0
     diff, scale = np.max(np.abs(x - ref)), np.max(np.abs(ref))
     return float(diff / scale) if scale > 0 else float(diff)
-
-
-def _flat(x):
-    """The leaves of the pytree x, flattened into one float64 numpy vector (no jax op: nothing to compile)."""
-    return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree_util.tree_leaves(x)])
-
-
-def _unravel_like(x):
-    """Inverse of _flat for pytrees shaped like x, traceable inside jit."""
-    leaves, treedef = jax.tree_util.tree_flatten(x)
-    shapes = [np.shape(leaf) for leaf in leaves]
-    offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
-
-    def unravel(v):
-        return treedef.unflatten([v[offsets[k]:offsets[k + 1]].reshape(shapes[k]) for k in range(len(shapes))])
-    return unravel
 
 
 def compile_fast(fn, *args):
@@ -49,62 +32,23 @@ def compile_fast(fn, *args):
 
 
 def vjp_check(checks, seed=0, eps=1e-6):
-    """Our VJPs against jax.vjp of the references and against finite differences.
+    """Our VJPs against jax.vjp of the references and against finite differences: fnbp's own
+    oracle (``fnbp.crosscheck.check_many``, what ``fnbp check`` runs), on every coordinate.
 
-    ``checks`` is a list of (rule, ref, args, argnums).  For each, with a random
-    output cotangent c: our VJP c^T J and the reference's (autodiff), and the
-    central differences of the scalar <c, rule(...)> along every coordinate of
-    every argument in argnums (x +- eps e_k; all 2n evaluations of our forward
-    in one vmapped call).  Everything runs in one compiled program (one
-    compilation for all checks; jit vs plain calls is tested separately).
-
-    Returns one dict per check: ``out`` (our forward), ``c``, ``grads`` (our
-    VJP, per argnum), ``ad``/``fd`` (per argnum: relative error vs autodiff of
-    the reference / vs finite differences).
+    ``checks`` is a list of (rule, ref, args, argnums); all run in one compiled program.
+    Returns one dict per check: ``out`` (our forward), ``c`` (the output cotangent),
+    ``grads`` (our VJP, per argnum), ``ad``/``fd`` (per argnum: relative error vs autodiff
+    of the reference / vs central finite differences).
     """
-    rng = np.random.default_rng(seed)
-    cs, stacks, unravels = [], [], []
-    for rule, _, args, argnums in checks:
-        cs.append(rng.standard_normal(jax.eval_shape(rule, *args).shape))
-        flat = _flat([args[i] for i in argnums])
-        steps = eps * np.eye(flat.size)
-        stacks.append(np.concatenate([flat + steps, flat - steps]))
-        unravels.append(_unravel_like([args[i] for i in argnums]))
-
-    def run(all_args, cs, stacks):
-        results = []
-        for (rule, ref, _, argnums), args, c, stack, unravel in zip(checks, all_args, cs, stacks, unravels):
-            out, vjp_rule = jax.vjp(rule, *args)
-            out_ref, vjp_ref = jax.vjp(ref, *args)
-            ours, theirs = vjp_rule(c), vjp_ref(c)
-
-            def along(v, rule=rule, args=args, argnums=argnums, c=c, unravel=unravel):
-                new = list(args)
-                for i, x in zip(argnums, unravel(v)):
-                    new[i] = x
-                return jnp.vdot(c, rule(*new))
-            vals = jax.vmap(along)(stack)
-            n = stack.shape[0] // 2
-            results.append((out, out_ref, [ours[i] for i in argnums], [theirs[i] for i in argnums],
-                            (vals[:n] - vals[n:]) / (2 * eps)))
-        return results
-
+    cases = [(rule, ref, args, f"case {k}", jax.random.PRNGKey(1000 * seed + k))
+             for k, (rule, ref, args, _) in enumerate(checks)]
     checked = []
-    outputs = compile_fast(run, [tuple(check[2]) for check in checks], cs, stacks)
-    for (_, _, _, argnums), c, (out, out_ref, ours, theirs, fd) in zip(checks, cs, outputs):
-        np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)      # same forward as the reference
-        res, start = {"out": np.asarray(out), "c": c, "grads": {}, "ad": {}, "fd": {}}, 0
-        for i, g_tree, g_ref in zip(argnums, ours, theirs):
-            g = _flat(g_tree)
-            fd_i = np.asarray(fd)[start:start + g.size]
-            start += g.size
-            # relative to the gradient's size; absolute where our gradient vanishes (step, sign), since
-            # the differences of a piecewise-constant forward are then rounding noise (~1e-16 |f| / eps)
-            scale = max(np.max(np.abs(fd_i)), np.max(np.abs(g))) if np.any(g) else 1.0
-            res["grads"][i] = g_tree
-            res["ad"][i] = max_rel(g, _flat(g_ref))
-            res["fd"][i] = float(np.max(np.abs(fd_i - g)) / scale)
-        checked.append(res)
+    for (_, _, _, argnums), (result, out, c, grads) in zip(checks, crosscheck.check_many(
+            cases, eps=eps, n_coords=10**9, values=True)):
+        assert result.argnums == tuple(argnums), (result.name, result.argnums, argnums)
+        checked.append({"out": out, "c": c, "grads": {i: grads[i] for i in argnums},
+                        "ad": dict(zip(argnums, result.autodiff_rel)), "fd": dict(zip(argnums, result.fd_rel)),
+                        "result": result})
     return checked
 
 

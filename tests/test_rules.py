@@ -1,0 +1,160 @@
+"""Tests of fnbp.rules: the Rule type and its one constructor ``fnbp.rule``.
+
+A student's own rule must work in jax.grad, jit, vmap, in fnbp.check and in fnbp.train; the
+constructor is the only place a custom VJP is built, and cotangents come back in the primal's dtype.
+"""
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnbp
+from fnbp import reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def softplus_fwd(a):
+    """softplus g(a) = log(1 + e^a).  Backward: delta = grad_h E (.) sigmoid(a)."""
+    return jnp.logaddexp(a, 0.0), a
+
+
+def softplus_bwd(a, grad_h):
+    return (grad_h * jax.nn.sigmoid(a),)
+
+
+softplus = fnbp.rule(softplus_fwd, softplus_bwd)
+
+
+def test_rule_object_name_doc_and_signature():
+    assert isinstance(softplus.rule, fnbp.Rule)
+    assert softplus.rule == fnbp.Rule(softplus_fwd, softplus_bwd, "softplus")
+    assert softplus.__name__ == "softplus" and softplus.__doc__.startswith("softplus g(a)")
+    assert fnbp.rules.rule_of(softplus) is softplus.rule and fnbp.rules.rule_of(jnp.tanh) is None
+    for fn in [fnbp.dense, fnbp.relu, fnbp.losses.half_sse, fnbp.batch_norm, fnbp.dropout, fnbp.losses.l2_penalty]:
+        assert isinstance(fnbp.rules.rule_of(fn), fnbp.Rule), fn
+
+
+def test_student_rule_under_grad_jit_vmap_is_its_own_backward():
+    a = np.linspace(-3, 3, 12).reshape(3, 4)
+    g = jax.jit(jax.grad(lambda a: jnp.sum(softplus(a) ** 2)))(a)
+    want = 2 * np.logaddexp(a, 0) / (1 + np.exp(-a))
+    np.testing.assert_allclose(g, want, rtol=1e-6)
+    per_row = jax.vmap(jax.grad(lambda r: jnp.sum(softplus(r))))(a)
+    np.testing.assert_allclose(per_row, 1 / (1 + np.exp(-a)), rtol=1e-6)
+    wrong = fnbp.rule(softplus_fwd, lambda a, g: (2 * g * jax.nn.sigmoid(a),))
+    np.testing.assert_allclose(jax.grad(lambda a: jnp.sum(wrong(a)))(a), 2 / (1 + np.exp(-a)), rtol=1e-6)
+
+
+def test_static_options_reach_fwd_and_bwd():
+    def scaled_fwd(a, *, scale=2.0):
+        return scale * a, None
+
+    def scaled_bwd(_, g, *, scale):
+        return (scale * g,)
+    scaled = fnbp.rule(scaled_fwd, scaled_bwd)
+    assert float(jax.grad(lambda a: scaled(a, scale=5.0))(1.0)) == 5.0
+    assert float(jax.grad(scaled)(1.0)) == 2.0
+    with pytest.raises(TypeError, match="fnbp.scaled: options scale must be hashable"):
+        scaled(1.0, scale=[1.0])
+
+
+def test_constructor_errors_are_named():
+    with pytest.raises(TypeError, match="fnbp.rule: fwd and bwd must be callables"):
+        fnbp.rule(softplus_fwd, None)
+    with pytest.raises(TypeError, match="no \\*args/\\*\\*kwargs"):
+        fnbp.rule(lambda *a: (a[0], None), softplus_bwd)
+    too_few = fnbp.rule(lambda a, b: (a * b, (a, b)), lambda res, g: (g * res[1],), name="mul")
+    with pytest.raises(ValueError, match="fnbp.rule 'mul': bwd returned 1 cotangents for 2 inputs \\(a, b\\)"):
+        jax.grad(too_few)(2.0, 3.0)
+    with pytest.raises(TypeError, match="fnbp.softplus: a must be an array, got a Python list"):
+        softplus([1.0, 2.0])
+    with pytest.raises(TypeError, match="fnbp.softplus: "):
+        softplus(1.0, 2.0)
+
+
+def test_cotangents_keep_the_primal_dtype():
+    """float16 in, float16 gradient out (plain jnp does the same), for rules that compute in float32."""
+    x16 = jnp.ones((3, 4), jnp.float16)
+    W16, b16 = jnp.ones((2, 4), jnp.float16), jnp.zeros((2,), jnp.float16)
+    cases = {
+        "dense": lambda x: fnbp.dense(W16, b16, x).astype(jnp.float32).sum(),
+        "prelu": lambda x: fnbp.prelu(x, jnp.float32(0.25)).astype(jnp.float32).sum(),
+        "half_sse": lambda x: fnbp.losses.half_sse(x, jnp.zeros_like(x)).astype(jnp.float32),
+        "batch_norm": lambda x: (fnbp.batch_norm(x * jnp.arange(3, dtype=jnp.float16)[:, None],
+                                                  jnp.ones(4, jnp.float32), jnp.zeros(4, jnp.float32)) ** 2).sum(),
+    }
+    for name, f in cases.items():
+        assert jax.grad(f)(x16).dtype == jnp.float16, name
+    # and the gradient of a float32 parameter used with float16 data stays float32
+    g_alpha = jax.grad(lambda al: fnbp.prelu(-x16, al).astype(jnp.float32).sum())(jnp.float32(0.25))
+    assert g_alpha.dtype == jnp.float32
+
+
+def test_cotangent_cast_is_what_makes_the_dtype():
+    """Mutation guard: a bwd that returns float32 for a float16 input is cast back by the wrapper."""
+    def up_fwd(a):
+        return a, None
+
+    def up_bwd(_, g):
+        return (g.astype(jnp.float32),)
+    up = fnbp.rule(up_fwd, up_bwd)
+    assert jax.grad(lambda a: up(a).sum())(jnp.ones(3, jnp.float16)).dtype == jnp.float16
+
+
+def test_no_private_jax_api_in_the_package():
+    """Nothing in fnbp/ touches jax._src or custom_vjp objects' attributes; rules.py alone builds custom VJPs."""
+    for path in (ROOT / "fnbp").rglob("*.py"):
+        text = path.read_text()
+        assert "_src" not in text, path
+        code = "\n".join(line.split("#")[0] for line in text.splitlines())
+        if path.name != "rules.py":
+            assert not re.search(r"custom_vjp\(|\.defvjp\(|nondiff_argnums", code), path
+        assert not re.search(r"\.rule\.(fun|nondiff_argnums)\b", code), path
+
+
+def test_student_rule_trains_through_fnbp_train():
+    ds = fnbp.data.load_digits(standardize=True)
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(0))
+    params = fnbp.mlp.init(k_init, [64, 32, 10])
+    cfg = fnbp.train.Config(activation=softplus)
+    result = fnbp.train.train(params, fnbp.optim.adam(3e-3), ds, key=k_train, epochs=3, batch_size=32, cfg=cfg,
+                              progress=False)
+    assert result.history[-1]["test_accuracy"] >= 0.80           # 10 classes: chance is 0.10
+    # the wrong version is caught by fnbp.check
+    bad = fnbp.rule(softplus_fwd, lambda a, g: (g * jax.nn.sigmoid(-a),))
+    assert fnbp.check(softplus, lambda a: jnp.logaddexp(a, 0.0), ds.x_train[:4, :8]).ok
+    assert not fnbp.check(bad, lambda a: jnp.logaddexp(a, 0.0), ds.x_train[:4, :8]).ok
+
+
+# --- named errors of the rules (issue #16) ----------------------------------------------------
+def test_bad_inputs_to_rules_are_named_errors():
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(TypeError, match="fnbp.sigmoid: the pre-activation a must be a floating-point array"):
+        fnbp.sigmoid(np.arange(3))
+    with pytest.raises(TypeError, match="fnbp.relu: a must be an array, got a Python list"):
+        fnbp.relu([1.0, -2.0])
+    with pytest.raises(ValueError, match="fnbp.prelu: alpha must broadcast to a's shape"):
+        fnbp.prelu(x, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="fnbp.losses.half_sse: the batch is empty"):
+        fnbp.losses.half_sse(np.zeros((0, 4)), np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="fnbp.losses.softmax_cross_entropy: the batch is empty"):
+        fnbp.losses.softmax_cross_entropy(np.zeros((0, 4)), np.zeros((0,), np.int32))
+    with pytest.raises(ValueError, match="fnbp.norm.dropout: training-mode dropout needs an explicit jax.random key"):
+        fnbp.dropout(x, 0.5, None)
+    for p in (jnp.float32(-0.5), np.float64(1.0), jnp.asarray(float("nan"))):
+        with pytest.raises(ValueError, match="fnbp.norm.dropout: the drop probability p must be in \\[0, 1\\)"):
+            fnbp.dropout(x, p, jax.random.PRNGKey(0))
+    assert fnbp.dropout(x, jnp.float32(0.5), jax.random.PRNGKey(0)).shape == x.shape
+
+
+def test_nan_propagates_through_every_activation():
+    a = jnp.array([jnp.nan, -1.0, 2.0])
+    for name, g in fnbp.activations.ACTIVATIONS.items():
+        out = g(a, jnp.float32(0.25)) if name == "prelu" else g(a)
+        assert jnp.isnan(out[0]) if name != "softmax" else jnp.isnan(out).all(), name
+    for name in ["relu", "step", "sign", "sigmoid", "tanh"]:
+        assert jnp.isnan(getattr(reference, name)(a)[0]), name       # the references agree
