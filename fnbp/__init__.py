@@ -8,13 +8,14 @@ backprop rules of the lecture notes, encoded with ``jax.custom_vjp``:
     grad_{W_k} E = delta_k h_{k-1}^T;      grad_{h_{k-1}} E = W_k^T delta_k
 
 Modules: layers, activations, losses, norm (the rules); reference (plain jnp);
-crosscheck (``fnbp.check``); mlp, backprop; optim; train, data, checkpoint,
-parallel; perceptron; examples.
+ops (add, mul, log); graph (the walker: the notes' general back-propagation);
+crosscheck (``fnbp.check``); mlp (with ``backprop``, the walker on the MLP); skip (a
+skip-connection graph); optim; train, data, checkpoint, parallel; perceptron.
 """
-from . import (activations, checkpoint, data, examples, layers, losses, mlp, norm, optim, parallel, perceptron,
-               reference, rules, train)
+from . import (activations, checkpoint, data, graph, layers, losses, mlp, norm, ops, optim, parallel, perceptron,
+               reference, rules, skip, train)
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
-from .backprop import backprop
+from .mlp import backprop
 from .crosscheck import check
 from .layers import dense
 from .rules import Rule, rule
@@ -25,4 +26,4 @@ __version__ = "0.1.0"
 __all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "batch_norm", "dropout", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
-           "parallel", "perceptron", "examples"]
+           "parallel", "perceptron", "graph", "ops", "skip"]

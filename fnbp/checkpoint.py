@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint_format import (_KEY, _TREES, CheckpointError, _check_meta, _encode, _is_typed_key, _key_entry,
+from ._checkpoint_format import (_KEY, _TREES, CheckpointError, _check_meta, _encode, _is_typed_key, _key_entry,
                                 _fill, _np_dtype, _parse_keystr, _rebuild_tree, _skeleton, _stored_array)
 
 __all__ = ["CheckpointError", "save", "load", "read_metadata", "clean_stale_temp_files", "FORMAT"]

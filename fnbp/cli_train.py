@@ -240,9 +240,6 @@ def _cmd_train(args):
     ds = _load_data(args)
     _check_layers(args.layers, ds)
     _check_batching(args, len(ds.y_train))
-    if args.grad == "backprop" and (args.dropout or args.batch_norm):
-        raise UsageError("fnbp train: --grad backprop covers dense layers and activations only; "
-                         "drop --dropout/--batch-norm or use --grad autodiff")
     if args.allow_changed and not args.resume:
         raise UsageError("fnbp train: --allow-changed only applies with --resume")
     if out.exists() and not out.is_dir():

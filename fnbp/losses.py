@@ -15,7 +15,10 @@ Each public loss is a rule (``fnbp.rule``): ``fn.rule`` is the ``fnbp.Rule`` wit
 ``fn.rule.bwd(residuals, g, reduction=...) -> (grad_y, grad_d)``; the explicit
 backprop loop starts from exactly that ``grad_y``.
 """
+import functools
+import inspect
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,7 @@ import numpy as np
 from .rules import rule
 
 __all__ = ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
-           "LOSSES"]
+           "LOSSES", "LossSpec", "loss_spec", "reduce"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -268,3 +271,46 @@ l2_penalty = rule(_l2_penalty_fwd, _l2_penalty_bwd)
 
 LOSSES = {"half_sse": half_sse, "sse": sse, "mse": mse, "mae": mae, "cross_entropy": cross_entropy,
           "softmax_cross_entropy": softmax_cross_entropy}
+
+
+# --- a loss spec, parsed once ------------------------------------------------------------
+class LossSpec(NamedTuple):
+    """A parsed loss: the function and its batch reduction ('mean' or 'sum').
+
+    ``takes_reduction`` is False for a plain function without a ``reduction`` keyword
+    (e.g. an optax loss followed by ``.mean()``), which is taken to average over the batch.
+    """
+    fn: Callable
+    reduction: str
+    takes_reduction: bool
+
+    def __call__(self, y, d, reduction=None):
+        """E = L(y; d), with this spec's reduction unless another is given."""
+        if self.takes_reduction:
+            return self.fn(y, d, reduction=reduction or self.reduction)
+        return self.fn(y, d)
+
+
+def loss_spec(loss, *, name="fnbp"):
+    """Parse a loss spec -- one of ``fnbp.losses``, ``functools.partial(loss, reduction='sum')``,
+    a student's ``fnbp.rule`` loss or any plain function ``L(y, d) -> scalar`` -- into a ``LossSpec``.
+    Raises ValueError (naming ``name``) for the L2 penalty and for an unknown reduction."""
+    fn, keywords = (loss.func, dict(loss.keywords)) if isinstance(loss, functools.partial) else (loss, {})
+    if fn is l2_penalty:
+        raise ValueError(f"{name}: the loss is the L2 penalty; the L2 penalty goes in the l2= argument")
+    if not callable(fn):
+        raise ValueError(f"{name}: loss must be a function L(y, d), got {loss!r}")
+    try:
+        takes = "reduction" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes = False
+    reduction = keywords.pop("reduction", "mean")
+    _check_reduction(getattr(fn, "__name__", "loss"), reduction)
+    if keywords or (isinstance(loss, functools.partial) and loss.args):
+        fn = functools.partial(fn, *loss.args, **keywords)
+    return LossSpec(fn, reduction, takes)
+
+
+def reduce(values, reduction):
+    """Combine per-example values (or per-micro-batch values) as the loss does: mean or sum."""
+    return _reduce(values, reduction)

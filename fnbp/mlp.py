@@ -1,26 +1,27 @@
-"""Multi-layer perceptrons as a plain pytree of parameters and a forward function.
+"""Multi-layer perceptrons: a plain pytree of parameters, and the chain as a graph for the walker.
 
 A network of L layers is a list of dicts ``{"W": (n_out, n_in), "b": (n_out,)}``
-(plus ``"alpha"`` for a learnable PReLU slope).  The forward pass composes the
-custom_vjp layers of ``fnbp.layers`` and ``fnbp.activations``:
+(plus ``"alpha"`` for a learnable PReLU slope, ``"gamma"``/``"beta"`` for batch norm).
+``network`` lays the chain out as a ``fnbp.graph`` of nodes
 
-    h_0 = x;  a_k = W_k h_{k-1} + b_k;  h_k = g_k(a_k);  y = h_L
+    h_0 = x;  a_k = W_k h_{k-1} + b_k   (node "a{k}");  h_k = g_k(a_k)   (node "h{k}");  y = h_L
 
-so ``jax.grad`` through ``apply`` runs our hand-written rules layer by layer.
-``fnbp.backprop`` runs the same rules as the explicit loop of the notes.
+(with "bn{k}" and "dropout{k}" nodes where asked).  ``apply``/``apply_stateful`` run
+it with ``fnbp.graph.apply`` (``jax.grad`` through them runs our rules), ``backprop``
+with the explicit walker ``fnbp.graph.forward``/``backward`` -- one walker, two ways.
 """
 import functools
-import inspect
 import math
 
 import jax
 import jax.numpy as jnp
 
-from . import activations, norm
+from . import activations, graph, losses, norm, ops
+from .graph import Const, Input, Param, State
 from .layers import dense
 
-__all__ = ["init", "init_state", "apply", "apply_stateful", "num_params", "layer_activations", "check_params",
-           "INITS"]
+__all__ = ["init", "init_state", "apply", "apply_stateful", "backprop", "network", "num_params",
+           "layer_activations", "check_params", "INITS"]
 
 INITS = ("uniform", "glorot", "he")
 
@@ -128,42 +129,58 @@ def uses_layer_alpha(act):
     return _is_prelu(act) and "alpha" not in getattr(act, "keywords", {})
 
 
-def _check_keyword_options(act, name):
+def _activation_node(name, act, pre, k, layer, who):
+    """h_k = g_k(a_k) as a node; PReLU's learnable alpha is the parameter (k, "alpha")."""
     if isinstance(act, functools.partial) and act.args:
-        raise ValueError(f"{name}: give an activation's options by keyword, e.g. "
+        raise ValueError(f"{who}: give an activation's options by keyword, e.g. "
                          f"functools.partial(fnbp.leaky_relu, slope=0.2); a positional argument binds the "
                          f"pre-activation a itself (got {act!r})")
-
-
-def activation_rule(act, layer, name="fnbp.backprop"):
-    """(rule, extra_args) for an activation spec: the custom_vjp rule and the
-    arguments that follow ``a`` (e.g. the leaky slope, or PReLU's alpha from the layer)."""
-    _check_keyword_options(act, name)
-    fn, args, kwargs = ((act.func, act.args, act.keywords) if isinstance(act, functools.partial) else (act, (), {}))
-    rule = getattr(fn, "rule", None)
-    if rule is None:
-        raise ValueError(f"{name}: activation {act!r} has no hand-written rule (use one of fnbp's activations)")
-    names = list(inspect.signature(fn).parameters)[1:]
-    bound = dict(zip(names, args), **kwargs)
-    if fn is activations.prelu and "alpha" not in bound:
-        if "alpha" not in layer:
-            raise ValueError(f"{name}: prelu needs a learnable 'alpha' in the layer's parameters "
-                             f"(fnbp.mlp.init(..., prelu_alpha=0.25) adds one)")
-        bound["alpha"] = layer["alpha"]
-    sig = inspect.signature(fn).bind_partial(None, **bound)
-    sig.apply_defaults()
-    return rule, tuple(sig.arguments[n] for n in names)
-
-
-def apply_activation(act, a, layer):
-    """h = g(a), passing PReLU its learnable alpha from the layer."""
-    _check_keyword_options(act, "fnbp.mlp.apply")
     if uses_layer_alpha(act):
         if "alpha" not in layer:
-            raise ValueError("fnbp.mlp.apply: prelu needs a learnable 'alpha' in the layer's parameters "
-                             "(fnbp.mlp.init(..., prelu_alpha=0.25) adds one)")
-        return act(a, layer["alpha"])
-    return act(a)
+            raise ValueError(f"{who}: prelu needs a learnable 'alpha' in the layer's parameters "
+                             f"(fnbp.mlp.init(..., prelu_alpha=0.25) adds one)")
+        return graph.node(name, act, pre, Param(k, "alpha"))
+    return graph.node(name, act, pre)
+
+
+def network(params, *, activation=activations.relu, output=activations.identity, train=False, dropout=0.0,
+            bn_position="before", bn_momentum=0.1, bn_eps=1e-5, running=True, who="fnbp.mlp.network"):
+    """The MLP as a ``fnbp.graph.Graph`` with input "x" (and "key" for dropout).
+
+    Layer k (1-based): node "a{k}" = dense, "h{k}" = g_k; for hidden layers with
+    ``"gamma"``: "bn{k}" (batch norm before or after g_k: the training rule with the
+    batch's statistics when ``train``, else the running statistics from the state), plus
+    the auxiliary "stats{k}" updating the running statistics (``running=True``); in
+    training with ``dropout > 0``: "dropout{k}" with the key ``fold_in(key, k - 1)``.
+    """
+    if bn_position not in ("before", "after"):
+        raise ValueError(f"{who}: bn_position must be 'before' or 'after', got {bn_position!r}")
+    nodes, updates, prev = [], [], Input("x")
+    for k, (layer, g) in enumerate(zip(params, layer_activations(len(params), activation, output))):
+        i, hidden = k + 1, k < len(params) - 1
+        bn = hidden and "gamma" in layer
+
+        def normalise(v, k=k, i=i):
+            if train:
+                nodes.append(graph.node(f"bn{i}", norm.batch_norm, v, Param(k, "gamma"), Param(k, "beta"), eps=bn_eps))
+                if running:
+                    nodes.append(graph.node(f"stats{i}", ops.running_statistics, v, State(k), aux=True,
+                                            momentum=bn_momentum))
+                    updates.append(((k,), f"stats{i}"))
+            else:
+                nodes.append(graph.node(f"bn{i}", ops.batch_norm_eval, v, Param(k, "gamma"), Param(k, "beta"),
+                                        State(k, "mean"), State(k, "var"), eps=bn_eps))
+            return f"bn{i}"
+
+        nodes.append(graph.node(f"a{i}", dense, Param(k, "W"), Param(k, "b"), prev))     # a_k = W_k h_{k-1} + b_k
+        prev = normalise(f"a{i}") if bn and bn_position == "before" else f"a{i}"
+        nodes.append(_activation_node(f"h{i}", g, prev, k, layer, who))                   # h_k = g_k(a_k)
+        prev = normalise(f"h{i}") if bn and bn_position == "after" else f"h{i}"
+        if hidden and train and dropout:
+            nodes.append(graph.node(f"key{i}", jax.random.fold_in, Input("key"), Const(k), aux=True))
+            nodes.append(graph.node(f"dropout{i}", norm.dropout, prev, dropout, f"key{i}"))
+            prev = f"dropout{i}"
+    return graph.make(nodes, prev, updates)
 
 
 def apply(params, x, *, activation=activations.relu, output=activations.identity):
@@ -172,9 +189,9 @@ def apply(params, x, *, activation=activations.relu, output=activations.identity
     Args:
       params: list of layer dicts ``{"W", "b"}`` (``"alpha"`` for PReLU layers).
       x: one example (n_0,) or a mini-batch (batch, n_0).
-      activation: g for the hidden layers, or a list of L - 1 per-layer activations;
-        any of fnbp's activations (``functools.partial(fnbp.leaky_relu, slope=0.2)``
-        for options; ``fnbp.prelu`` takes its alpha from the layer).
+      activation: g for the hidden layers, or a list of L - 1 per-layer activations:
+        fnbp's activations (``functools.partial(fnbp.leaky_relu, slope=0.2)`` for options;
+        ``fnbp.prelu`` takes its alpha from the layer), a rule of your own, or any function.
       output: g_L for the output layer (identity: logits for softmax_cross_entropy).
 
     Raises ValueError naming the layer index and the widths when the layers do not chain,
@@ -185,11 +202,8 @@ def apply(params, x, *, activation=activations.relu, output=activations.identity
     if bn_layers:
         raise ValueError(f"fnbp.mlp.apply: layers {bn_layers} have batch-norm parameters (gamma, beta); use "
                          "fnbp.mlp.apply_stateful(params, state, x, train=...) with fnbp.mlp.init_state(params)")
-    h = x
-    for layer, g in zip(params, layer_activations(len(params), activation, output)):
-        a = dense(layer["W"], layer["b"], h)      # a_k = W_k h_{k-1} + b_k
-        h = apply_activation(g, a, layer)         # h_k = g_k(a_k)
-    return h
+    net = network(params, activation=activation, output=output, who="fnbp.mlp.apply")
+    return graph.apply(net, params, {"x": x})[0]
 
 
 def init_state(params):
@@ -225,31 +239,60 @@ def apply_stateful(params, state, x, *, train, key=None, activation=activations.
     With no batch-norm parameters and dropout == 0 this equals ``apply``.
     """
     check_params(params, x)
-    if bn_position not in ("before", "after"):
-        raise ValueError(f"fnbp.mlp.apply_stateful: bn_position must be 'before' or 'after', got {bn_position!r}")
     if train and dropout and key is None:
         raise ValueError("fnbp.mlp.apply_stateful: dropout in training mode needs an explicit jax.random key")
     if len(state) != len(params):
         raise ValueError(f"fnbp.mlp.apply_stateful: state has {len(state)} entries for {len(params)} layers "
                          "(use fnbp.mlp.init_state(params))")
-    h, new_state = x, []
-    gs = layer_activations(len(params), activation, output)
-    for k, (layer, g, st) in enumerate(zip(params, gs, state)):
-        a = dense(layer["W"], layer["b"], h)
-        hidden = k < len(params) - 1
-        bn = hidden and "gamma" in layer
+    net = network(params, activation=activation, output=output, train=train, dropout=dropout,
+                  bn_position=bn_position, bn_momentum=bn_momentum, bn_eps=bn_eps, who="fnbp.mlp.apply_stateful")
+    return graph.apply(net, params, {"x": x, "key": key}, state)
 
-        def normalise(v, st=st, layer=layer):
-            if train:
-                return norm.batch_norm_train(v, layer["gamma"], layer["beta"], st, momentum=bn_momentum, eps=bn_eps)
-            return norm.batch_norm_eval(v, layer["gamma"], layer["beta"], st, eps=bn_eps), st
 
-        if bn and bn_position == "before":
-            a, st = normalise(a)
-        h = apply_activation(g, a, layer)
-        if bn and bn_position == "after":
-            h, st = normalise(h)
-        if hidden and train and dropout:
-            h = norm.dropout(h, dropout, jax.random.fold_in(key, k))
-        new_state.append(st)
-    return h, new_state
+def has_l2(l2):
+    """False only for a Python number equal to 0 (a traced lambda always gets its node)."""
+    return not (isinstance(l2, (int, float)) and l2 == 0)
+
+
+def backprop(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
+             l2=0.0, dropout=0.0, key=None, bn_position="before", trace=False):
+    """E and its gradient w.r.t. every parameter, by the notes' explicit algorithm (``fnbp.graph``).
+
+    Forward (each node's rule.fwd, storing its residuals):
+        h_0 = x;  a_k = W_k h_{k-1} + b_k;  h_k = g_k(a_k);  y = h_L;  E = L(y; d) + l2 * Omega
+    Backward (grad_table[E] = 1, nodes in reverse order, each rule.bwd):
+        grad_{h_L} E = grad_y L(y; d)
+        for k = L ... 1:
+            delta_k          = grad_{h_k} E (.) g'_k(a_k)     (activation rule's bwd)
+            grad_{b_k} E     = delta_k                        (summed over the batch)
+            grad_{W_k} E     = delta_k h_{k-1}^T              (delta^T H on a batch)
+            grad_{h_{k-1}} E = W_k^T delta_k
+        plus l2 * W_k for the L2 penalty, and grad_alpha for learnable PReLU slopes.
+
+    Args:
+      params: list of ``{"W", "b"}`` dicts (``"alpha"`` for PReLU layers, ``"gamma"``/
+        ``"beta"`` for batch norm, normalising with the batch's statistics).
+      x: one example (n_0,) or a mini-batch (batch, n_0).
+      d: the target: same shape as y for regression losses and ``cross_entropy``,
+        integer labels for ``softmax_cross_entropy``.
+      activation, output: as in ``apply``; each needs a hand-written rule (``fnbp.rule``).
+      loss: a loss with a rule (any of ``fnbp.losses`` but l2_penalty, or your own),
+        optionally a ``functools.partial`` with ``reduction='sum'``.
+      l2: lambda of the L2 penalty lambda * 1/2 sum_k ||W_k||^2 (weights only).
+      dropout, key: drop probability between hidden layers and the key of the masks
+        (``fold_in(key, k)`` for layer k: the masks of ``apply_stateful``).
+      trace: also return a ``fnbp.graph.Trace``: per node ("a1", "h1", ..., "E") its
+        inputs, output, grad_output (delta_k for "a{k}") and grad_inputs, and the grad_table.
+
+    Returns ``(E, grads)`` with ``grads`` structured like ``params`` (``(E, grads, trace)``).
+    """
+    who = "fnbp.backprop"
+    check_params(params, x, name=who)
+    if dropout and key is None:
+        raise ValueError(f"{who}: dropout needs an explicit jax.random key (key=)")
+    spec = losses.loss_spec(loss, name=who)
+    net = graph.objective(network(params, activation=activation, output=output, train=True, dropout=dropout,
+                                  bn_position=bn_position, running=False, who=who), spec, l2=has_l2(l2))
+    E, tape = graph.forward(net, params, {"x": x, "d": d, "key": key, "l2": l2}, who=who)
+    grads = graph.backward(tape, who=who)
+    return (E, grads.params, graph.trace(tape, grads)) if trace else (E, grads.params)

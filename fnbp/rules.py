@@ -166,4 +166,5 @@ def rule(fwd, bwd, *, name=None, check=None):
     del f.__wrapped__
     f.__signature__ = sig
     f.rule = Rule(fwd, bwd, name)
+    f.check = check            # the explicit walker runs it before calling fwd
     return f

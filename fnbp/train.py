@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import activations, losses, mlp, optim
-from .backprop import backprop, loss_rule
+from . import activations, graph, losses, mlp, optim
 from .train_checks import (NonFiniteInputError, check_labels, _FN, _check_data, _check_finite_tree,
                            _check_hyperparameters)
 
@@ -48,14 +47,19 @@ class Config:
     """What the network is and how one step computes its gradient (hashable, static under jit).
 
     activation, output: the hidden and output activations (as ``fnbp.mlp.apply``).
-    loss: one of ``fnbp.losses`` (``reduction='mean'`` unless a ``functools.partial`` says 'sum').
-    l2: lambda of the L2 penalty on the weights.
-    grad: ``"autodiff"`` -- ``jax.value_and_grad`` through the custom_vjp layers (any
-      network, batch norm and dropout included), or ``"backprop"`` -- the explicit
-      loop ``fnbp.backprop`` (dense layers and activations only).
+    loss: a loss spec (``fnbp.losses.loss_spec``): one of ``fnbp.losses`` (``reduction='mean'``
+      unless a ``functools.partial`` says 'sum'), a rule of your own, or -- with grad="autodiff"
+      only -- any function L(y, d) -> scalar (e.g. an optax loss with ``.mean()``).
+    l2: lambda of the L2 penalty on the weights (a node of the objective, ``fnbp.graph.objective``).
+    grad: ``"autodiff"`` -- ``jax.value_and_grad`` through ``fnbp.graph.apply`` (the custom_vjp
+      rules), or ``"backprop"`` -- the explicit walker ``fnbp.graph.forward``/``backward``; both
+      run every op (batch norm and dropout included) and give the same gradients.
     dropout: drop probability between hidden layers (training only).
     bn_position, bn_momentum: batch norm placement and running-average momentum,
       used when the parameters have ``"gamma"``/``"beta"`` (``fnbp.mlp.init(..., batch_norm=True)``).
+    model: any network the walker runs, ``model(params, *, train) -> fnbp.graph.Graph`` with
+      input "x" (and "key" for dropout) and running statistics in the state pytree; None
+      (default) is the MLP of the fields above (``fnbp.mlp.network``).
     """
     activation: Callable = activations.relu
     output: Callable = activations.identity
@@ -65,20 +69,26 @@ class Config:
     dropout: float = 0.0
     bn_position: str = "before"
     bn_momentum: float = 0.1
+    model: Callable = None
 
     def __post_init__(self):
         if self.grad not in ("autodiff", "backprop"):
             raise ValueError(f"fnbp.train.Config: grad must be 'autodiff' or 'backprop', got {self.grad!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"fnbp.train.Config: dropout must be in [0, 1), got {self.dropout}")
-        if self.grad == "backprop" and self.dropout:
-            raise ValueError("fnbp.train.Config: grad='backprop' covers dense layers and activations; "
-                             "use grad='autodiff' with dropout")
+        losses.loss_spec(self.loss, name="fnbp.train.Config")       # a bad loss or reduction fails here
+
+    def network(self, params, *, train):
+        """The network as a ``fnbp.graph.Graph`` (training or inference mode)."""
+        if self.model is not None:
+            return self.model(params, train=train)
+        return mlp.network(params, activation=self.activation, output=self.output, train=train,
+                           dropout=self.dropout if train else 0.0, bn_position=self.bn_position,
+                           bn_momentum=self.bn_momentum, who="fnbp.train")
 
     def forward(self, params, state, x, *, train, key=None):
-        return mlp.apply_stateful(params, state, x, train=train, key=key, activation=self.activation,
-                                  output=self.output, dropout=self.dropout if train else 0.0,
-                                  bn_position=self.bn_position, bn_momentum=self.bn_momentum)
+        """``(y, new_state)``: the network's output and running statistics."""
+        return graph.apply(self.network(params, train=train), params, {"x": x, "key": key}, state)
 
 
 class TrainResult(NamedTuple):
@@ -92,11 +102,6 @@ class TrainResult(NamedTuple):
     compile_seconds: float
 
 
-def _with_reduction(loss, reduction):
-    fn, _, _ = loss_rule(loss, name="fnbp.train")
-    return functools.partial(fn, reduction=reduction)
-
-
 def _accuracy(y, d):
     if jnp.issubdtype(d.dtype, jnp.integer):
         return jnp.mean(jnp.argmax(y, axis=-1) == d)
@@ -108,34 +113,33 @@ def _accuracy(y, d):
 def make_step(cfg: Config, opt, *, accumulate=1):
     """One optimizer step ``(params, opt_state, state), (x, d, key) -> (new carry, E)``.
 
-    With ``accumulate = m > 1`` the mini-batch is split into m equal micro-batches
-    whose gradients are summed (the notes' "running gradient": per micro-batch
-    loss with reduction='sum', then divided by the batch size when the loss's
-    reduction is 'mean'), followed by one optimizer update -- the same update as
-    the whole batch at once, with 1/m of the activation memory.  (Batch norm then
-    normalises each micro-batch with its own statistics.)
+    The objective E = L(y; d) + lambda Omega is one graph (``fnbp.graph.objective``),
+    differentiated by the explicit walker or by autodiff (``cfg.grad``).  With
+    ``accumulate = m > 1`` the mini-batch is split into m equal micro-batches whose
+    objectives are combined as the loss combines examples (``fnbp.losses.reduce``: their
+    mean for reduction='mean', their sum for 'sum', the penalty counted once), followed by
+    one optimizer update -- the same update as the whole batch at once, with 1/m of the
+    activation memory.  (Batch norm then normalises each micro-batch with its own statistics.)
     """
-    _, _, reduction = loss_rule(cfg.loss, name="fnbp.train")
-    sum_loss = _with_reduction(cfg.loss, "sum")
+    spec = losses.loss_spec(cfg.loss, name="fnbp.train")         # parsed once
+    with_l2 = mlp.has_l2(cfg.l2)
+    # m micro-batch objectives J_i = L_i + (lambda / c) Omega reduce to the whole batch's J when
+    # weighted by c / m, with c = reduce(ones(m)) (1 for 'mean', m for 'sum').
+    combined = float(losses.reduce(jnp.ones(accumulate), spec.reduction))
+    weight, l2_each = combined / accumulate, cfg.l2 / combined if with_l2 else cfg.l2
 
-    def data_loss_and_grad(params, state, x, d, key):
-        """(sum of per-example losses, new state), grads of that sum (no L2 here)."""
-        if cfg.grad == "backprop":
-            E, grads = backprop(params, x, d, activation=cfg.activation, output=cfg.output, loss=sum_loss)
-            return (E, state), grads
-
-        def objective(p):
-            y, new_state = cfg.forward(p, state, x, train=True, key=key)
-            return sum_loss(y, d), new_state
-
-        return jax.value_and_grad(objective, has_aux=True)(params)
+    def objective_and_grad(params, state, x, d, key):
+        """((E, new state), grads) of one (micro-)batch's objective."""
+        net = graph.objective(cfg.network(params, train=True), spec, l2=with_l2)
+        inputs = {"x": x, "d": d, "key": key, "l2": l2_each}
+        return graph.value_and_grad(net, params, inputs, state, explicit=cfg.grad == "backprop", who="fnbp.train")
 
     def step(carry, batch):
         params, opt_state, state = carry
         x, d, key = batch
-        at = optim.lookahead_params(params, opt_state)    # = params unless the optimizer looks ahead (Nesterov)
+        at = optim.gradient_point(opt, params, opt_state)   # θ̃: = params unless the optimizer looks ahead (Nesterov)
         if accumulate == 1:
-            (E, state), grads = data_loss_and_grad(at, state, x, d, key)
+            (E, state), grads = objective_and_grad(at, state, x, d, key)
         else:
             micro_x = x.reshape((accumulate, -1) + x.shape[1:])
             micro_d = d.reshape((accumulate, -1) + d.shape[1:])
@@ -143,18 +147,12 @@ def make_step(cfg: Config, opt, *, accumulate=1):
             def micro(acc, mb):
                 E_acc, g_acc, st = acc
                 i, xm, dm = mb
-                (E, st), g = data_loss_and_grad(at, st, xm, dm, jax.random.fold_in(key, i))
-                return (E_acc + E, jax.tree_util.tree_map(jnp.add, g_acc, g), st), None
+                (E, st), g = objective_and_grad(at, st, xm, dm, jax.random.fold_in(key, i))
+                return (E_acc + weight * E, jax.tree_util.tree_map(lambda a, b: a + weight * b, g_acc, g), st), None
 
             zero = jax.tree_util.tree_map(jnp.zeros_like, at)
             (E, grads, state), _ = jax.lax.scan(
                 micro, (jnp.zeros((), x.dtype), zero, state), (jnp.arange(accumulate), micro_x, micro_d))
-        if reduction == "mean":
-            n = x.shape[0]
-            E, grads = E / n, jax.tree_util.tree_map(lambda g: g / n, grads)
-        if not (isinstance(cfg.l2, (int, float)) and cfg.l2 == 0):
-            E_l2, g_l2 = jax.value_and_grad(losses.l2_penalty)(at, cfg.l2)   # runs the l2 rule
-            E, grads = E + E_l2, jax.tree_util.tree_map(jnp.add, grads, g_l2)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
         return (params, opt_state, state), E
@@ -226,7 +224,7 @@ def _make_epoch(cfg, opt, *, batch_size, n_examples, accumulate, batch_sharding,
 def evaluate(cfg: Config, params, state, x, d):
     """(mean loss, accuracy) in inference mode (running batch-norm statistics, no dropout)."""
     y, _ = cfg.forward(params, state, x, train=False)
-    return _with_reduction(cfg.loss, "mean")(y, d), _accuracy(y, d)
+    return losses.loss_spec(cfg.loss, name="fnbp.train")(y, d, reduction="mean"), _accuracy(y, d)
 
 
 def _learning_rate(schedule, step):

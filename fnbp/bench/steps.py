@@ -5,7 +5,7 @@ The MLP reference: the 784-512-512-10 ReLU network, softmax cross-entropy, float
 (lr ``LEARNING_RATE``), one step = forward + backward + Adam update, in
 
 - ``fnbp_autodiff``: ``jax.value_and_grad`` through fnbp's custom_vjp layers + ``fnbp.optim.adam``;
-- ``fnbp_backprop``: the explicit ``fnbp.backprop.backprop`` loop + ``fnbp.optim.adam``;
+- ``fnbp_backprop``: the explicit walker ``fnbp.backprop`` + ``fnbp.optim.adam``;
 - ``peer_jax``: ``jax.value_and_grad`` of a plain-jnp forward + ``optax.adam`` (the peer);
 - ``TorchStep``: PyTorch eager on CPU (optional: torch is not a dependency of fnbp);
 - ``Gemm``: the limit, ``jit(a @ b)`` on square float32 matrices.
@@ -86,7 +86,7 @@ def step_functions():
     import jax
     import optax
     from fnbp import losses, optim
-    from fnbp.backprop import backprop
+    from fnbp import backprop
 
     ours_opt, peer_opt = optim.adam(LEARNING_RATE), optax.adam(LEARNING_RATE)
 
