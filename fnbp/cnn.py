@@ -105,6 +105,7 @@ def init(key, arch=LeNet(), *, dtype=jnp.float32):
 
 
 def num_params(params):
+    """Number of parameters (every leaf of the pytree)."""
     return sum(int(v.size) for v in jax.tree_util.tree_leaves(params))
 
 

@@ -20,7 +20,9 @@ __all__ = ["max_pool", "avg_pool", "flatten", "global_avg_pool", "batch_norm_cha
            "batch_norm_channels_train", "batch_norm_channels_eval", "pool_output_size"]
 
 
-def pool_output_size(size, window, stride, name):
+def pool_output_size(size, window, stride, name="fnbp.max_pool"):
+    """Output length floor((size - window) / stride) + 1 of one axis; a ValueError naming ``name``
+    when the window is larger than the input."""
     if size < window:
         raise ValueError(f"{name}: the pooling window ({window}) is larger than the input ({size} pixels)")
     return (size - window) // stride + 1
@@ -181,12 +183,17 @@ batch_norm_channels = rule(_batch_norm_channels_fwd, _batch_norm_channels_bwd, n
                            check=_check_bn_channels)
 
 
-def batch_norm_channels_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5):
-    """Training mode per channel: (y, new running statistics), as ``fnbp.norm.batch_norm_train``."""
+def batch_norm_channels_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5, unbiased_running_var=True):
+    """Training mode per channel: (y, new running statistics), with ``fnbp.norm.batch_norm_train``'s
+    conventions (PyTorch's: the running variance averages the unbiased variance of the
+    m = B H W samples of each channel, m / (m - 1) times the biased one that y used)."""
     y = batch_norm_channels(x, gamma, beta, eps=eps)
     x2 = lax.stop_gradient(x).reshape(-1, x.shape[-1])
+    m = x2.shape[0]
     mu = jnp.mean(x2, axis=0)
     var = jnp.mean(jnp.square(x2 - mu), axis=0)
+    if unbiased_running_var and m > 1:
+        var = var * (m / (m - 1))
     new = {"mean": (1 - momentum) * running["mean"] + momentum * mu,
            "var": (1 - momentum) * running["var"] + momentum * var}
     return y, new
