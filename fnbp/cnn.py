@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import norm, train as training
+from . import graph, norm, ops, train as training
+from .graph import Const, Input, Param, State
 from .activations import relu
 from .conv import conv2d, conv_output_size
 from .layers import dense
-from .pool import batch_norm_channels_eval, batch_norm_channels_train, flatten, max_pool, pool_output_size
+from .pool import batch_norm_channels, flatten, max_pool, pool_output_size
 
-__all__ = ["LeNet", "lenet", "init", "init_state", "apply", "apply_stateful", "shift_augment", "num_params", "Config"]
+__all__ = ["LeNet", "lenet", "init", "init_state", "network", "apply", "apply_stateful", "shift_augment", "num_params",
+           "Config", "AUGMENT_KEY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,43 +123,81 @@ def _check_input(arch, x, name):
                          f"(channels last, as the architecture's image_shape), got shape {jnp.shape(x)}")
 
 
-def apply_stateful(params, state, x, *, arch=LeNet(), train, key=None, dropout=0.0, bn_momentum=0.1):
+def _channel_statistics(a, running, *, momentum=0.1):
+    """New running statistics per channel of feature maps a (B, H, W, C): ``ops.running_statistics``
+    on the B H W samples of each channel (PyTorch's convention, no gradient)."""
+    return ops.running_statistics(a.reshape(-1, a.shape[-1]), running, momentum=momentum)
+
+
+def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, augment=0, bn_eps=1e-5):
+    """The LeNet as a ``fnbp.graph.Graph`` with input "x" (and "key" for dropout and shifts).
+
+    Block k (1-based): "conv{k}" (conv2d), ["bn{k}" per channel], "relu{k}", "pool{k}" (max-pool);
+    then "flatten" and dense layers "a{j}", ["bn_d{j}"], "h{j}" (ReLU), with "dropout{j}" on the
+    input of dense layer j in training (key ``fold_in(key, j - 1)``); the output is the last
+    "a{j}" (logits).  In training with ``augment > 0`` the auxiliary node "x_shifted" applies
+    ``shift_augment`` (key ``fold_in(key, AUGMENT_KEY)``) to x first.  Run it with
+    ``fnbp.graph.apply`` (autodiff through the rules) or ``forward``/``backward`` (the walker).
+    """
+    nodes, updates, prev = [], [], Input("x")
+    if train and augment:
+        nodes.append(graph.node("key_shift", jax.random.fold_in, Input("key"), Const(AUGMENT_KEY), aux=True))
+        nodes.append(graph.node("x_shifted", shift_augment, "key_shift", Input("x"), Const(augment), aux=True))
+        prev = "x_shifted"
+
+    def normalise(name, v, part, k, running_fn):
+        if train:
+            op = batch_norm_channels if part == "conv" else norm.batch_norm
+            nodes.append(graph.node(name, op, v, Param(part, k, "gamma"), Param(part, k, "beta"), eps=bn_eps))
+            nodes.append(graph.node(f"stats_{name}", running_fn, v, State(part, k), aux=True, momentum=bn_momentum))
+            updates.append(((part, k), f"stats_{name}"))
+        else:
+            nodes.append(graph.node(name, ops.batch_norm_eval, v, Param(part, k, "gamma"), Param(part, k, "beta"),
+                                    State(part, k, "mean"), State(part, k, "var"), eps=bn_eps))
+        return name
+
+    for k, layer in enumerate(params["conv"]):
+        i = k + 1
+        nodes.append(graph.node(f"conv{i}", conv2d, Param("conv", k, "W"), Param("conv", k, "b"), prev,
+                                padding=arch.padding))
+        a = normalise(f"bn{i}", f"conv{i}", "conv", k, _channel_statistics) if "gamma" in layer else f"conv{i}"
+        nodes.append(graph.node(f"relu{i}", relu, a))
+        nodes.append(graph.node(f"pool{i}", max_pool, f"relu{i}", window=arch.pool))
+        prev = f"pool{i}"
+    nodes.append(graph.node("flatten", flatten, prev))
+    prev, last = "flatten", len(params["dense"]) - 1
+    for k, layer in enumerate(params["dense"]):
+        i = k + 1
+        if train and dropout:
+            nodes.append(graph.node(f"key{i}", jax.random.fold_in, Input("key"), Const(k), aux=True))
+            nodes.append(graph.node(f"dropout{i}", norm.dropout, prev, dropout, f"key{i}"))
+            prev = f"dropout{i}"
+        nodes.append(graph.node(f"a{i}", dense, Param("dense", k, "W"), Param("dense", k, "b"), prev))
+        prev = f"a{i}"
+        if k < last:
+            if "gamma" in layer:
+                prev = normalise(f"bn_d{i}", prev, "dense", k, ops.running_statistics)
+            nodes.append(graph.node(f"h{i}", relu, prev))
+            prev = f"h{i}"
+    return graph.make(nodes, prev, updates)
+
+
+def apply_stateful(params, state, x, *, arch=LeNet(), train, key=None, dropout=0.0, bn_momentum=0.1, augment=0):
     """Forward pass; returns (logits, new batch-norm state).
 
     ``train=True``: batch statistics (running ones updated with ``bn_momentum``, PyTorch's
-    convention) and inverted dropout of probability ``dropout`` on the input of every dense
-    layer (mask k from ``fold_in(key, k)``); ``train=False``: running statistics, no dropout.
+    convention), inverted dropout of probability ``dropout`` on the input of every dense
+    layer and random shifts of up to ``augment`` pixels, keyed by ``key``; ``train=False``:
+    running statistics, no dropout, no shifts.
     """
     _check_input(arch, x, "fnbp.cnn.apply")
     if not 0 <= dropout < 1:
         raise ValueError(f"fnbp.cnn.apply_stateful: dropout must be in [0, 1), got {dropout}")
-    if train and dropout and key is None:
-        raise ValueError("fnbp.cnn.apply_stateful: dropout in training mode needs an explicit jax.random key")
-    new_state = {"conv": [], "dense": []}
-    h = x
-    for layer, st in zip(params["conv"], state["conv"]):
-        a = conv2d(layer["W"], layer["b"], h, padding=arch.padding)
-        if "gamma" in layer:
-            if train:
-                a, st = batch_norm_channels_train(a, layer["gamma"], layer["beta"], st, momentum=bn_momentum)
-            else:
-                a = batch_norm_channels_eval(a, layer["gamma"], layer["beta"], st)
-        h = max_pool(relu(a), window=arch.pool)
-        new_state["conv"].append(st)
-    h = flatten(h)
-    last = len(params["dense"]) - 1
-    for k, (layer, st) in enumerate(zip(params["dense"], state["dense"])):
-        if train and dropout:
-            h = norm.dropout(h, dropout, jax.random.fold_in(key, k))
-        a = dense(layer["W"], layer["b"], h)
-        if k < last and "gamma" in layer:
-            if train:
-                a, st = norm.batch_norm_train(a, layer["gamma"], layer["beta"], st, momentum=bn_momentum)
-            else:
-                a = norm.batch_norm_eval(a, layer["gamma"], layer["beta"], st)
-        h = relu(a) if k < last else a
-        new_state["dense"].append(st)
-    return h, new_state
+    if train and (dropout or augment) and key is None:
+        raise ValueError("fnbp.cnn.apply_stateful: dropout or shifts in training mode need an explicit "
+                         "jax.random key")
+    net = network(params, arch=arch, train=train, dropout=dropout, bn_momentum=bn_momentum, augment=augment)
+    return graph.apply(net, params, {"x": x, "key": key}, state)
 
 
 def apply(params, x, *, arch=LeNet()):
@@ -186,22 +226,18 @@ class Config(training.Config):
 
     Uses ``loss``, ``l2``, ``dropout`` and ``bn_momentum`` of ``train.Config``; ``arch`` is the
     network and ``augment`` the largest random shift (pixels) applied to each training image
-    (``shift_augment`` keyed by the step's key; 0 = none).  ``grad='autodiff'`` only until the
-    network walker provides the explicit loop for convolutional networks.
+    (``shift_augment`` keyed by the step's key; 0 = none).  Both grad modes: "autodiff"
+    (``jax.grad`` through the rules) and "backprop" (the explicit walker on ``network``).
     """
     arch: LeNet = LeNet()
     augment: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        if self.grad != "autodiff":
-            raise ValueError(f"fnbp.cnn.Config: grad must be 'autodiff' for a CNN (jax.grad through the conv, "
-                             f"pool and dense rules), got {self.grad!r}")
         if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
             raise ValueError(f"fnbp.cnn.Config: augment must be an int >= 0 (pixels), got {self.augment!r}")
 
-    def forward(self, params, state, x, *, train, key=None):
-        if train and self.augment:
-            x = shift_augment(jax.random.fold_in(key, AUGMENT_KEY), x, self.augment)
-        return apply_stateful(params, state, x, arch=self.arch, train=train, key=key,
-                              dropout=self.dropout if train else 0.0, bn_momentum=self.bn_momentum)
+    def network(self, params, *, train):
+        """The LeNet as a ``fnbp.graph.Graph`` (``fnbp.cnn.network`` with this configuration)."""
+        return network(params, arch=self.arch, train=train, dropout=self.dropout if train else 0.0,
+                       bn_momentum=self.bn_momentum, augment=self.augment if train else 0)
