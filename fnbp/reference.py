@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 __all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
-           "batch_norm", "dropout"]
+           "batch_norm", "dropout", "conv2d", "max_pool", "avg_pool", "flatten", "global_avg_pool",
+           "batch_norm_channels"]
 
 
 def dense(W, b, h):
@@ -162,3 +163,54 @@ def dropout(x, p, key):
     """
     keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
     return jnp.where(keep, x / (1.0 - p), 0.0)
+
+
+# --- convolutional layers (lax's own ops, differentiated by JAX) ----------------
+def _lax_padding(padding):
+    """fnbp's padding option ("SAME", "VALID" or an int p) in lax.conv_general_dilated's terms."""
+    return padding.upper() if isinstance(padding, str) else ((padding, padding), (padding, padding))
+
+
+def conv2d(W, b, h, *, stride=1, padding="SAME"):
+    """a = W * h + b: ``lax.conv_general_dilated`` with h NHWC, W (C_out, C_in, kh, kw) (OIHW), plus the bias.
+
+    Reference for :func:`fnbp.conv.conv2d` (same padding semantics: "SAME", "VALID" or an int).
+    """
+    from jax import lax
+    a = lax.conv_general_dilated(h, W, (stride, stride), _lax_padding(padding),
+                                 dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    return a + b
+
+
+def max_pool(x, window=2, stride=None):
+    """Max over each (window x window) window, step ``stride`` (default window), no padding:
+    ``lax.reduce_window``; JAX differentiates it with select_and_scatter.  Reference for :func:`fnbp.pool.max_pool`.
+    """
+    from jax import lax
+    s = window if stride is None else stride
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, s, s, 1), "VALID")
+
+
+def avg_pool(x, window=2, stride=None):
+    """Mean over each (window x window) window (``lax.reduce_window`` sum / window^2).  Reference for
+    :func:`fnbp.pool.avg_pool`."""
+    from jax import lax
+    s = window if stride is None else stride
+    return lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, s, s, 1), "VALID") / (window * window)
+
+
+def flatten(x):
+    """(B, H, W, C) -> (B, H W C).  Reference for :func:`fnbp.pool.flatten`."""
+    return x.reshape(x.shape[0], -1)
+
+
+def global_avg_pool(x):
+    """Mean over the spatial axes: (B, H, W, C) -> (B, C).  Reference for :func:`fnbp.pool.global_avg_pool`."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def batch_norm_channels(x, gamma, beta, *, eps=1e-5):
+    """Batch norm per channel over (B, H, W).  Reference for :func:`fnbp.pool.batch_norm_channels`."""
+    mu = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.var(x, axis=(0, 1, 2))
+    return gamma * (x - mu) / jnp.sqrt(var + eps) + beta

@@ -1,0 +1,227 @@
+"""The 2-D convolution layer and its hand-derived backward rule.
+
+Shapes (channels last for the data, like dense's (batch, n_in); PyTorch's layout
+for the weights, like dense's (n_out, n_in)):
+
+    h_prev  (B, H, W, C_in)         the layer's input h_{k-1}
+    W       (C_out, C_in, kh, kw)   W[o, c, i, j] links input channel c at offset (i, j) to output channel o
+    b       (C_out,)
+    a       (B, H_out, W_out, C_out)   the pre-activation a_k
+
+A convolution is a dense layer applied at every output position p = (y, x) to the
+input patch under the kernel there: with P_{n,p} the patch of example n (the kh x kw
+x C_in numbers h_prev[n, s y + i - pad, s x + j - pad, c], zero outside the image),
+
+    a_{n,p} = W P_{n,p} + b          (W flattened to (C_out, kh kw C_in)).
+
+So the notes' rules hold position by position, and the shared weights collect the
+gradient of every position where they were used (the fan-out rule: sum over consumers):
+
+    grad_W E = sum_{n,p} delta_{n,p} P_{n,p}^T        delta = grad_a E, (B, H_out, W_out, C_out)
+    grad_b E = sum_{n,p} delta_{n,p}
+    grad_h E = col2im(W^T delta): the patch gradient W^T delta_{n,p} added back at the
+               pixels the patch came from, overlapping patches summed (a pixel feeds
+               every patch that covers it: fan-out again).
+
+``conv2d`` computes this with im2col: the kh kw shifted (strided) slices of the
+padded input concatenated into the column matrix P of shape (B H_out W_out, kh kw C_in),
+then ONE GEMM each for the forward (P W^T), grad_W (delta^T P) and the patch gradient
+(delta W).  ``conv2d_naive`` is the same layer written as loops over offsets with
+einsum, for reading; the tests check the two against each other and against
+``jax.lax.conv_general_dilated``.
+
+Padding: ``"VALID"`` (none), ``"SAME"`` (as ``lax.conv_general_dilated``: H_out =
+ceil(H / stride), the total padding max((H_out - 1) stride + kh - H, 0) split with
+the extra pixel at the bottom/right) or an int p (p zeros on every side).
+"""
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from .rules import rule
+
+__all__ = ["conv2d", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im", "check_conv_shapes",
+           "conv_fan_in"]
+
+
+def _check_stride(stride, name):
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{name}: stride must be an int >= 1, got {stride!r}")
+
+
+def pad_amounts(size, k, stride, padding, name="fnbp.conv2d"):
+    """(low, high) zero padding of one spatial axis of length ``size`` for a kernel of length ``k``."""
+    if isinstance(padding, str) and padding.upper() == "VALID":
+        return 0, 0
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        total = max((-(-size // stride) - 1) * stride + k - size, 0)
+        return total // 2, total - total // 2
+    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
+        return padding, padding
+    raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or an int >= 0, got {padding!r}")
+
+
+def conv_output_size(size, k, stride, padding, name="fnbp.conv2d"):
+    """Output length of one spatial axis: floor((size + pads - k) / stride) + 1."""
+    lo, hi = pad_amounts(size, k, stride, padding, name)
+    if size + lo + hi < k:
+        raise ValueError(f"{name}: kernel of size {k} is larger than the padded input ({size} + {lo} + {hi} = "
+                         f"{size + lo + hi}) with padding={padding!r}")
+    return (size + lo + hi - k) // stride + 1
+
+
+def check_conv_shapes(W, b, h_prev, *, stride=1, padding="SAME", name="fnbp.conv2d"):
+    """Raise a ValueError naming ``name`` at trace time when W, b, h_prev and the options do not fit."""
+    _check_stride(stride, name)
+    if jnp.ndim(W) != 4:
+        raise ValueError(f"{name}: W must have shape (C_out, C_in, kh, kw), got shape {jnp.shape(W)}")
+    C_out, C_in, kh, kw = jnp.shape(W)
+    if jnp.shape(b) != (C_out,):
+        raise ValueError(f"{name}: b must have shape (C_out,) = ({C_out},) to match W of shape {jnp.shape(W)}, "
+                         f"got shape {jnp.shape(b)}")
+    if jnp.ndim(h_prev) != 4:
+        raise ValueError(f"{name}: x must have shape (batch, H, W, C_in) (channels last), got shape "
+                         f"{jnp.shape(h_prev)}")
+    if jnp.shape(h_prev)[3] != C_in:
+        raise ValueError(f"{name}: x has {jnp.shape(h_prev)[3]} channels (last axis of shape {jnp.shape(h_prev)}) "
+                         f"but W of shape {jnp.shape(W)} expects C_in = {C_in}")
+    for size, k in zip(jnp.shape(h_prev)[1:3], (kh, kw)):
+        conv_output_size(size, k, stride, padding, name)
+
+
+def _geometry(x_shape, kh, kw, stride, padding):
+    _, H, W_, _ = x_shape
+    (top, bottom), (left, right) = pad_amounts(H, kh, stride, padding), pad_amounts(W_, kw, stride, padding)
+    H_out = (H + top + bottom - kh) // stride + 1
+    W_out = (W_ + left + right - kw) // stride + 1
+    return (top, bottom, left, right), H_out, W_out
+
+
+def im2col(h_prev, kh, kw, *, stride=1, padding="SAME"):
+    """The patches of h_prev (B, H, W, C) as columns: (B, H_out, W_out, kh kw C), ordered (i, j, c).
+
+    Entry [n, y, x, (i kw + j) C + c] = padded h_prev[n, stride y + i, stride x + j, c]:
+    the kh kw shifted, strided slices of the padded input, concatenated on the channel axis.
+    """
+    (top, bottom, left, right), H_out, W_out = _geometry(h_prev.shape, kh, kw, stride, padding)
+    x = jnp.pad(h_prev, ((0, 0), (top, bottom), (left, right), (0, 0))) if top + bottom + left + right else h_prev
+    B, _, _, C = x.shape
+    slices = [lax.slice(x, (0, i, j, 0), (B, i + (H_out - 1) * stride + 1, j + (W_out - 1) * stride + 1, C),
+                        (1, stride, stride, 1))
+              for i in range(kh) for j in range(kw)]
+    return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+
+
+def col2im(cols, x_shape, kh, kw, *, stride=1, padding="SAME"):
+    """Adjoint of ``im2col``: add each patch entry back at the pixel it was read from.
+
+    cols (B, H_out, W_out, kh kw C) -> (B, H, W, C).  Pixels covered by several patches
+    receive the sum of their entries (overlapping patches summed); padding pixels are dropped.
+    Each offset (i, j) is placed with one ``lax.pad`` (interior padding stride - 1
+    spreads a strided slice back out); XLA fuses the kh kw placements and their sum.
+    """
+    (top, bottom, left, right), H_out, W_out = _geometry(x_shape, kh, kw, stride, padding)
+    B, H, W_, C = x_shape
+    Hp, Wp = H + top + bottom, W_ + left + right
+    zero = jnp.zeros((), cols.dtype)
+    grad = None
+    for i in range(kh):
+        for j in range(kw):
+            k = i * kw + j
+            piece = lax.slice_in_dim(cols, k * C, (k + 1) * C, axis=3)
+            placed = lax.pad(piece, zero, ((0, 0, 0),
+                                           (i, Hp - i - (H_out - 1) * stride - 1, stride - 1),
+                                           (j, Wp - j - (W_out - 1) * stride - 1, stride - 1),
+                                           (0, 0, 0)))
+            grad = placed if grad is None else grad + placed
+    return lax.slice(grad, (0, top, left, 0), (B, top + H, left + W_, C))
+
+
+def _conv2d_fwd(W, b, h_prev, *, stride=1, padding="SAME"):
+    """2-D convolution a = W * h_prev + b (cross-correlation, as every deep-learning library).
+
+    Args:
+      W: (C_out, C_in, kh, kw);  b: (C_out,);  h_prev: (B, H, W, C_in), channels last.
+      stride: int >= 1;  padding: "SAME", "VALID" or an int (see the module docstring).
+
+    Forward, per example n and output position p, with P_{n,p} the input patch there:
+        a_{n,p} = W P_{n,p} + b,    a of shape (B, H_out, W_out, C_out),
+    computed as one GEMM  P W^T  on the im2col matrix P (B H_out W_out, kh kw C_in).
+
+    Backward, delta = grad_a E of shape (B, H_out, W_out, C_out):
+        grad_W E = sum_{n,p} delta_{n,p} P_{n,p}^T   one GEMM delta^T P, reshaped to W's shape
+        grad_b E = sum_{n,p} delta_{n,p}
+        grad_h E = col2im(delta W)                   patch gradients, overlapping patches summed
+    Residuals: W and the columns P (the patches, which grad_W needs), plus the input's shape.
+    """
+    C_out, C_in, kh, kw = W.shape
+    cols = im2col(h_prev, kh, kw, stride=stride, padding=padding)           # (B, Ho, Wo, kh kw C_in)
+    W_mat = jnp.transpose(W, (0, 2, 3, 1)).reshape(C_out, kh * kw * C_in)   # columns ordered (i, j, c)
+    a = lax.dot_general(cols, W_mat, (((3,), (1,)), ((), ()))) + b          # P W^T + b
+    return a, (W, cols, h_prev.shape)
+
+
+def _conv2d_bwd(residuals, delta, *, stride, padding):
+    W, cols, x_shape = residuals
+    C_out, C_in, kh, kw = W.shape
+    K = kh * kw * C_in
+    P = cols.reshape(-1, K)                                                 # (N, K), N = B Ho Wo
+    D = delta.reshape(-1, C_out)                                            # (N, C_out)
+    W_mat = jnp.transpose(W, (0, 2, 3, 1)).reshape(C_out, K)
+    grad_W_mat = lax.dot_general(D, P, (((0,), (0,)), ((), ())))            # delta^T P: (C_out, K)
+    grad_W = jnp.transpose(grad_W_mat.reshape(C_out, kh, kw, C_in), (0, 3, 1, 2))
+    grad_b = jnp.sum(D, axis=0)                                             # sum of delta over n, p
+    grad_cols = lax.dot_general(delta, W_mat, (((3,), (0,)), ((), ())))     # W^T delta per patch: (B, Ho, Wo, K)
+    grad_h = col2im(grad_cols, x_shape, kh, kw, stride=stride, padding=padding)
+    return grad_W, grad_b, grad_h
+
+
+conv2d = rule(_conv2d_fwd, _conv2d_bwd, name="conv2d", check=check_conv_shapes)
+
+
+def _conv2d_naive_fwd(W, b, h_prev, *, stride=1, padding="SAME"):
+    """The same layer as ``conv2d``, written for reading: a loop over kernel offsets (i, j).
+
+        a[n, y, x, o] = b[o] + sum_{i, j, c} W[o, c, i, j] x_pad[n, s y + i, s x + j, c]
+
+    Backward, the same loop transposed (delta = grad_a E):
+        grad_W[o, c, i, j] = sum_{n, y, x} delta[n, y, x, o] x_pad[n, s y + i, s x + j, c]
+        grad_b[o]          = sum_{n, y, x} delta[n, y, x, o]
+        grad_x_pad[n, s y + i, s x + j, c] += sum_o delta[n, y, x, o] W[o, c, i, j]   (overlaps summed)
+    """
+    C_out, C_in, kh, kw = W.shape
+    (top, bottom, left, right), H_out, W_out = _geometry(h_prev.shape, kh, kw, stride, padding)
+    x_pad = jnp.pad(h_prev, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    a = jnp.zeros(h_prev.shape[:1] + (H_out, W_out, C_out), jnp.result_type(W, h_prev)) + b
+    for i in range(kh):
+        for j in range(kw):
+            patch = x_pad[:, i: i + (H_out - 1) * stride + 1: stride, j: j + (W_out - 1) * stride + 1: stride, :]
+            a = a + jnp.einsum("nyxc,oc->nyxo", patch, W[:, :, i, j])
+    return a, (W, h_prev)
+
+
+def _conv2d_naive_bwd(residuals, delta, *, stride, padding):
+    W, h_prev = residuals
+    C_out, C_in, kh, kw = W.shape
+    (top, bottom, left, right), H_out, W_out = _geometry(h_prev.shape, kh, kw, stride, padding)
+    x_pad = jnp.pad(h_prev, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    grad_W = jnp.zeros_like(W)
+    grad_x_pad = jnp.zeros_like(x_pad)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i, i + (H_out - 1) * stride + 1, stride)
+            cols = slice(j, j + (W_out - 1) * stride + 1, stride)
+            grad_W = grad_W.at[:, :, i, j].set(jnp.einsum("nyxo,nyxc->oc", delta, x_pad[:, rows, cols, :]))
+            grad_x_pad = grad_x_pad.at[:, rows, cols, :].add(jnp.einsum("nyxo,oc->nyxc", delta, W[:, :, i, j]))
+    grad_x = grad_x_pad[:, top: top + h_prev.shape[1], left: left + h_prev.shape[2], :]
+    return grad_W, jnp.sum(delta, axis=(0, 1, 2)), grad_x
+
+
+conv2d_naive = rule(_conv2d_naive_fwd, _conv2d_naive_bwd, name="conv2d_naive",
+                    check=lambda W, b, x, **o: check_conv_shapes(W, b, x, name="fnbp.conv2d_naive", **o))
+
+
+def conv_fan_in(W_shape):
+    """fan-in of a conv unit: C_in kh kw (the length of the patch each output reads)."""
+    return math.prod(W_shape[1:])

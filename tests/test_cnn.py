@@ -1,0 +1,151 @@
+"""fnbp.cnn: LeNet's shapes and initialisation, its gradient against autodiff of a lax network,
+training through fnbp's epoch loop, augmentation, and named errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fnbp import cnn, losses, optim, train
+from fnbp import reference as R
+from vjp_oracle import compile_fast, max_rel
+
+
+def test_lenet_sizes_for_mnist_and_digits():
+    big = cnn.lenet((28, 28, 1))
+    assert (big.channels, big.kernel, big.padding, big.hidden) == ((32, 64), 5, "VALID", (128,))
+    assert big.feature_shape() == (4, 4, 64)                  # 28 -> 24 -> 12 -> 8 -> 4
+    small = cnn.lenet((8, 8, 1))
+    assert small.feature_shape() == (2, 2, 32)                # 8 -> 8 -> 4 -> 4 -> 2 (SAME 3x3)
+    p = jax.eval_shape(lambda k: cnn.init(k, big), jax.random.key(0))
+    assert [l["W"].shape for l in p["conv"]] == [(32, 1, 5, 5), (64, 32, 5, 5)]
+    assert [l["W"].shape for l in p["dense"]] == [(128, 1024), (10, 128)]
+    assert sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(p)) == 32 * 26 + 64 * (800 + 1) + 128 * 1025 + 10 * 129
+
+
+def test_he_initialisation_uses_the_conv_fan_in():
+    arch = cnn.LeNet(image_shape=(12, 12, 3), channels=(64, 64), kernel=3, hidden=(8,))
+    init = jax.jit(lambda k: cnn.init(k, arch))
+    p = init(jax.random.key(1))
+    for layer, fan_in in zip(p["conv"], (3 * 9, 64 * 9)):
+        std = float(jnp.std(layer["W"]))
+        assert abs(std / np.sqrt(2.0 / fan_in) - 1) < 0.1
+        assert not np.any(np.asarray(layer["b"]))
+    # same key, same parameters; another key, others
+    q = init(jax.random.key(1))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)))
+    r = init(jax.random.key(2))
+    assert not np.array_equal(p["conv"][0]["W"], r["conv"][0]["W"])
+
+
+def _lax_network(params, x, arch):
+    h = x
+    for layer in params["conv"]:
+        h = R.max_pool(jax.nn.relu(R.conv2d(layer["W"], layer["b"], h, padding=arch.padding)), window=arch.pool)
+    h = h.reshape(h.shape[0], -1)
+    for k, layer in enumerate(params["dense"]):
+        h = h @ layer["W"].T + layer["b"]
+        h = jax.nn.relu(h) if k < len(params["dense"]) - 1 else h
+    return h
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_gradient_through_the_rules_equals_autodiff_of_lax_ops(padding):
+    arch = cnn.LeNet(image_shape=(10, 11, 2), channels=(3, 4), kernel=3, padding=padding, hidden=(5,), n_classes=3)
+    params = cnn.init(jax.random.key(0), arch, dtype=jnp.float64)
+    x = np.random.default_rng(0).standard_normal((4, 10, 11, 2))
+    d = np.array([0, 2, 1, 2])
+
+    def both(params, x, d):
+        ours = jax.value_and_grad(lambda p: losses.softmax_cross_entropy(cnn.apply(p, x, arch=arch), d))(params)
+        ref = jax.value_and_grad(lambda p: R.softmax_cross_entropy(_lax_network(p, x, arch), d))(params)
+        return ours, ref
+    (E, g), (E_ref, g_ref) = compile_fast(both, params, x, d)
+    assert abs(E - E_ref) <= 1e-12 * abs(E_ref)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        assert max_rel(a, b) <= 1e-10
+
+
+def test_explicit_walker_and_autodiff_give_the_same_gradients():
+    # batch norm (per channel and dense), dropout and shifts: every kind of node of the LeNet graph
+    from fnbp import graph
+    arch = cnn.LeNet(image_shape=(8, 8, 1), channels=(2, 3), kernel=3, padding="SAME", hidden=(4,), n_classes=3,
+                     batch_norm=True)
+    params = cnn.init(jax.random.key(0), arch, dtype=jnp.float64)
+    cfg = cnn.Config(arch=arch, dropout=0.3, augment=1)
+    x = np.random.default_rng(1).standard_normal((6, 8, 8, 1))
+    inputs = {"x": x, "d": np.array([0, 1, 2, 0, 1, 2]), "key": jax.random.key(7)}
+
+    def both(params, inputs):
+        net = graph.objective(cfg.network(params, train=True), losses.loss_spec(cfg.loss))
+        return [graph.value_and_grad(net, params, inputs, cnn.init_state(params), explicit=e) for e in (True, False)]
+    explicit, autodiff = compile_fast(both, params, inputs)
+    for a, b in zip(jax.tree_util.tree_leaves(explicit), jax.tree_util.tree_leaves(autodiff)):
+        assert max_rel(a, b) <= 1e-12
+
+
+def _digits(n_train=256):
+    from fnbp import data
+    d = data.load_digits(seed=0)
+    return (d.x_train[:n_train].reshape(-1, 8, 8, 1).astype(np.float32), d.y_train[:n_train],
+            d.x_test.reshape(-1, 8, 8, 1).astype(np.float32), d.y_test)
+
+
+def test_trains_in_fnbps_epoch_loop_deterministically():
+    x, y, xt, yt = _digits(n_train=1408)
+    arch = cnn.lenet((8, 8, 1), channels=(8, 16), hidden=(32,), batch_norm=True)
+    cfg = cnn.Config(arch=arch, dropout=0.1, augment=1, grad="backprop")    # the explicit walker in the loop
+    opt = optim.adam(3e-3)
+    params = cnn.init(jax.random.key(0), arch)
+    epoch = jax.jit(train.make_epoch(cfg, opt, batch_size=32, n_examples=x.shape[0]))
+
+    def run(key):
+        p, s, o = params, cnn.init_state(params), opt.init(params)
+        means = []
+        for e in range(3):
+            p, o, s, step_losses = epoch(p, o, s, x, y, jax.random.fold_in(key, e))
+            means.append(float(np.mean(step_losses)))
+        return p, s, means
+    p, s, means = run(jax.random.key(5))
+    assert means[-1] < 0.6 * means[0], means                  # it learns (measured: 2.1 -> 0.6)
+    assert np.all(np.isfinite(means))
+    assert np.any(np.asarray(s["conv"][0]["mean"]) != 0)      # running statistics were updated
+    _, acc = jax.jit(lambda p, s: train.evaluate(cfg, p, s, xt, yt))(p, s)
+    assert float(acc) > 0.3                                   # far above chance (0.1); measured ~0.8
+    p2, _, means2 = run(jax.random.key(5))                    # same key, same run
+    assert means2 == means
+    assert np.array_equal(p2["conv"][0]["W"], p["conv"][0]["W"])
+
+
+def test_shift_augment_shifts_each_image_with_zeros_shifted_in():
+    x = np.random.default_rng(0).random((6, 5, 5, 1)).astype(np.float32) + 1.0   # no zero pixels
+    key = jax.random.key(3)
+    out = np.asarray(cnn.shift_augment(key, x, 1))
+    np.testing.assert_array_equal(out, np.asarray(cnn.shift_augment(key, x, 1)))  # same key, same shifts
+    for img, src in zip(out, x):
+        matches = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                shifted = np.zeros_like(src)
+                ys, xs = slice(max(dy, 0), 5 + min(dy, 0)), slice(max(dx, 0), 5 + min(dx, 0))
+                yd, xd = slice(max(-dy, 0), 5 + min(-dy, 0)), slice(max(-dx, 0), 5 + min(-dx, 0))
+                shifted[yd, xd] = src[ys, xs]
+                matches.append(np.array_equal(img, shifted))
+        assert sum(matches) == 1
+    assert cnn.shift_augment(key, x, 0) is x
+
+
+def test_named_errors():
+    with pytest.raises(ValueError, match=r"fnbp.cnn.LeNet: conv block 1: kernel of size 5 is larger than the padded"):
+        cnn.LeNet(image_shape=(12, 12, 1))                     # 12 -> 8 -> 4: the second 5x5 conv does not fit
+    with pytest.raises(ValueError, match=r"fnbp.cnn.LeNet: conv block 1: the pooling window \(2\) is larger"):
+        cnn.LeNet(image_shape=(3, 3, 1), kernel=1, padding="SAME")   # 3 -> 1 -> pool of 2 does not fit
+    with pytest.raises(ValueError, match=r"fnbp.cnn.LeNet: image_shape must be \(H, W, C\)"):
+        cnn.LeNet(image_shape=(28, 28))
+    arch = cnn.lenet((8, 8, 1))
+    p = cnn.init(jax.random.key(0), arch)
+    with pytest.raises(ValueError, match=r"fnbp.cnn.apply: x must have shape \(batch, 8, 8, 1\).*got shape \(2, 64\)"):
+        cnn.apply(p, np.zeros((2, 64)), arch=arch)
+    with pytest.raises(ValueError, match="fnbp.cnn.Config: augment must be an int >= 0"):
+        cnn.Config(arch=arch, augment=-1)
+    with pytest.raises(ValueError, match="need an explicit jax.random key"):
+        cnn.apply_stateful(p, cnn.init_state(p), np.zeros((2, 8, 8, 1)), arch=arch, train=True, dropout=0.5)
