@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import activations, graph, losses, norm, ops
 from .graph import Const, Input, Param, State
@@ -24,6 +25,19 @@ __all__ = ["init", "init_state", "apply", "apply_stateful", "backprop", "network
            "layer_activations", "check_params", "INITS"]
 
 INITS = ("uniform", "glorot", "he")
+
+
+def _check_sizes(sizes, name):
+    """The layer widths as a tuple of ints, or a TypeError naming the function and the bad entry."""
+    try:
+        sizes = tuple(sizes)
+    except TypeError:
+        raise TypeError(f"{name}: sizes must be a sequence of layer widths, got {type(sizes).__name__}") from None
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"{name}: every width in sizes must be an int, got {n!r} ({type(n).__name__}) "
+                            f"in {list(sizes)}")
+    return tuple(int(n) for n in sizes)
 
 
 def init(key, sizes, *, init="glorot", dtype=jnp.float32, prelu_alpha=None, batch_norm=False):
@@ -44,7 +58,7 @@ def init(key, sizes, *, init="glorot", dtype=jnp.float32, prelu_alpha=None, batc
 
     Returns a list of L dicts ``{"W": (n_out, n_in), "b": (n_out,)}``.
     """
-    sizes = tuple(int(n) for n in sizes)
+    sizes = _check_sizes(sizes, "fnbp.mlp.init")
     if len(sizes) < 2 or any(n < 1 for n in sizes):
         raise ValueError(f"fnbp.mlp.init: sizes must list the input width and at least one layer width, "
                          f"all >= 1, got {sizes}")
@@ -79,7 +93,7 @@ def num_params(sizes):
 
     The notes' exercise: 1600-100-100-100-10 has 181,310 parameters.
     """
-    sizes = [int(n) for n in sizes]
+    sizes = _check_sizes(sizes, "fnbp.mlp.num_params")
     return sum((n_in + 1) * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
 
 
@@ -115,8 +129,15 @@ def layer_activations(n_layers, activation, output):
         if len(activation) != n_layers - 1:
             raise ValueError(f"fnbp.mlp: a per-layer activation list needs one entry per hidden layer "
                              f"({n_layers - 1} for {n_layers} layers), got {len(activation)}")
-        return list(activation) + [output]
-    return [activation] * (n_layers - 1) + [output]
+        gs = list(activation) + [output]
+    else:
+        gs = [activation] * (n_layers - 1) + [output]
+    for g in gs:
+        if not callable(g):
+            hint = (f" (use fnbp.activations.ACTIVATIONS[{g!r}])" if isinstance(g, str)
+                    and g in activations.ACTIVATIONS else "")
+            raise TypeError(f"fnbp.mlp: an activation must be a function such as fnbp.relu, got {g!r}{hint}")
+    return gs
 
 
 def _is_prelu(act):

@@ -137,8 +137,6 @@ def test_softmax_cross_entropy_is_a_named_error_or_the_reference(logits, labels)
                     lambda: fnbp.losses.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)), check)
 
 
-@pytest.mark.xfail(strict=True, reason="fnbp.mlp.init(key, [None]) raises the raw TypeError \"int() argument must "
-                   "be ... not 'NoneType'\" that does not name fnbp.mlp.init (issue #16 item 7: sizes of the wrong type)")
 @FUZZ
 @example(sizes=[None], x=np.zeros((2, 3), np.float32))
 @given(sizes=st.lists(st.one_of(st.integers(-1, 5), st.sampled_from([2.5, True, "3", None])), min_size=0,

@@ -158,3 +158,14 @@ def test_nan_propagates_through_every_activation():
         assert jnp.isnan(out[0]) if name != "softmax" else jnp.isnan(out).all(), name
     for name in ["relu", "step", "sign", "sigmoid", "tanh"]:
         assert jnp.isnan(getattr(reference, name)(a)[0]), name       # the references agree
+
+
+def test_mlp_sizes_and_activation_of_the_wrong_kind_are_named_errors():
+    key = jax.random.PRNGKey(0)
+    for bad in ([5.7, 3], [None, 2], ["3", 2], [True, 3]):
+        with pytest.raises(TypeError, match="fnbp.mlp.init: every width in sizes must be an int"):
+            fnbp.mlp.init(key, bad)
+    params = fnbp.mlp.init(key, [4, 3, 2])
+    with pytest.raises(TypeError, match="an activation must be a function such as fnbp.relu, got 'relu' "
+                                        "\\(use fnbp.activations.ACTIVATIONS\\['relu'\\]\\)"):
+        fnbp.mlp.apply(params, np.ones((2, 4), np.float32), activation="relu")
