@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+from . import activations as _activations, data as _data
 from ._cli_args import _batch_size, _float_arg, _int_arg, _layers
 
 OPTIMIZERS = ("sgd", "momentum", "ema_momentum", "nesterov", "simplified_nesterov", "adagrad", "rmsprop",
               "adadelta", "adam", "delta_bar_delta")
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "prelu", "identity", "step", "sign")
-DATASETS = ("digits", "mnist", "xor", "or", "and", "a_and_not_b")
+ACTIVATIONS = tuple(n for n in _activations.ACTIVATIONS if n != "softmax")   # hidden-layer choices
+DATASETS = _data.DATASET_NAMES
 
 
 class UsageError(ValueError):

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import activations, mlp
 
-__all__ = ["with_bias", "net_input", "predict", "update", "train", "Trace", "TrainResult", "format_trace",
+__all__ = ["with_bias", "net_input", "predict", "update", "train", "Trace", "PerceptronResult", "format_trace",
            "A_AND_NOT_B_WEIGHTS", "xor_network_params", "xor_network"]
 
 
@@ -80,7 +80,7 @@ class Trace(NamedTuple):
     weights: jax.Array          # (steps, d + 1): w after the step
 
 
-class TrainResult(NamedTuple):
+class PerceptronResult(NamedTuple):
     weights: jax.Array          # final weights (w_0..w_d)
     trace: Trace
     converged: jax.Array        # bool: some epoch had no error
@@ -98,7 +98,7 @@ def train(w0, x, targets, *, c=1.0, epochs=10):
       epochs: number of passes over the examples (static under ``jax.jit``).
 
     Every epoch is run (the rule is a fixed point once an epoch is error-free, so
-    later epochs repeat it with no change).  Returns ``TrainResult(weights, trace,
+    later epochs repeat it with no change).  Returns ``PerceptronResult(weights, trace,
     converged, converged_epoch)``: ``converged_epoch`` is the first epoch with no
     error (-1 if none), after which the procedure of the notes stops.
     """
@@ -128,7 +128,7 @@ def train(w0, x, targets, *, c=1.0, epochs=10):
     clean = jnp.all(err.reshape(epochs, n) == 0, axis=1)
     converged = jnp.any(clean)
     epoch = jnp.where(converged, jnp.argmax(clean) + 1, -1)
-    return TrainResult(w, trace, converged, epoch)
+    return PerceptronResult(w, trace, converged, epoch)
 
 
 def _fmt(v):

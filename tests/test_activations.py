@@ -268,6 +268,7 @@ def test_jit_and_vmap_match_plain_call(name, transformed):
     sets, value_and_vjp, jitted, vmapped = transformed
     plain = [value_and_vjp(name, args) for args in sets[name]]
     leaves = jax.tree_util.tree_leaves
+    assert len(leaves(jitted[name])) == len(leaves(vmapped[name])) == len(leaves(plain[0])) >= 2   # value + VJP
     for x, y in zip(leaves(jitted[name]), leaves(plain[0])):
         assert max_rel(x, y) <= 1e-12
     for k in range(2):
