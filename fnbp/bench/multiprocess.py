@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .harness import summarize
 from .registry import register
+from .report import device_ratio_summary
 
 N_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 MARKER = "@@MULTIPROCESS@@"
@@ -141,12 +142,7 @@ def render(mp, result):
 
 
 def summary(mp):
-    L = [f"{mp['label']}: {mp['status']}"]
-    for r in mp["rows"]:
-        L.append(f"  B={r['batch_size']}: {r['multi_process']['ms_median']:.3f} ms vs 1 device "
-                 f"{r['one_device']['ms_median']:.3f} ms (ratio {r['ratio_mp_to_one_device']:.3f}, "
-                 f"{r['multi_process']['all_reduces']} all-reduces)")
-    return L
+    return device_ratio_summary(mp, "multi_process", "ratio_mp_to_one_device")
 
 
 register("multiprocess", run=_run, render=render, summary=summary,

@@ -359,13 +359,19 @@ def summary_per_example(p):
             f"(CPU {p['ratio_fnbp_to_peer_cpu']:.3f})"]
 
 
-def summary_simulated(sim):
-    L = [f"{sim['label']}: {sim['status']}"]
-    for r in sim["rows"]:
-        L.append(f"  B={r['batch_size']}: {r['data_parallel']['ms_median']:.3f} ms vs 1 device "
-                 f"{r['one_device']['ms_median']:.3f} ms (ratio {r['ratio_dp_to_one_device']:.3f}, "
-                 f"CPU {r['ratio_dp_to_one_device_cpu']:.3f}, {r['data_parallel']['all_reduces']} all-reduces)")
+def device_ratio_summary(case, variant, ratio_key, cpu_key=None):
+    """Stdout lines of a many-devices-vs-one-device case (simulated devices, several processes)."""
+    L = [f"{case['label']}: {case['status']}"]
+    for r in case["rows"]:
+        cpu = f", CPU {r[cpu_key]:.3f}" if cpu_key else ""
+        L.append(f"  B={r['batch_size']}: {r[variant]['ms_median']:.3f} ms vs 1 device "
+                 f"{r['one_device']['ms_median']:.3f} ms (ratio {r[ratio_key]:.3f}{cpu}, "
+                 f"{r[variant]['all_reduces']} all-reduces)")
     return L
+
+
+def summary_simulated(sim):
+    return device_ratio_summary(sim, "data_parallel", "ratio_dp_to_one_device", "ratio_dp_to_one_device_cpu")
 
 
 def print_table(result):
