@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import activations as _activations, data as _data
+from . import _cli_model, activations as _activations, data as _data
 from ._cli_args import _batch_size, _float_arg, _int_arg, _layers
 
 OPTIMIZERS = ("sgd", "momentum", "ema_momentum", "nesterov", "simplified_nesterov", "adagrad", "rmsprop",
@@ -22,7 +22,7 @@ class UsageError(ValueError):
 
 
 # --- fnbp train ------------------------------------------------------------------
-MODEL = "mlp"                     # the only model for now; --out defaults to runs/<data>-<model>
+MODEL = "mlp"                     # the default --model; --out defaults to runs/<data>-<model>
 SEED_LIMIT = 2 ** 32
 # Settings a resumed run may change freely, settings that --allow-changed may override, and the rest
 # (which define the data, the network or the optimizer state and can never change on resume).
@@ -183,15 +183,14 @@ def _check_resume(ckpt, meta, run_args, allowed):
 
 def _cmd_train(args):
     import jax
-    from . import checkpoint, dp, mlp, optim, parallel, train as training
+    from . import checkpoint, dp, optim, parallel, train as training
 
     process, n_processes = parallel.initialize_from_args(args, UsageError)   # before anything uses a device
     writer = process == 0                   # only process 0 writes the checkpoint, history and plot
     if args.epochs < 1:
         raise UsageError(f"fnbp train: --epochs must be >= 1, got {args.epochs}")
-    out = Path(args.out if args.out is not None else f"runs/{args.data}-{MODEL}")
-    ds = _load_data(args)
-    _check_layers(args.layers, ds)
+    out = Path(args.out if args.out is not None else f"runs/{args.data}-{args.model}")
+    ds = _cli_model.prepare(args, _load_data(args), _check_layers, UsageError)
     _check_batching(args, len(ds.y_train))
     if args.allow_changed and not args.resume:
         raise UsageError("fnbp train: --allow-changed only applies with --resume")
@@ -201,13 +200,10 @@ def _cmd_train(args):
 
     key = jax.random.PRNGKey(args.seed)
     k_init, k_train = jax.random.split(key)
-    params = mlp.init(k_init, args.layers, init=args.init, batch_norm=args.batch_norm,
-                      prelu_alpha=0.25 if args.activation == "prelu" else None)
+    params, cfg = _cli_model.build(args, k_init, ds, _activation(args.activation, args.slope), training)
     lr = _learning_rate(args)
     opt = getattr(optim, args.optimizer)(lr)
-    cfg = training.Config(activation=_activation(args.activation, args.slope), l2=args.l2, grad=args.grad,
-                          dropout=args.dropout, dp_clip=args.dp_clip, dp_noise=args.dp_noise)
-    opt_state, state = opt.init(params), mlp.init_state(params)
+    opt_state, state = opt.init(params), cfg.init_state(params)
     ckpt = out / "checkpoint.npz"
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
     run_args["out"] = str(out)
@@ -304,7 +300,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 def add_parser(sub):
     """Register ``train`` on the subparsers ``sub`` of the ``fnbp`` parser."""
     t = sub.add_parser("train", help="train a network (default: 64-32-10 ReLU on scikit-learn's digits)",
-                       description="Train a dense network with fnbp's hand-written rules and optimizers. Writes "
+                       description="Train a dense network (or a LeNet, --model lenet) with fnbp's hand-written rules and optimizers. Writes "
                                    "OUT/history.json, OUT/curves.png and OUT/checkpoint.npz (after every epoch, "
                                    "atomically); --resume continues from that checkpoint bit-identically.",
                        formatter_class=_HelpFormatter)
@@ -314,8 +310,9 @@ def add_parser(sub):
                    help="MNIST directory (default: $FNBP_MNIST_DIR, then ../shared/data/mnist)")
     t.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
                    help="standardise features with the training split's mean and std (digits, mnist)")
-    t.add_argument("--layers", type=_layers, default="64,32,10",
-                   help="widths, input first and classes last")
+    t.add_argument("--layers", type=_layers, default=None,
+                   help="--model mlp: widths, input first and classes last (default: 64,32,10)")
+    _cli_model.add_arguments(t)
     t.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="hidden activation")
     t.add_argument("--slope", type=_float_arg("--slope"), default=0.01, help="leaky_relu slope")
     t.add_argument("--init", choices=("glorot", "he", "uniform"), default="glorot", help="weight initialiser")
@@ -343,8 +340,8 @@ def add_parser(sub):
     t.add_argument("--dp-delta", type=_float_arg("--dp-delta", 0, 1, lo_open=True), default=1e-5, help="DP-SGD: delta")
     t.add_argument("--seed", type=_int_arg("--seed", 0, SEED_LIMIT, "2**32"), default=0,
                    help="seed of the data split, initialisation and shuffling")
-    t.add_argument("--out", default=None, help=f"output directory (default: runs/<data>-{MODEL}, e.g. "
-                                               f"runs/digits-{MODEL})")
+    t.add_argument("--out", default=None, help=f"output directory (default: runs/<data>-<model>: runs/<data>-{MODEL}, "
+                                               f"runs/<data>-lenet)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz (same settings)")
     t.add_argument("--allow-changed", type=_allow_changed, default=None, metavar="FLAGS",
                    help="with --resume: comma-separated settings that may differ from the checkpoint's run, "

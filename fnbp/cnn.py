@@ -237,6 +237,22 @@ class Config(training.Config):
         if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
             raise ValueError(f"fnbp.cnn.Config: augment must be an int >= 0 (pixels), got {self.augment!r}")
 
+    def check_params(self, params, x=None):
+        """Raise a named ValueError when ``params`` or an input ``x`` do not fit ``arch``."""
+        if not isinstance(params, dict) or set(params) != {"conv", "dense"}:
+            raise ValueError(f"fnbp.train: a LeNet's params must be a dict with 'conv' and 'dense' "
+                             f"(fnbp.cnn.init), got {type(params).__name__}")
+        if x is not None:
+            _check_input(self.arch, x, "fnbp.train")
+
+    def init_state(self, params):
+        """Fresh running batch-norm statistics (``fnbp.cnn.init_state``)."""
+        return init_state(params)
+
+    def layers(self, params):
+        """Conv then dense layer dicts, the output layer last."""
+        return list(params["conv"]) + list(params["dense"])
+
     def network(self, params, *, train):
         """The LeNet as a ``fnbp.graph.Graph`` (``fnbp.cnn.network`` with this configuration)."""
         return network(params, arch=self.arch, train=train, dropout=self.dropout if train else 0.0,

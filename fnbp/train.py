@@ -98,6 +98,18 @@ class Config:
                            dropout=self.dropout if train else 0.0, bn_position=self.bn_position,
                            bn_momentum=self.bn_momentum, who="fnbp.train")
 
+    def check_params(self, params, x=None):
+        """Raise a named ValueError when ``params`` do not fit the network (``fnbp.mlp.check_params``)."""
+        mlp.check_params(params, x, name=_FN)
+
+    def init_state(self, params):
+        """Fresh running statistics for ``params`` (``fnbp.mlp.init_state``)."""
+        return mlp.init_state(params)
+
+    def layers(self, params):
+        """The parameters as a list of layer dicts, the output layer last."""
+        return params
+
     def forward(self, params, state, x, *, train, key=None):
         """``(y, new_state)``: the network's output and running statistics."""
         return graph.apply(self.network(params, train=train), params, {"x": x, "key": key}, state)
@@ -263,8 +275,7 @@ def _uses_batch_norm(params):
 
 
 def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_state=None, state=None,
-          accumulate=1, start_epoch=0, start_step=0, learning_rate=None, progress=None, on_epoch=None,
-          mesh=None):
+          accumulate=1, start_epoch=0, start_step=0, learning_rate=None, progress=None, on_epoch=None, mesh=None):
     """Train ``params`` on ``data`` for ``epochs`` epochs; returns a ``TrainResult``.
 
     Args:
@@ -277,12 +288,11 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
         time (SGD), else mini-batch.  See ``batch_plan`` for the remainder.
       cfg: the network and gradient configuration (``Config``).
       opt_state, state: optimizer state and batch-norm statistics to resume from
-        (default: fresh ``opt.init(params)`` and ``fnbp.mlp.init_state(params)``).
+        (default: fresh ``opt.init(params)`` and ``cfg.init_state(params)``).
       accumulate: micro-batches per step (gradient accumulation).
       start_epoch, start_step: where a resumed run starts (from a checkpoint).
       learning_rate: the number or schedule the optimizer uses, for the history only.
-      progress: show a tqdm bar (loss, accuracy, examples/s); default: only when
-        stderr is a terminal.
+      progress: show a tqdm bar (loss, accuracy, examples/s); default: only when stderr is a terminal.
       on_epoch: callback ``on_epoch(result_so_far)`` after every good epoch (e.g. to
         write a checkpoint).
       mesh: a ``jax.sharding.Mesh`` with one axis ``"data"`` for data-parallel
@@ -309,18 +319,18 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
         opt, key, epochs, batch_size, accumulate, start_epoch, start_step, on_epoch)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"{_FN}: on_epoch must be callable or None, got {type(on_epoch).__name__}")
-    mlp.check_params(params, np.asarray(data.x_train)[:1] if hasattr(data, "x_train") else None, name=_FN)
-    _check_data(data, params)
+    cfg.check_params(params, np.asarray(data.x_train)[:1] if hasattr(data, "x_train") else None)
+    _check_data(data, cfg.layers(params))
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     opt_state = opt.init(params) if opt_state is None else opt_state
-    state = mlp.init_state(params) if state is None else state
+    state = cfg.init_state(params) if state is None else state
     _check_finite_tree("params", params)
     _check_finite_tree("opt_state", opt_state)
     _check_finite_tree("state", state)
     n = x_train.shape[0]
     B, n_steps = batch_plan(n, batch_size, accumulate)
-    if _uses_batch_norm(params) and B // accumulate < 2:
+    if _uses_batch_norm(cfg.layers(params)) and B // accumulate < 2:
         raise ValueError(f"{_FN}: batch norm in training needs at least 2 examples per batch (per micro-batch with "
                          f"accumulate), got batch_size={B}, accumulate={accumulate}: with one example the "
                          f"normalised activation is 0 and the layer outputs beta whatever the input (PyTorch "

@@ -263,3 +263,20 @@ def test_mnist_t10k_fallback_split_is_announced(capsys, tmp_path):
                          "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "o"))
     assert rc == 0, err
     assert "only the t10k files were found; split its 50 examples 40/10 into train/test" in out
+
+
+def test_lenet_trains_from_the_command_line_and_refuses_layers(capsys, tmp_path):
+    out = tmp_path / "lenet"
+    rc, text, err = _main(capsys, "train", "--data", "digits", "--model", "lenet", "--epochs", "1", "--quiet",
+                          "--out", str(out))
+    assert rc == 0, err
+    history = json.loads((out / "history.json").read_text())
+    assert history["settings"][0]["args"]["model"] == "lenet"
+    assert history["history"][0]["test_accuracy"] > 0.3                   # chance is 0.1
+    meta = checkpoint.read_metadata(out / "checkpoint.npz")
+    assert meta["epoch"] == 1 and meta["extra"]["args"]["model"] == "lenet"
+    # resume checks the model: the same directory with --model mlp is refused
+    rc, text, err = _main(capsys, "train", "--data", "digits", "--epochs", "2", "--resume", "--out", str(out))
+    assert rc == 2 and "--model 'lenet' -> 'mlp'" in err and "Traceback" not in err
+    rc, text, err = _main(capsys, "train", "--model", "lenet", "--layers", "64,10", "--out", str(tmp_path / "bad"))
+    assert rc == 2 and "--layers sets an MLP's widths; --model lenet" in err and not (tmp_path / "bad").exists()
