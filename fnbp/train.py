@@ -147,9 +147,9 @@ def make_step(cfg: Config, opt, *, accumulate=1):
     """
     spec = losses.loss_spec(cfg.loss, name="fnbp.train")         # parsed once
     with_l2 = mlp.has_l2(cfg.l2)
-    # m micro-batch objectives J_i = L_i + (lambda / c) Omega reduce to the whole batch's J when
-    # weighted by c / m, with c = reduce(ones(m)) (1 for 'mean', m for 'sum').
-    combined = float(losses.reduce(jnp.ones(accumulate), spec.reduction))
+    # m micro-batch objectives J_i = L_i + (lambda / c) Omega weighted by c / m, c = reduce(ones(m)), make J
+    with jax.ensure_compile_time_eval():                        # a constant, even when traced inside a jit
+        combined = float(losses.reduce(jnp.ones(accumulate), spec.reduction))
     weight, l2_each = combined / accumulate, cfg.l2 / combined if with_l2 else cfg.l2
 
     def objective_and_grad(params, state, x, d, key):
