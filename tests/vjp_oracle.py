@@ -61,3 +61,9 @@ def assert_within_tolerances(results):
 
 def away_from_zero(x, margin=0.1):
     return np.where(x >= 0, x + margin, x - margin)
+
+
+def tree_rel_err(a, b):
+    """Largest per-leaf max_rel; the two trees must have the same structure."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    return max(max_rel(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
