@@ -85,7 +85,7 @@ def run(args):
 
         with common.Timer() as t:
             res = train(common.fresh_copy(params0), optim.adam(lr), ds, key=k_train, epochs=epochs, batch_size=64,
-                        cfg=Config(activation=act, l2=0.0), learning_rate=lr, progress=False, on_epoch=on_epoch)
+                        cfg=Config(activation=act, l2=0.0), record_learning_rate=lr, progress=False, on_epoch=on_epoch)
         moved = [float(jnp.max(jnp.abs(a["W"] - b["W"]))) for a, b in zip(res.params, params0)]
         gW, gb = np.stack(per_epoch_W), np.stack(per_epoch_b)
         h = res.history[-1]

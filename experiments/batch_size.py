@@ -97,7 +97,7 @@ def run(args):
             curve.append(float(train_loss_fn(result.params, result.state)))
 
         res = train(common.fresh_copy(params0), optim.sgd(lr), ds, key=k_train, epochs=epochs, batch_size=B,
-                    cfg=cfg, learning_rate=lr, progress=False, on_epoch=on_epoch)
+                    cfg=cfg, record_learning_rate=lr, progress=False, on_epoch=on_epoch)
         hist = res.history
         seconds = float(sum(h["seconds"] for h in hist))
         n_steps = res.step

@@ -218,7 +218,7 @@ def _digits_setup(args):
 def _train(opt, lr, ds, params0, key, epochs):
     from fnbp.train import Config, train
     res = train(common.fresh_copy(params0), opt, ds, key=key, epochs=epochs, batch_size=64, cfg=Config(l2=1e-3),
-                learning_rate=lr, progress=False)
+                record_learning_rate=lr, progress=False)
     return res.history
 
 

@@ -7,7 +7,7 @@ backprop rules of the lecture notes, encoded with ``jax.custom_vjp``:
     delta_k = grad_{h_k} E (.) g'_k(a_k);  grad_{b_k} E = delta_k;
     grad_{W_k} E = delta_k h_{k-1}^T;      grad_{h_{k-1}} E = W_k^T delta_k
 
-Modules: layers, activations, losses, norm, conv, pool (the rules); cnn (LeNet); reference (plain jnp);
+Modules: layers, activations, losses, norm, regularization (dropout), conv, pool (the rules); cnn (LeNet); reference (plain jnp);
 ops (add, mul, log); graph (the walker: the notes' general back-propagation);
 crosscheck (``fnbp.check``); mlp (with ``backprop``, the walker on the MLP); skip (a
 skip-connection graph); optim; train, data, checkpoint, parallel; perceptron;
@@ -15,14 +15,15 @@ per_example, dp, feedback (per-example quantities, DP-SGD, feedback alignment an
 straight-through estimators).
 """
 from . import (activations, checkpoint, cnn, conv, data, graph, layers, losses, mlp, norm, ops, optim, parallel,
-               perceptron, pool, reference, rules, skip, train)
+               perceptron, pool, reference, regularization, rules, skip, train)
 from . import dp, feedback, per_example
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .mlp import backprop
 from .crosscheck import check
 from .layers import dense
 from .rules import Rule, rule
-from .norm import batch_norm, dropout
+from .norm import batch_norm
+from .regularization import dropout
 from .conv import conv2d
 from .pool import avg_pool, flatten, global_avg_pool, max_pool
 

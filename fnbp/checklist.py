@@ -10,7 +10,7 @@ import functools
 import jax
 import numpy as np
 
-from . import activations, layers, losses, norm, reference
+from . import activations, layers, losses, norm, reference, regularization
 from .crosscheck import check_many
 
 __all__ = ["CASES", "case_names", "check_all", "format_row", "format_table"]
@@ -69,7 +69,7 @@ def _cases():
                           functools.partial(getattr(reference, loss), reduction=reduction), kind))
     cases.append(("l2_penalty", losses.l2_penalty, reference.l2_penalty, "params"))
     cases.append(("batch_norm", norm.batch_norm, reference.batch_norm, "batch_norm"))
-    cases.append(("dropout", lambda x, key: norm.dropout(x, 0.3, key), lambda x, key: reference.dropout(x, 0.3, key),
+    cases.append(("dropout", lambda x, key: regularization.dropout(x, 0.3, key), lambda x, key: reference.dropout(x, 0.3, key),
                   "dropout"))
     return cases
 

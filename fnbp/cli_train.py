@@ -253,7 +253,7 @@ def _cmd_train(args):
     try:
         result = training.train(params, opt, ds, key=k_train, epochs=args.epochs, batch_size=args.batch_size,
                                 cfg=cfg, opt_state=opt_state, state=state, accumulate=args.accumulate,
-                                start_epoch=start_epoch, start_step=start_step, learning_rate=lr,
+                                start_epoch=start_epoch, start_step=start_step, record_learning_rate=lr,
                                 progress=False if args.quiet else None, on_epoch=on_epoch if writer else None,
                                 mesh=mesh)
     except training.NonFiniteInputError as e:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import graph, norm, ops, train as training
+from . import graph, norm, ops, regularization, train as training
 from .graph import Const, Input, Param, State
 from .activations import relu
 from .conv import conv2d, conv_output_size
@@ -170,7 +170,7 @@ def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, 
         i = k + 1
         if train and dropout:
             nodes.append(graph.node(f"key{i}", jax.random.fold_in, Input("key"), Const(k), aux=True))
-            nodes.append(graph.node(f"dropout{i}", norm.dropout, prev, dropout, f"key{i}"))
+            nodes.append(graph.node(f"dropout{i}", regularization.dropout, prev, dropout, f"key{i}"))
             prev = f"dropout{i}"
         nodes.append(graph.node(f"a{i}", dense, Param("dense", k, "W"), Param("dense", k, "b"), prev))
         prev = f"a{i}"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import activations, graph, losses, norm, ops
+from . import activations, graph, losses, norm, ops, regularization
 from .graph import Const, Input, Param, State
 from .layers import dense
 
@@ -199,7 +199,7 @@ def network(params, *, activation=activations.relu, output=activations.identity,
         prev = normalise(f"h{i}") if bn and bn_position == "after" else f"h{i}"
         if hidden and train and dropout:
             nodes.append(graph.node(f"key{i}", jax.random.fold_in, Input("key"), Const(k), aux=True))
-            nodes.append(graph.node(f"dropout{i}", norm.dropout, prev, dropout, f"key{i}"))
+            nodes.append(graph.node(f"dropout{i}", regularization.dropout, prev, dropout, f"key{i}"))
             prev = f"dropout{i}"
     return graph.make(nodes, prev, updates)
 
@@ -252,7 +252,7 @@ def apply_stateful(params, state, x, *, train, key=None, activation=activations.
       train: True uses batch statistics (and updates the running ones) and
         drops units; False uses the running statistics and no dropout.
       key: ``jax.random`` key for the dropout masks (needed when train and dropout > 0).
-      dropout: drop probability p (inverted dropout, see ``fnbp.norm.dropout``).
+      dropout: drop probability p (inverted dropout, see ``fnbp.dropout``).
       bn_position: "before" or "after" the activation.
       bn_momentum: weight of the new batch in the running averages (PyTorch's
         convention, 0.1; see ``fnbp.norm``).

@@ -1,4 +1,6 @@
-"""Batch normalisation and dropout, with hand-derived backward rules.
+"""Batch normalisation, with its hand-derived backward rule.
+
+(Dropout, a regulariser rather than a normalisation, is in ``fnbp.regularization``.)
 
 Batch norm (Ioffe & Szegedy 2015), training mode, over the batch axis of x (B, n):
 
@@ -16,18 +18,13 @@ layer's own hyperparameter, unrelated to the optimizer's.  As in PyTorch, the
 running variance stores the *unbiased* batch variance, sigma^2 B / (B - 1), while
 the normalisation itself uses the biased sigma^2 (``unbiased_running_var=False``
 stores the biased one, as Keras/Flax do).
-
-Dropout (Srivastava et al. 2014): in training mode each unit is zeroed with
-probability ``p`` (the *drop* probability) and the survivors are scaled by
-1 / (1 - p) ("inverted dropout"), so the expected activation -- the notes' "same
-energy" -- is unchanged and inference is the identity.
 """
 import jax
 import jax.numpy as jnp
 
 from .rules import rule
 
-__all__ = ["batch_norm", "batch_norm_train", "batch_norm_eval", "init_batch_norm_state", "dropout"]
+__all__ = ["batch_norm", "batch_norm_train", "batch_norm_eval", "init_batch_norm_state"]
 
 
 # --- batch norm --------------------------------------------------------------
@@ -114,52 +111,3 @@ def batch_norm_eval(x, gamma, beta, running, *, eps=1e-5):
     and a batch give the same per-example outputs.
     """
     return gamma * (x - running["mean"]) / jnp.sqrt(running["var"] + eps) + beta
-
-
-def _concrete_scalar(p):
-    """p as a float when it is known outside jit (a Python, numpy or concrete jnp scalar), else None."""
-    try:
-        return float(p)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-
-
-# --- dropout -----------------------------------------------------------------
-def _dropout_fwd(x, p, key):
-    """Inverted dropout with the mask drawn from ``key`` (see ``dropout``).  Backward: grad_x = grad_y m / (1 - p)."""
-    keep = jax.random.bernoulli(key, 1.0 - p, jnp.shape(x))
-    scale = 1.0 / (1.0 - p)                                  # inverted dropout: E[y] = x
-    return jnp.where(keep, x * scale, 0).astype(x.dtype), (keep, scale)
-
-
-def _dropout_bwd(res, grad_y):
-    keep, scale = res
-    grad_x = jnp.where(keep, grad_y * scale, 0).astype(grad_y.dtype)   # the same mask, the same scale
-    return grad_x, None, None
-
-
-_dropout = rule(_dropout_fwd, _dropout_bwd, name="dropout")
-
-
-def dropout(x, p, key, *, train=True):
-    """Inverted dropout: y = x m / (1 - p), m_i ~ Bernoulli(1 - p), p the drop probability.
-
-    Scaling by 1 / (1 - p) keeps the expected activation ("the same energy"):
-    E[y] = x, so inference mode (``train=False``) is the identity.
-    Backward: grad_x = grad_y m / (1 - p) -- zero exactly where the unit was dropped.
-    The mask comes from the explicit ``key``: same key, same mask; under
-    ``jax.vmap`` with one key per example, each example gets its own mask.
-    """
-    if not train:
-        return x
-    p_value = _concrete_scalar(p)
-    if p_value is not None and not 0 <= p_value < 1:
-        raise ValueError(f"fnbp.norm.dropout: the drop probability p must be in [0, 1), got {p_value}")
-    if isinstance(p, (int, float)) and p == 0:
-        return x
-    if key is None:
-        raise ValueError("fnbp.norm.dropout: training-mode dropout needs an explicit jax.random key, got None")
-    return _dropout(x, p, key)
-
-
-dropout.rule = _dropout.rule

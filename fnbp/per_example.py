@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import activations, graph, losses, mlp, norm
+from . import activations, graph, losses, mlp, regularization
 from .mlp import uses_layer_alpha, layer_activations
 from .rules import rule
 
@@ -55,11 +55,11 @@ class LayerPass(NamedTuple):
 def _dropout_per_example_fwd(h, p, keys):
     """Inverted dropout with one mask per example: row n of h (B, n_units) uses ``fnbp.dropout``'s
     mask from keys[n] (keys: B keys).  Backward: grad_h_n = grad_y_n m_n / (1 - p), as ``dropout``."""
-    return jax.vmap(lambda h_n, key_n: norm.dropout.rule.fwd(h_n, p, key_n))(h, keys)
+    return jax.vmap(lambda h_n, key_n: regularization.dropout.rule.fwd(h_n, p, key_n))(h, keys)
 
 
 def _dropout_per_example_bwd(res, grad_y):
-    return jax.vmap(lambda r, g_n: norm.dropout.rule.bwd(r, g_n)[0])(res, grad_y), None, None
+    return jax.vmap(lambda r, g_n: regularization.dropout.rule.bwd(r, g_n)[0])(res, grad_y), None, None
 
 
 dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example")

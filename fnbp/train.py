@@ -22,24 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import activations, dp, graph, losses, mlp, optim
-from .train_checks import (NonFiniteInputError, check_labels, _FN, _check_data, _check_finite_tree,
-                           _check_hyperparameters)
+from .train_checks import (NonFiniteError, NonFiniteInputError, NonFiniteLossError, NonFiniteParamsError,
+                           check_labels, _FN, _check_data, _check_finite_tree, _check_hyperparameters)
 
 __all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteError",
            "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError", "batch_plan", "check_labels"]
-
-
-class NonFiniteError(FloatingPointError):
-    """Training stopped: a loss, parameter or optimizer-state value became NaN or inf."""
-
-
-class NonFiniteLossError(NonFiniteError):
-    """The training loss became NaN or inf."""
-
-
-class NonFiniteParamsError(NonFiniteError):
-    """The parameters, optimizer state or batch-norm statistics became NaN or inf during a step
-    (a non-finite gradient or update), although the loss of that step was finite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,10 +251,13 @@ def evaluate(cfg: Config, params, state, x, d):
     return losses.loss_spec(cfg.loss, name="fnbp.train")(y, d, reduction="mean"), _accuracy(y, d)
 
 
-def _learning_rate(schedule, step):
-    if schedule is None:
-        return None
-    return float(schedule(jnp.asarray(step))) if callable(schedule) else float(schedule)
+def _learning_rate(schedule, step, opt_state):
+    """eta at ``step``: from ``record_learning_rate``, else from an ``optax.inject_hyperparams`` state, else None."""
+    if schedule is not None:
+        return float(schedule(jnp.asarray(step))) if callable(schedule) else float(schedule)
+    injected = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
+                if "learning_rate" in getattr(s, "hyperparams", {})]
+    return float(injected[0].hyperparams["learning_rate"]) if injected else None
 
 
 def _uses_batch_norm(params):
@@ -275,7 +265,7 @@ def _uses_batch_norm(params):
 
 
 def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_state=None, state=None,
-          accumulate=1, start_epoch=0, start_step=0, learning_rate=None, progress=None, on_epoch=None, mesh=None):
+          accumulate=1, start_epoch=0, start_step=0, record_learning_rate=None, progress=None, on_epoch=None, mesh=None):
     """Train ``params`` on ``data`` for ``epochs`` epochs; returns a ``TrainResult``.
 
     Args:
@@ -291,7 +281,9 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
         (default: fresh ``opt.init(params)`` and ``cfg.init_state(params)``).
       accumulate: micro-batches per step (gradient accumulation).
       start_epoch, start_step: where a resumed run starts (from a checkpoint).
-      learning_rate: the number or schedule the optimizer uses, for the history only.
+      record_learning_rate: a number or schedule k -> eta_k written into the history (it does not
+        set anything: ``opt`` has its own).  Default: read from an ``optax.inject_hyperparams``
+        state in ``opt_state`` when there is one, else the history's learning_rate is None.
       progress: show a tqdm bar (loss, accuracy, examples/s); default: only when stderr is a terminal.
       on_epoch: callback ``on_epoch(result_so_far)`` after every good epoch (e.g. to
         write a checkpoint).
@@ -385,7 +377,7 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
         _, train_acc = eval_fn(params, state, x_train, y_train)
         record = {"epoch": epoch + 1, "loss": float(step_losses.mean()), "test_loss": float(test_loss),
                   "test_accuracy": float(test_acc), "train_accuracy": float(train_acc),
-                  "learning_rate": _learning_rate(learning_rate, step - 1), "seconds": seconds,
+                  "learning_rate": _learning_rate(record_learning_rate, step - 1, opt_state), "seconds": seconds,
                   "examples_per_s": n_steps * B / seconds}
         history.append(record)
         result = TrainResult(params, opt_state, state, key, epoch + 1, step, history, compile_seconds)

@@ -1,4 +1,4 @@
-"""Host-side checks that ``fnbp.train.train`` runs once, before anything is compiled.
+"""Host-side checks that ``fnbp.train.train`` runs once, before anything is compiled, and its errors.
 
 Hyperparameter types (no silent truncation of ``2.5`` or ``True``), every split's labels
 (integer class indices in ``[0, n_classes)``), and finiteness of the data, initial parameters
@@ -8,7 +8,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NonFiniteInputError", "check_labels"]
+__all__ = ["NonFiniteError", "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError", "check_labels"]
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped: a loss, parameter or optimizer-state value became NaN or inf."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """The training loss became NaN or inf."""
+
+
+class NonFiniteParamsError(NonFiniteError):
+    """The parameters, optimizer state or batch-norm statistics became NaN or inf during a step
+    (a non-finite gradient or update), although the loss of that step was finite."""
 
 
 class NonFiniteInputError(ValueError):

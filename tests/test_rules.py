@@ -143,10 +143,10 @@ def test_bad_inputs_to_rules_are_named_errors():
         fnbp.losses.half_sse(np.zeros((0, 4)), np.zeros((0, 4)))
     with pytest.raises(ValueError, match="fnbp.losses.softmax_cross_entropy: the batch is empty"):
         fnbp.losses.softmax_cross_entropy(np.zeros((0, 4)), np.zeros((0,), np.int32))
-    with pytest.raises(ValueError, match="fnbp.norm.dropout: training-mode dropout needs an explicit jax.random key"):
+    with pytest.raises(ValueError, match="fnbp.dropout: training-mode dropout needs an explicit jax.random key"):
         fnbp.dropout(x, 0.5, None)
     for p in (jnp.float32(-0.5), np.float64(1.0), jnp.asarray(float("nan"))):
-        with pytest.raises(ValueError, match="fnbp.norm.dropout: the drop probability p must be in \\[0, 1\\)"):
+        with pytest.raises(ValueError, match="fnbp.dropout: the drop probability p must be in \\[0, 1\\)"):
             fnbp.dropout(x, p, jax.random.PRNGKey(0))
     assert fnbp.dropout(x, jnp.float32(0.5), jax.random.PRNGKey(0)).shape == x.shape
 

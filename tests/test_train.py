@@ -214,7 +214,7 @@ def test_wrong_hyperparameter_types_and_batch_norm_of_one_example_are_refused():
 
 
 def test_history_fields_and_silent_progress(digits, capsys):
-    r = _run(digits, seed=0, epochs=2, learning_rate=DIGITS_LR)
+    r = _run(digits, seed=0, epochs=2, record_learning_rate=DIGITS_LR)
     h = r.history[-1]
     for field in ["epoch", "loss", "test_loss", "test_accuracy", "train_accuracy", "learning_rate", "seconds",
                   "examples_per_s"]:
@@ -223,6 +223,27 @@ def test_history_fields_and_silent_progress(digits, capsys):
     assert h["examples_per_s"] > 0
     captured = capsys.readouterr()
     assert "fnbp train" not in captured.err      # progress=False: no bar
+
+
+def test_history_learning_rate_comes_from_inject_hyperparams_and_nothing_else_sets_it():
+    """``record_learning_rate`` only writes the history; without it the history reads eta from an
+    ``optax.inject_hyperparams`` state (optax's way of exposing a schedule), else records None."""
+    ds = data.load("xor")
+    params = mlp.init(jax.random.PRNGKey(0), [2, 4, 2])
+    schedule = optax.exponential_decay(0.1, transition_steps=1, decay_rate=0.9)
+    run = functools.partial(T.train, params, data=ds, key=jax.random.PRNGKey(0), epochs=2, batch_size=2,
+                            progress=False)
+    injected = run(opt=optax.inject_hyperparams(optim.sgd)(learning_rate=schedule))
+    plain = run(opt=optim.sgd(schedule))
+    # eta of the last step taken (step count - 1), read from the optimizer state, equals the schedule's
+    np.testing.assert_allclose([h["learning_rate"] for h in injected.history],
+                               [schedule(2 * (e + 1) - 1) for e in range(2)], rtol=1e-6)
+    assert [h["learning_rate"] for h in plain.history] == [None, None]
+    # the same optimizer and schedule, injected or not: the same parameters
+    for a, b in zip(jax.tree_util.tree_leaves(injected.params), jax.tree_util.tree_leaves(plain.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(TypeError, match="learning_rate"):     # the old, misleading name is gone
+        run(opt=optim.sgd(0.1), learning_rate=0.1)
 
 
 def _compiles_during(fn):
@@ -248,7 +269,7 @@ def test_training_compiles_the_same_number_of_programs_for_2_and_6_epochs():
 
     def run(epochs):
         return lambda: T.train(params, optim.sgd(0.1), ds, key=jax.random.PRNGKey(0), epochs=epochs,
-                               batch_size=2, progress=False, learning_rate=0.1)
+                               batch_size=2, progress=False, record_learning_rate=0.1)
 
     _compiles_during(run(1))                            # warm the caches shared across calls
     two, six = _compiles_during(run(2)), _compiles_during(run(6))
