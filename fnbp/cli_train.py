@@ -187,6 +187,7 @@ def _cmd_train(args):
 
     process, n_processes = parallel.initialize_from_args(args, UsageError)   # before anything uses a device
     writer = process == 0                   # only process 0 writes the checkpoint, history and plot
+    _cli_model.fill_defaults(args)
     if args.epochs < 1:
         raise UsageError(f"fnbp train: --epochs must be >= 1, got {args.epochs}")
     out = Path(args.out if args.out is not None else f"runs/{args.data}-{args.model}")
@@ -308,8 +309,9 @@ def add_parser(sub):
                    help="dataset: digits (bundled with scikit-learn), mnist (IDX files, see --data-dir), or a toy set")
     t.add_argument("--data-dir", default=None,
                    help="MNIST directory (default: $FNBP_MNIST_DIR, then ../shared/data/mnist)")
-    t.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
-                   help="standardise features with the training split's mean and std (digits, mnist)")
+    t.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=_cli_model.UNSET,
+                   help="standardise features with the training split's mean and std (digits, mnist)"
+                        + _cli_model.default_help("standardize"))
     t.add_argument("--layers", type=_layers, default=None,
                    help="--model mlp: widths, input first and classes last (default: 64,32,10)")
     _cli_model.add_arguments(t)
@@ -317,18 +319,22 @@ def add_parser(sub):
     t.add_argument("--slope", type=_float_arg("--slope"), default=0.01, help="leaky_relu slope")
     t.add_argument("--init", choices=("glorot", "he", "uniform"), default="glorot", help="weight initialiser")
     t.add_argument("--batch-norm", action="store_true", help="batch norm before each hidden activation")
-    t.add_argument("--dropout", type=_float_arg("--dropout", 0.0, 1.0), default=0.0,
-                   help="dropout probability between hidden layers, in [0, 1)")
+    t.add_argument("--dropout", type=_float_arg("--dropout", 0.0, 1.0), default=_cli_model.UNSET,
+                   help="dropout probability in [0, 1): mlp between hidden layers, lenet on each dense layer's input"
+                        + _cli_model.default_help("dropout"))
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="fnbp.optim optimizer")
-    t.add_argument("--lr", type=_float_arg("--lr", 0.0, lo_open=True), default=3e-3, help="learning rate eta_0")
-    t.add_argument("--lr-schedule", choices=("constant", "inverse", "exponential"), default="exponential",
-                   help="eta_k = eta_0, eta_0/(1 + k decay) or eta_0 exp(-k decay), k = step")
+    t.add_argument("--lr", type=_float_arg("--lr", 0.0, lo_open=True), default=_cli_model.UNSET,
+                   help="learning rate eta_0" + _cli_model.default_help("lr"))
+    t.add_argument("--lr-schedule", choices=("constant", "inverse", "exponential"), default=_cli_model.UNSET,
+                   help="eta_k = eta_0, eta_0/(1 + k decay) or eta_0 exp(-k decay), k = step"
+                        + _cli_model.default_help("lr_schedule"))
     t.add_argument("--lr-decay", type=_float_arg("--lr-decay", 0.0), default=3e-4, help="decay of the schedule")
-    t.add_argument("--l2", type=_float_arg("--l2", 0.0), default=1e-4, help="L2 penalty lambda on the weights (>= 0)")
-    t.add_argument("--epochs", type=_int_arg("--epochs", 1), default=40,
-                   help="total epochs (with --resume: up to this many)")
-    t.add_argument("--batch-size", type=_batch_size, default="16",
-                   help="examples per step: 1 = SGD, 'full' = full batch")
+    t.add_argument("--l2", type=_float_arg("--l2", 0.0), default=_cli_model.UNSET,
+                   help="L2 penalty lambda on the weights (>= 0)" + _cli_model.default_help("l2"))
+    t.add_argument("--epochs", type=_int_arg("--epochs", 1), default=_cli_model.UNSET,
+                   help="total epochs (with --resume: up to this many)" + _cli_model.default_help("epochs"))
+    t.add_argument("--batch-size", type=_batch_size, default=_cli_model.UNSET,
+                   help="examples per step: 1 = SGD, 'full' = full batch" + _cli_model.default_help("batch_size"))
     t.add_argument("--accumulate", type=_int_arg("--accumulate", 1), default=1,
                    help="micro-batches per step (gradient accumulation)")
     t.add_argument("--grad", choices=("autodiff", "backprop"), default="autodiff",
