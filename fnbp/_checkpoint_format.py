@@ -180,3 +180,43 @@ def _fill(skeleton, leaves: dict, path=()):
     if isinstance(skeleton, dict) and "l" in skeleton:
         return [_fill(v, leaves, path + (i,)) for i, v in enumerate(skeleton["l"])]
     return leaves.get(path)
+
+
+# Files written by ``fnbp train`` before batch-norm statistics had their own tree stored them beside the
+# optimizer state: ``opt_state=(optimizer state, batch-norm state)``, i.e. entries "opt_state[0]..." and
+# "opt_state[1]...", and no "batch_stats..." entry.
+_LEGACY_OPT, _LEGACY_STATS = "opt_state[0]", "opt_state[1]"
+
+
+def _split_legacy(meta: dict, by_tree: dict, arrays: dict, expected=None) -> bool:
+    """Read an old ``fnbp train`` file's ``opt_state[0]`` as ``opt_state`` and ``opt_state[1]`` as
+    ``batch_stats`` (renaming records and arrays in place); True when it did.
+
+    With templates, ``expected = (opt_state names, batch_stats names)`` and the file is split only when
+    its opt_state entries are exactly the templates' under the old layout. Template-free (``expected``
+    None), only a file that has the old layout's marks: run arguments in ``extra`` (written by fnbp
+    train), no ``structure`` record (added with the batch_stats tree), no batch_stats entry, and every
+    opt_state entry under ``[0]`` or ``[1]``."""
+    names = list(by_tree["opt_state"])
+    if by_tree["batch_stats"] or not names or not all(n.startswith((_LEGACY_OPT, _LEGACY_STATS)) for n in names):
+        return False
+    if expected is not None:
+        opt_names, stats_names = expected
+        legacy = ({_LEGACY_OPT + n[len("opt_state"):] for n in opt_names}
+                  | {_LEGACY_STATS + n[len("batch_stats"):] for n in stats_names})
+        if set(names) != legacy or set(names) == set(opt_names):
+            return False
+    else:
+        extra = meta.get("extra")
+        if "structure" in meta or not (isinstance(extra, dict) and isinstance(extra.get("args"), dict)):
+            return False
+    for name in names:
+        rec = by_tree["opt_state"].pop(name)
+        tree = "opt_state" if name.startswith(_LEGACY_OPT) else "batch_stats"
+        new = tree + name[len(_LEGACY_OPT):]
+        rec = {**rec, "name": new, "tree": tree, "path": rec["path"][len("[0]"):]}
+        if "keys" in rec:
+            rec["keys"] = rec["keys"][1:]
+        arrays[new] = arrays.pop(name)
+        by_tree[tree][new] = rec
+    return True

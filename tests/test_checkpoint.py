@@ -357,3 +357,54 @@ def test_tampered_metadata_fails_at_load_naming_the_file(tmp_path, change, messa
         with pytest.raises(ckpt.CheckpointError, match=r"tampered\.npz: corrupt or tampered metadata") as ei:
             load()
         assert re.search(message, str(ei.value)), str(ei.value)
+
+
+def _pre_wave2_file(path, params, opt_state, stats, args):
+    """A checkpoint as `fnbp train` wrote it before batch_stats had its own name (checked against a file
+    written by commit 6dd948d^): opt_state=(optimizer state, batch-norm state), records without "keys",
+    metadata without "structure", run arguments without --model/--augment/--dp-*."""
+    ckpt.save(path, params=params, opt_state=(opt_state, stats), step=5, epoch=1, key=jax.random.PRNGKey(1),
+              extra={"args": args, "history": [{"epoch": 1}]})
+
+    def old_layout(meta, arrays):
+        del meta["structure"]
+        for rec in meta["leaves"]:
+            del rec["keys"]
+    _rewrite_meta(path, old_layout)
+
+
+def test_pre_wave2_checkpoint_loads_with_batch_stats_under_their_own_name(tmp_path):
+    params, opt_state, stats = _fnbp_params()
+    stats = [{"mean": stats[0]["mean"] - 0.5, "var": stats[0]["var"] * 3}, {}]
+    path = tmp_path / "old.npz"
+    _pre_wave2_file(path, params, opt_state, stats, {"layers": [3, 4, 2], "batch_norm": True})
+    with np.load(path) as z:                                       # the old layout, as stored
+        assert "opt_state[1][0]['mean']" in z.files and not any(k.startswith("batch_stats") for k in z.files)
+    templated = ckpt.load(path, params_like=params, opt_state_like=opt_state, batch_stats_like=stats)
+    _assert_bit_identical(templated["params"], params)
+    _assert_bit_identical(templated["opt_state"], opt_state)
+    _assert_bit_identical(templated["batch_stats"], stats)
+    free = ckpt.load(path)
+    assert set(free["opt_state"]) == {"count", "r"}
+    _assert_bit_identical(free["opt_state"]["r"], opt_state.r)
+    _assert_bit_identical(free["batch_stats"][0], stats[0])
+    # without batch-norm statistics (an MLP without --batch-norm): everything under opt_state[0]
+    from fnbp import mlp, optim
+    plain = mlp.init(jax.random.PRNGKey(2), [3, 4, 2])
+    plain_state = optim.adagrad(0.1).init(plain)
+    _pre_wave2_file(tmp_path / "plain.npz", plain, plain_state, [{}, {}], {"layers": [3, 4, 2]})
+    got = ckpt.load(tmp_path / "plain.npz", params_like=plain, opt_state_like=plain_state, batch_stats_like=[{}, {}])
+    _assert_bit_identical(got["opt_state"], plain_state)
+
+
+def test_a_tuple_opt_state_of_today_is_not_mistaken_for_the_old_layout(tmp_path):
+    params, opt_state, stats = _fnbp_params()
+    chained = (opt_state, {"scale": jnp.ones(3)})                 # e.g. an optax.chain state: a real tuple
+    path = tmp_path / "chain.npz"
+    ckpt.save(path, params=params, opt_state=chained, step=1, epoch=1, key=None, extra={"args": {}})
+    free = ckpt.load(path)
+    assert isinstance(free["opt_state"], list) and len(free["opt_state"]) == 2 and free["batch_stats"] is None
+    got = ckpt.load(path, params_like=params, opt_state_like=chained, batch_stats_like=[{}, {}])
+    _assert_bit_identical(got["opt_state"], chained)
+    with pytest.raises(ckpt.CheckpointError, match=r"missing from the file: batch_stats\[0\]\['mean'\]"):
+        ckpt.load(path, params_like=params, opt_state_like=chained, batch_stats_like=stats)
