@@ -220,3 +220,80 @@ def _split_legacy(meta: dict, by_tree: dict, arrays: dict, expected=None) -> boo
         arrays[new] = arrays.pop(name)
         by_tree[tree][new] = rec
     return True
+
+
+def _path_part(k) -> str:
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name
+    return str(getattr(k, "key", k))                  # FlattenedIndexKey
+
+
+def flat_dict(tree, sep: str = ".") -> dict:
+    """One numpy array per leaf of ``tree``, named by the leaf's path joined with ``sep``.
+
+    Dict keys, list/tuple positions and NamedTuple fields make the names: a LeNet's params
+    ``{"conv": [{"W": ...}, ...], "dense": [...]}`` give ``"conv.0.W"``, ``"conv.0.b"``, ...,
+    ``"dense.1.W"``; an Adam state's ``s`` moments give ``"s.conv.0.W"``. This is the flat
+    ``{name: array}`` form that safetensors (``safetensors.numpy.save_file``) and other
+    name -> array formats store; :func:`unflatten` inverts it. Arrays keep their dtype and bytes
+    (``np.asarray``; Python scalars become 0-d arrays). Raises ``ValueError`` when a dict key
+    contains ``sep`` or ``tree`` is a bare leaf, ``TypeError`` for a typed PRNG key leaf (store
+    ``jax.random.key_data(key)`` instead)."""
+    fn = "fnbp.checkpoint.flat_dict"
+    out = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [_path_part(k) for k in kp]
+        if not parts:
+            raise ValueError(f"{fn}: expected a pytree of arrays (dict, list, tuple), got a bare leaf "
+                             f"{type(leaf).__name__}")
+        bad = [p for p in parts if sep in p or not p]
+        if bad:
+            raise ValueError(f"{fn}: the key {bad[0]!r} at {jax.tree_util.keystr(kp)} is empty or contains the "
+                             f"separator {sep!r}; pass another sep")
+        if _is_typed_key(leaf):
+            raise TypeError(f"{fn}: leaf {jax.tree_util.keystr(kp)} is a typed PRNG key; store "
+                            f"jax.random.key_data(key) instead")
+        out[sep.join(parts)] = np.asarray(leaf)
+    return out
+
+
+def unflatten(flat: dict, like=None, sep: str = "."):
+    """The pytree of a :func:`flat_dict` ``{name: array}`` (e.g. from ``safetensors.numpy.load_file``).
+
+    With ``like`` (a pytree such as ``fnbp.cnn.init(key, arch)`` or ``fnbp.checkpoint.load(path)["params"]``)
+    the result has ``like``'s structure (NamedTuples included), with ``flat``'s arrays as leaves; a
+    name missing from ``flat`` or left over raises ``ValueError`` listing them. Without ``like``:
+    nested dicts, a level whose keys are exactly ``"0"``, ..., ``"n-1"`` becoming a list, as
+    ``fnbp.checkpoint.load`` returns trees template-free."""
+    fn = "fnbp.checkpoint.unflatten"
+    if like is not None:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+        names = [sep.join(_path_part(k) for k in kp) for kp, _ in leaves]
+        missing, extra = [n for n in names if n not in flat], sorted(set(flat) - set(names))
+        if missing or extra:
+            raise ValueError(f"{fn}: the names do not match the template: missing {missing[:10]}, "
+                             f"not in the template {extra[:10]}")
+        return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+    root: dict = {}
+    for name, arr in flat.items():
+        node, parts = root, name.split(sep)
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{fn}: {name!r} goes below the leaf {p!r}")
+        if parts[-1] in node:
+            raise ValueError(f"{fn}: {name!r} names both a leaf and a subtree")
+        node[parts[-1]] = arr
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and set(node) == {str(i) for i in range(len(node))}:
+            return [node[str(i)] for i in range(len(node))]
+        return node
+    return listify(root)

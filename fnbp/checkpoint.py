@@ -32,9 +32,10 @@ import numpy as np
 
 from ._checkpoint_format import (_KEY, _TREES, CheckpointError, _check_meta, _encode, _is_typed_key, _key_entry,
                                 _fill, _np_dtype, _parse_keystr, _rebuild_tree, _skeleton, _split_legacy,
-                                _stored_array)
+                                _stored_array, flat_dict, unflatten)
 
-__all__ = ["CheckpointError", "save", "load", "read_metadata", "clean_stale_temp_files", "FORMAT"]
+__all__ = ["CheckpointError", "save", "load", "read_metadata", "clean_stale_temp_files", "flat_dict", "unflatten",
+           "FORMAT"]
 
 FORMAT = "fnbp-checkpoint-v1"
 _META = "__fnbp_meta__"
