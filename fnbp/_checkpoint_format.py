@@ -180,3 +180,120 @@ def _fill(skeleton, leaves: dict, path=()):
     if isinstance(skeleton, dict) and "l" in skeleton:
         return [_fill(v, leaves, path + (i,)) for i, v in enumerate(skeleton["l"])]
     return leaves.get(path)
+
+
+# Files written by ``fnbp train`` before batch-norm statistics had their own tree stored them beside the
+# optimizer state: ``opt_state=(optimizer state, batch-norm state)``, i.e. entries "opt_state[0]..." and
+# "opt_state[1]...", and no "batch_stats..." entry.
+_LEGACY_OPT, _LEGACY_STATS = "opt_state[0]", "opt_state[1]"
+
+
+def _split_legacy(meta: dict, by_tree: dict, arrays: dict, expected=None) -> bool:
+    """Read an old ``fnbp train`` file's ``opt_state[0]`` as ``opt_state`` and ``opt_state[1]`` as
+    ``batch_stats`` (renaming records and arrays in place); True when it did.
+
+    With templates, ``expected = (opt_state names, batch_stats names)`` and the file is split only when
+    its opt_state entries are exactly the templates' under the old layout. Template-free (``expected``
+    None), only a file that has the old layout's marks: run arguments in ``extra`` (written by fnbp
+    train), no ``structure`` record (added with the batch_stats tree), no batch_stats entry, and every
+    opt_state entry under ``[0]`` or ``[1]``."""
+    names = list(by_tree["opt_state"])
+    if by_tree["batch_stats"] or not names or not all(n.startswith((_LEGACY_OPT, _LEGACY_STATS)) for n in names):
+        return False
+    if expected is not None:
+        opt_names, stats_names = expected
+        legacy = ({_LEGACY_OPT + n[len("opt_state"):] for n in opt_names}
+                  | {_LEGACY_STATS + n[len("batch_stats"):] for n in stats_names})
+        if set(names) != legacy or set(names) == set(opt_names):
+            return False
+    else:
+        extra = meta.get("extra")
+        if "structure" in meta or not (isinstance(extra, dict) and isinstance(extra.get("args"), dict)):
+            return False
+    for name in names:
+        rec = by_tree["opt_state"].pop(name)
+        tree = "opt_state" if name.startswith(_LEGACY_OPT) else "batch_stats"
+        new = tree + name[len(_LEGACY_OPT):]
+        rec = {**rec, "name": new, "tree": tree, "path": rec["path"][len("[0]"):]}
+        if "keys" in rec:
+            rec["keys"] = rec["keys"][1:]
+        arrays[new] = arrays.pop(name)
+        by_tree[tree][new] = rec
+    return True
+
+
+def _path_part(k) -> str:
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name
+    return str(getattr(k, "key", k))                  # FlattenedIndexKey
+
+
+def flat_dict(tree, sep: str = ".") -> dict:
+    """One numpy array per leaf of ``tree``, named by the leaf's path joined with ``sep``.
+
+    Dict keys, list/tuple positions and NamedTuple fields make the names: a LeNet's params
+    ``{"conv": [{"W": ...}, ...], "dense": [...]}`` give ``"conv.0.W"``, ``"conv.0.b"``, ...,
+    ``"dense.1.W"``; an Adam state's ``s`` moments give ``"s.conv.0.W"``. This is the flat
+    ``{name: array}`` form that safetensors (``safetensors.numpy.save_file``) and other
+    name -> array formats store; :func:`unflatten` inverts it. Arrays keep their dtype and bytes
+    (``np.asarray``; Python scalars become 0-d arrays). Raises ``ValueError`` when a dict key
+    contains ``sep`` or ``tree`` is a bare leaf, ``TypeError`` for a typed PRNG key leaf (store
+    ``jax.random.key_data(key)`` instead)."""
+    fn = "fnbp.checkpoint.flat_dict"
+    out = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [_path_part(k) for k in kp]
+        if not parts:
+            raise ValueError(f"{fn}: expected a pytree of arrays (dict, list, tuple), got a bare leaf "
+                             f"{type(leaf).__name__}")
+        bad = [p for p in parts if sep in p or not p]
+        if bad:
+            raise ValueError(f"{fn}: the key {bad[0]!r} at {jax.tree_util.keystr(kp)} is empty or contains the "
+                             f"separator {sep!r}; pass another sep")
+        if _is_typed_key(leaf):
+            raise TypeError(f"{fn}: leaf {jax.tree_util.keystr(kp)} is a typed PRNG key; store "
+                            f"jax.random.key_data(key) instead")
+        out[sep.join(parts)] = np.asarray(leaf)
+    return out
+
+
+def unflatten(flat: dict, like=None, sep: str = "."):
+    """The pytree of a :func:`flat_dict` ``{name: array}`` (e.g. from ``safetensors.numpy.load_file``).
+
+    With ``like`` (a pytree such as ``fnbp.cnn.init(key, arch)`` or ``fnbp.checkpoint.load(path)["params"]``)
+    the result has ``like``'s structure (NamedTuples included), with ``flat``'s arrays as leaves; a
+    name missing from ``flat`` or left over raises ``ValueError`` listing them. Without ``like``:
+    nested dicts, a level whose keys are exactly ``"0"``, ..., ``"n-1"`` becoming a list, as
+    ``fnbp.checkpoint.load`` returns trees template-free."""
+    fn = "fnbp.checkpoint.unflatten"
+    if like is not None:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+        names = [sep.join(_path_part(k) for k in kp) for kp, _ in leaves]
+        missing, extra = [n for n in names if n not in flat], sorted(set(flat) - set(names))
+        if missing or extra:
+            raise ValueError(f"{fn}: the names do not match the template: missing {missing[:10]}, "
+                             f"not in the template {extra[:10]}")
+        return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+    root: dict = {}
+    for name, arr in flat.items():
+        node, parts = root, name.split(sep)
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{fn}: {name!r} goes below the leaf {p!r}")
+        if parts[-1] in node:
+            raise ValueError(f"{fn}: {name!r} names both a leaf and a subtree")
+        node[parts[-1]] = arr
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and set(node) == {str(i) for i in range(len(node))}:
+            return [node[str(i)] for i in range(len(node))]
+        return node
+    return listify(root)

@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checkpoint_format import (_KEY, _TREES, CheckpointError, _check_meta, _encode, _is_typed_key, _key_entry,
-                                _fill, _np_dtype, _parse_keystr, _rebuild_tree, _skeleton, _stored_array)
+                                _fill, _np_dtype, _parse_keystr, _rebuild_tree, _skeleton, _split_legacy,
+                                _stored_array, flat_dict, unflatten)
 
-__all__ = ["CheckpointError", "save", "load", "read_metadata", "clean_stale_temp_files", "FORMAT"]
+__all__ = ["CheckpointError", "save", "load", "read_metadata", "clean_stale_temp_files", "flat_dict", "unflatten",
+           "FORMAT"]
 
 FORMAT = "fnbp-checkpoint-v1"
 _META = "__fnbp_meta__"
@@ -313,6 +315,12 @@ def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) 
     check, lacks fnbp metadata or whose metadata contradicts its arrays (wrong types of step,
     epoch, records; an array whose shape or dtype differs from its record) raises
     :class:`CheckpointError`; all messages name the file.
+
+    Files of ``fnbp train`` from before batch-norm statistics had their own name (they stored
+    ``opt_state=(optimizer state, batch-norm state)``) load as if written today: the file's
+    ``opt_state[0]`` comes back as ``opt_state`` and ``opt_state[1]`` as ``batch_stats`` -- with
+    templates when the file matches both templates in that old layout exactly, template-free when
+    the file has the old layout's marks (run arguments, no ``structure`` record, no batch_stats).
     """
     fn = "fnbp.checkpoint.load"
     path = Path(path)
@@ -325,13 +333,19 @@ def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) 
     problems = []
     plans = {}
     templates = {"params": params_like, "opt_state": opt_state_like, "batch_stats": batch_stats_like}
+    expected = {}
     for tree_name, template in templates.items():
         if template is None:
             continue
         leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-        expected = {tree_name + jax.tree_util.keystr(kp): _template_info(leaf) for kp, leaf in leaves}
-        problems += _diff_lines(tree_name, expected, by_tree[tree_name])
+        expected[tree_name] = {tree_name + jax.tree_util.keystr(kp): _template_info(leaf) for kp, leaf in leaves}
         plans[tree_name] = (leaves, treedef)
+    if opt_state_like is None and batch_stats_like is None:       # an old fnbp train file (see the docstring)
+        _split_legacy(meta, by_tree, arrays)
+    elif opt_state_like is not None and batch_stats_like is not None:
+        _split_legacy(meta, by_tree, arrays, (expected["opt_state"], expected["batch_stats"]))
+    for tree_name, names in expected.items():
+        problems += _diff_lines(tree_name, names, by_tree[tree_name])
     if problems:
         shown = problems[:40]
         more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""

@@ -29,6 +29,9 @@ SEED_LIMIT = 2 ** 32
 FREE_ON_RESUME = ("epochs", "quiet", "resume", "out", "data_dir", "devices", "allow_changed",
                   "coordinator", "num_processes", "process_id", "distributed")   # where it runs, not what
 OVERRIDABLE = ("lr", "lr_schedule", "lr_decay", "l2", "dropout", "batch_size", "accumulate", "grad", "slope")
+# Run arguments that checkpoints of older fnbp versions lack, read on --resume as what those versions did
+# (they had no such flag); their batch-norm statistics are read by fnbp.checkpoint.load.
+LEGACY_DEFAULTS = {"model": "mlp", "augment": 0, "dp_clip": 0.0, "dp_noise": 0.0, "dp_delta": 1e-5}
 
 
 class OutputError(Exception):
@@ -153,6 +156,11 @@ def _check_resume(ckpt, meta, run_args, allowed):
     if not isinstance(stored, dict):
         raise UsageError(f"fnbp train: --resume: {ckpt} holds no run arguments (not written by fnbp train, or "
                          f"tampered): cannot check that the settings match")
+    missing = [k for k in LEGACY_DEFAULTS if k not in stored]
+    if missing:
+        stored = {**{k: LEGACY_DEFAULTS[k] for k in missing}, **stored}
+        print(f"{ckpt} was written by an older fnbp without " + ", ".join(_flag(k) for k in missing) + ": read as "
+              + " ".join(f"{_flag(k)} {LEGACY_DEFAULTS[k]}" for k in missing), flush=True)
     if (not isinstance(history, list) or len(history) != epoch
             or any(not isinstance(h, dict) or h.get("epoch") != i + 1 for i, h in enumerate(history))):
         raise UsageError(f"fnbp train: --resume: {ckpt}: the stored history is not one record per epoch 1..{epoch} "
@@ -165,7 +173,8 @@ def _check_resume(ckpt, meta, run_args, allowed):
     fixed, needs_flag, changed = [], [], []
     for k in sorted(set(now) | set(then)):
         if now.get(k) != then.get(k):
-            text = f"{_flag(k)} {then.get(k)!r} -> {now.get(k)!r}"
+            was = repr(then[k]) if k in then else "(not recorded)"
+            text = f"{_flag(k)} {was} -> {now.get(k)!r}"
             (fixed if k not in OVERRIDABLE else changed if k in allowed else needs_flag).append((k, text))
     parts = []
     if fixed:

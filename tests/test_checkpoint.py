@@ -357,3 +357,132 @@ def test_tampered_metadata_fails_at_load_naming_the_file(tmp_path, change, messa
         with pytest.raises(ckpt.CheckpointError, match=r"tampered\.npz: corrupt or tampered metadata") as ei:
             load()
         assert re.search(message, str(ei.value)), str(ei.value)
+
+
+def _pre_wave2_file(path, params, opt_state, stats, args):
+    """A checkpoint as `fnbp train` wrote it before batch_stats had its own name (checked against a file
+    written by commit 6dd948d^): opt_state=(optimizer state, batch-norm state), records without "keys",
+    metadata without "structure", run arguments without --model/--augment/--dp-*."""
+    ckpt.save(path, params=params, opt_state=(opt_state, stats), step=5, epoch=1, key=jax.random.PRNGKey(1),
+              extra={"args": args, "history": [{"epoch": 1}]})
+
+    def old_layout(meta, arrays):
+        del meta["structure"]
+        for rec in meta["leaves"]:
+            del rec["keys"]
+    _rewrite_meta(path, old_layout)
+
+
+def test_pre_wave2_checkpoint_loads_with_batch_stats_under_their_own_name(tmp_path):
+    params, opt_state, stats = _fnbp_params()
+    stats = [{"mean": stats[0]["mean"] - 0.5, "var": stats[0]["var"] * 3}, {}]
+    path = tmp_path / "old.npz"
+    _pre_wave2_file(path, params, opt_state, stats, {"layers": [3, 4, 2], "batch_norm": True})
+    with np.load(path) as z:                                       # the old layout, as stored
+        assert "opt_state[1][0]['mean']" in z.files and not any(k.startswith("batch_stats") for k in z.files)
+    templated = ckpt.load(path, params_like=params, opt_state_like=opt_state, batch_stats_like=stats)
+    _assert_bit_identical(templated["params"], params)
+    _assert_bit_identical(templated["opt_state"], opt_state)
+    _assert_bit_identical(templated["batch_stats"], stats)
+    free = ckpt.load(path)
+    assert set(free["opt_state"]) == {"count", "r"}
+    _assert_bit_identical(free["opt_state"]["r"], opt_state.r)
+    _assert_bit_identical(free["batch_stats"][0], stats[0])
+    # without batch-norm statistics (an MLP without --batch-norm): everything under opt_state[0]
+    from fnbp import mlp, optim
+    plain = mlp.init(jax.random.PRNGKey(2), [3, 4, 2])
+    plain_state = optim.adagrad(0.1).init(plain)
+    _pre_wave2_file(tmp_path / "plain.npz", plain, plain_state, [{}, {}], {"layers": [3, 4, 2]})
+    got = ckpt.load(tmp_path / "plain.npz", params_like=plain, opt_state_like=plain_state, batch_stats_like=[{}, {}])
+    _assert_bit_identical(got["opt_state"], plain_state)
+
+
+def test_a_tuple_opt_state_of_today_is_not_mistaken_for_the_old_layout(tmp_path):
+    params, opt_state, stats = _fnbp_params()
+    chained = (opt_state, {"scale": jnp.ones(3)})                 # e.g. an optax.chain state: a real tuple
+    path = tmp_path / "chain.npz"
+    ckpt.save(path, params=params, opt_state=chained, step=1, epoch=1, key=None, extra={"args": {}})
+    free = ckpt.load(path)
+    assert isinstance(free["opt_state"], list) and len(free["opt_state"]) == 2 and free["batch_stats"] is None
+    got = ckpt.load(path, params_like=params, opt_state_like=chained, batch_stats_like=[{}, {}])
+    _assert_bit_identical(got["opt_state"], chained)
+    with pytest.raises(ckpt.CheckpointError, match=r"missing from the file: batch_stats\[0\]\['mean'\]"):
+        ckpt.load(path, params_like=params, opt_state_like=chained, batch_stats_like=stats)
+
+
+# --- export recipes (docs/checkpoints.md): the page's blocks run as written, on a checkpoint written by fnbp ---
+
+def _lenet_checkpoint(path):
+    """The trees of a digits LeNet with batch norm and Adam (structure from fnbp.cnn and fnbp.optim, found
+    with jax.eval_shape so nothing compiles; values random), saved by fnbp.checkpoint.save as
+    fnbp train --model lenet --batch-norm --epochs 2 saves them (step 178 = 2 epochs x 89 steps)."""
+    from fnbp import cnn, optim
+    arch = cnn.lenet((8, 8, 1), batch_norm=True)
+
+    def trees(key):
+        params = cnn.init(key, arch)
+        return {"params": params, "opt_state": optim.adam(1e-2).init(params), "batch_stats": cnn.init_state(params)}
+    rng = np.random.default_rng(0)
+    original = jax.tree_util.tree_map(
+        lambda s: (rng.standard_normal(s.shape) if jnp.issubdtype(s.dtype, jnp.floating)
+                   else rng.integers(1, 100, s.shape)).astype(s.dtype), jax.eval_shape(trees, jax.random.PRNGKey(0)))
+    ckpt.save(path, **original, step=178, epoch=2, key=jax.random.PRNGKey(0),
+              extra={"args": {"model": "lenet", "batch_norm": True}, "history": []})
+    return original
+
+
+def _same_leaves(a, b):
+    """Same leaf names (paths, so a NamedTuple state and its dict form compare), dtypes, shapes and bytes."""
+    fa, fb = ckpt.flat_dict(a), ckpt.flat_dict(b)
+    assert sorted(fa) == sorted(fb) and fa
+    for name, x in fa.items():
+        y = fb[name]
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+
+
+def test_docs_export_recipes_to_safetensors_and_orbax_read_back_bit_identical(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()
+    blocks, printed = re.findall(r"```python\n(.*?)```", page, re.S), re.findall(r"```text\n(.*?)```", page, re.S)
+    assert len(blocks) == len(printed) == 3
+    original = _lenet_checkpoint(tmp_path / "runs" / "digits-lenet" / "checkpoint.npz")
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    for code, expected in zip(blocks, printed):
+        exec(compile(code, "docs/checkpoints.md", "exec"), ns)
+        assert capsys.readouterr().out == expected
+    # safetensors: every leaf of the three trees, under its path name, with its dtype and bytes
+    from safetensors.numpy import load_file
+    flat = load_file(tmp_path / "lenet.safetensors")
+    assert "params.conv.0.W" in flat and "opt_state.s.dense.1.b" in flat and "batch_stats.conv.1.var" in flat
+    _same_leaves(ckpt.unflatten(flat, like=original), original)
+    _same_leaves(ns["restored"], original)
+    # orbax: the restored tree equals what fnbp saved
+    back = ns["back"]
+    assert back["step"] == 178
+    _same_leaves({k: back[k] for k in original}, original)
+
+
+def test_flat_dict_and_unflatten_names_round_trip_and_errors():
+    from fnbp import optim
+    params = {"conv": [{"W": jnp.ones((2, 1, 3, 3)), "b": jnp.zeros(2)}], "dense": [{"W": jnp.eye(3)}] * 2}
+    flat = ckpt.flat_dict(params)
+    assert sorted(flat) == ["conv.0.W", "conv.0.b", "dense.0.W", "dense.1.W"]
+    assert all(isinstance(v, np.ndarray) for v in flat.values())
+    back = ckpt.unflatten(flat)
+    assert isinstance(back["conv"], list) and isinstance(back["dense"], list) and len(back["dense"]) == 2
+    _same_leaves(back, params)
+    state = optim.adam(1e-3).init(params)                          # a NamedTuple: its fields name the leaves
+    assert "s.conv.0.W" in ckpt.flat_dict(state)
+    again = ckpt.unflatten(ckpt.flat_dict(state), like=state)
+    assert type(again) is type(state)
+    _same_leaves(again, state)
+    assert ckpt.unflatten({"a.10": np.zeros(1), "a.2": np.ones(1)}) == {"a": {"10": np.zeros(1), "2": np.ones(1)}}
+    with pytest.raises(ValueError, match=r"flat_dict: the key 'a\.b' .* contains the separator"):
+        ckpt.flat_dict({"a.b": jnp.zeros(1)})
+    with pytest.raises(ValueError, match="bare leaf"):
+        ckpt.flat_dict(jnp.zeros(2))
+    with pytest.raises(TypeError, match="typed PRNG key"):
+        ckpt.flat_dict({"k": jax.random.key(0)})
+    with pytest.raises(ValueError, match=r"unflatten: the names do not match the template: missing \['conv.0.b'\]"):
+        ckpt.unflatten({k: v for k, v in flat.items() if k != "conv.0.b"}, like=params)

@@ -280,3 +280,53 @@ def test_lenet_trains_from_the_command_line_and_refuses_layers(capsys, tmp_path)
     assert rc == 2 and "--model 'lenet' -> 'mlp'" in err and "Traceback" not in err
     rc, text, err = _main(capsys, "train", "--model", "lenet", "--layers", "64,10", "--out", str(tmp_path / "bad"))
     assert rc == 2 and "--layers sets an MLP's widths; --model lenet" in err and not (tmp_path / "bad").exists()
+
+
+def _to_pre_wave2(path, drop=("model", "augment", "dp_clip", "dp_noise", "dp_delta")):
+    """Rewrite a checkpoint of today's fnbp train in the layout of one written before batch_stats had its own
+    name: statistics under opt_state[1] (the optimizer state under opt_state[0]), records without "keys", no
+    "structure", and the run arguments those versions did not have removed."""
+    def change(meta, arrays):
+        for rec in meta["leaves"]:
+            rec.pop("keys")
+            if rec["tree"] in ("opt_state", "batch_stats"):
+                prefix = "[0]" if rec["tree"] == "opt_state" else "[1]"
+                old = rec["name"]
+                rec.update(tree="opt_state", path=prefix + rec["path"], name="opt_state" + prefix + rec["path"])
+                arrays[rec["name"]] = arrays.pop(old)
+        del meta["structure"]
+        for k in ("settings", "optimizer"):
+            meta["extra"].pop(k)
+        for k in drop:
+            meta["extra"]["args"].pop(k)
+    _rewrite(path, change)
+
+
+def test_resume_from_a_pre_wave2_checkpoint_continues_bit_identically(capsys, tmp_path):
+    import shutil
+    argv = [*XOR, "--batch-norm", "--quiet"]
+    rc, _, err = _main(capsys, *argv, "--epochs", "1", "--out", str(tmp_path / "new"))
+    assert rc == 0, err
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    _to_pre_wave2(tmp_path / "old" / "checkpoint.npz")
+    with np.load(tmp_path / "old" / "checkpoint.npz") as z:
+        assert "opt_state[1][0]['mean']" in z.files and not any(k.startswith("batch_stats") for k in z.files)
+    for d in ("new", "old"):
+        rc, so, err = _main(capsys, *argv, "--epochs", "2", "--out", str(tmp_path / d), "--resume")
+        assert rc == 0, err
+        assert ("written by an older fnbp without --model, --augment, --dp-clip, --dp-noise, --dp-delta: read as "
+                "--model mlp --augment 0" in so) == (d == "old"), so
+    new, old = (checkpoint.load(tmp_path / d / "checkpoint.npz") for d in ("new", "old"))
+    assert new["epoch"] == old["epoch"] == 2 and new["args"]["model"] == old["args"]["model"] == "mlp"
+    for tree in ("params", "opt_state", "batch_stats"):
+        a, b = (jax_leaves(x[tree]) for x in (new, old))
+        assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b)), tree
+    # a setting an old file does not record and that has no default is refused, naming the flag
+    _to_pre_wave2(tmp_path / "new" / "checkpoint.npz", drop=("seed",))
+    rc, _, err = _main(capsys, *argv, "--epochs", "3", "--out", str(tmp_path / "new"), "--resume")
+    assert rc == 2 and "--seed (not recorded) -> 0" in err and "Traceback" not in err, err
+
+
+def jax_leaves(tree):
+    import jax
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]

@@ -38,7 +38,7 @@ def _public(module):
 
 def test_mkdocs_build_strict_and_every_page_exists(site):
     for page in ["index.html", "equations/index.html", "conventions/index.html", "transforms/index.html",
-                 "notebooks/index.html", "multihost/index.html"]:
+                 "notebooks/index.html", "multihost/index.html", "checkpoints/index.html"]:
         assert (site / page).is_file(), page
     # the equations page is the README's table, included
     eq = (site / "equations" / "index.html").read_text()
@@ -115,7 +115,7 @@ def test_docs_name_only_existing_paths_and_functions():
     """Every `fnbp.x.y` named in the conventions and transforms pages exists, and every repository path
     named in the docs and notebooks page exists."""
     import fnbp
-    for page in ["conventions.md", "transforms.md", "notebooks.md", "index.md"]:
+    for page in ["conventions.md", "transforms.md", "notebooks.md", "index.md", "checkpoints.md"]:
         text = (ROOT / "docs" / page).read_text()
         for dotted in set(re.findall(r"`(fnbp(?:\.\w+)+)", text)):
             obj = fnbp

@@ -103,3 +103,24 @@ def test_exercises_with_solutions_are_graded_ok(tmp_path, monkeypatch):
     out = _stdout(_execute(nb, tmp_path, monkeypatch))
     assert _grades(out) == {"sigmoid": "ok", "tanh": "ok", "dense": "ok"}, out
     assert "score: 3/3" in out
+
+
+def test_cnn(tmp_path, monkeypatch):
+    nb = _execute(nbformat.read(NB / "cnn.ipynb", as_version=4), tmp_path, monkeypatch)
+    out = _stdout(nb)
+    diffs = dict(re.findall(r"max \|(fnbp\.conv2d|conv2d_naive) - lax\.conv_general_dilated\| = ([\d.e+-]+)", out))
+    assert set(diffs) == {"fnbp.conv2d", "conv2d_naive"} and all(float(d) <= 1e-5 for d in diffs.values()), out
+    by_hand = re.findall(r"^(a = W P \+ b|grad_W = sum delta P\^T|grad_h = col2im\(W\^T delta\)):.*? ([\d.e+-]+)$", out, re.M)
+    assert len(by_hand) == 3 and all(float(d) <= 1e-4 for _, d in by_hand), out     # float32 sums of ~100 terms
+    assert re.search(r"^conv2d: ok \(", out, re.M) and re.search(r"^max_pool: ok \(", out, re.M), out
+    # ties: the first maximum of each 2x2 window (row-major) takes the gradient, as lax.reduce_window's autodiff
+    first_max = "[[1. 0. 0. 1.]\n [0. 0. 0. 0.]\n [1. 0. 1. 0.]\n [0. 0. 0. 0.]]"
+    assert out.count(first_max) == 2 and "same tie convention: True" in out, out
+    epochs = re.findall(r"epoch (\d+): loss ([\d.]+), test accuracy ([\d.]+)%", out)
+    assert [int(e) for e, _, _ in epochs] == [1, 2, 3, 4]
+    assert float(epochs[-1][1]) < 0.5 * float(epochs[0][1])                  # it learns
+    final = float(re.search(r"final test accuracy ([\d.]+)%", out).group(1))
+    assert final >= 80.0, out                                                # 91.6 % measured; wide margin
+    assert "feature maps: (1, 8, 8, 8)" in out
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1                                                  # filters and feature maps

@@ -2,6 +2,8 @@
 import importlib
 import pathlib
 import pkgutil
+import subprocess
+import sys
 
 import fnbp
 
@@ -22,3 +24,14 @@ def test_no_module_is_shadowed_by_a_name_of_the_package():
                 continue
             module = importlib.import_module(f"{package.__name__}.{info.name}")
             assert getattr(package, info.name, module) is module, f"{package.__name__}.{info.name}"
+
+
+def test_importing_fnbp_imports_no_optional_export_library():
+    """safetensors and orbax are for the export recipes (docs/checkpoints.md), not run-time dependencies."""
+    code = ("import importlib, pkgutil, sys, fnbp\n"
+            "for m in pkgutil.walk_packages(fnbp.__path__, 'fnbp.'):\n"
+            "    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('safetensors', 'orbax', 'tensorstore')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
