@@ -36,7 +36,6 @@ import optax  # noqa: E402
 
 import fnbp  # noqa: E402
 from experiments import common  # noqa: E402
-from experiments.mnist_mlp import mnist_dir  # noqa: E402
 from fnbp.bench.harness import interleaved, paired_ratio, temp_bytes  # noqa: E402
 from fnbp.bench.per_example_rules import vmap_grads  # noqa: E402
 
@@ -44,7 +43,7 @@ CE = fnbp.losses.softmax_cross_entropy
 DELTA = 1e-5
 SETTINGS = {   # dataset -> hidden widths, batch B, SGD rate (momentum 0.9), epochs, epochs of the vmap(grad) run
     "digits": {"hidden": (128, 128), "batch": 64, "lr": 0.05, "epochs": 20, "vmap_epochs": None},   # None: all
-    "mnist": {"hidden": (512, 512), "batch": 256, "lr": 0.05, "epochs": 5, "vmap_epochs": 1},
+    "mnist": {"hidden": (512, 512), "batch": 256, "lr": 0.05, "epochs": 15, "vmap_epochs": 1},
 }
 QUICK = {"digits": {"hidden": (32,), "epochs": 2}, "mnist": {"hidden": (64,), "epochs": 1, "n_train": 1024}}
 
@@ -156,16 +155,6 @@ def compare_steps(data, *, sigma, clip, B, lr, sizes, seed, min_time):
             else None}
 
 
-def load(name, args):
-    if name == "digits":
-        return fnbp.data.load_digits(seed=args.seed), "sklearn 8x8 digits, stratified 80/20 split"
-    ds = fnbp.data.load_mnist(mnist_dir(args.data_dir), seed=args.seed)
-    split = ("official train/test files" if ds.x_train.shape[0] + ds.x_test.shape[0] > 10_000 else
-             f"MNIST t10k images, stratified split (seed {args.seed}) {ds.x_train.shape[0]} train / "
-             f"{ds.x_test.shape[0]} test")
-    return ds, split
-
-
 def run_dataset(name, args, sigmas, seeds):
     cfg = dict(SETTINGS[name])
     if name == "mnist" and args.mnist_hidden:
@@ -174,10 +163,7 @@ def run_dataset(name, args, sigmas, seeds):
         cfg["epochs"] = args.epochs
     if args.quick:
         cfg.update(QUICK[name])
-    data, split = load(name, args)
-    if cfg.get("n_train"):                          # quick: a subset of the training images
-        data = data._replace(x_train=data.x_train[: cfg["n_train"]], y_train=data.y_train[: cfg["n_train"]])
-        split += f" (quick: first {cfg['n_train']} training images)"
+    data, split = common.load_dataset(name, seed=args.seed, data_dir=args.data_dir, n_train=cfg.get("n_train"))
     sizes = (data.x_train.shape[1], *cfg["hidden"], 10)
     B, epochs = cfg["batch"], cfg["epochs"]
     kw = dict(clip=args.clip, B=B, lr=cfg["lr"], epochs=epochs, sizes=sizes)
@@ -239,7 +225,7 @@ def render(res):
     rows = [[f(float(s)), f(h["epoch"]), f(h["epsilon"]), f(h["test_accuracy"]), f(h["clipped_fraction"]),
              f(h["median_norm"])]
             for s, rs in res["runs"].items() for h in rs[0]["history"] if h["epoch"] in shown]
-    L += [common.md_table(["sigma", "epoch", "epsilon", "test accuracy", "fraction clipped (last epoch)",
+    L += [common.md_table(["sigma", "epoch", "epsilon", "test accuracy", "fraction clipped (in the epoch)",
                            "median per-example norm"], rows)]
     tw, st = res["two_ways"], res["two_ways"]["steps"]
     mb = lambda b: f(b / 2 ** 20) if b is not None else "—"      # noqa: E731
@@ -287,27 +273,20 @@ def plot(results, out):
 
 def main(argv=None):
     def add(p):
-        p.add_argument("--datasets", default="digits,mnist", help="comma-separated: digits, mnist")
-        p.add_argument("--data-dir", type=Path, default=None,
-                       help="directory with the MNIST IDX files (default: $FNBP_MNIST_DIR, else "
-                            "../shared/data/mnist from the repository root)")
+        common.add_dataset_arguments(p)
         p.add_argument("--sigmas", default="0.6,1.0,2.0", help="noise multipliers of the sweep (sigma = 0, "
                        "clipping only, is always added)")
         p.add_argument("--clip", type=float, default=1.0)
-        p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...) per setting")
+        p.add_argument("--seeds", type=int, default=2, help="number of seeds (seed, seed + 1, ...) per setting")
         p.add_argument("--epochs", type=int, default=None,
-                       help="epochs for every dataset (default: digits 20, MNIST 5; quick: 2 / 1)")
+                       help="epochs for every dataset (default: digits 20, MNIST 15; quick: 2 / 1)")
         p.add_argument("--mnist-hidden", default=None, help="MNIST hidden widths, e.g. 256,256 (default 512,512)")
         p.add_argument("--vmap-epochs", type=int, default=None,
                        help="epochs of the vmap(grad) run (default: digits all, MNIST 1: its step is ~30x slower)")
         p.add_argument("--min-time", type=float, default=3.0, help="seconds of interleaved step samples per way")
     args = common.parse_args("DP-SGD on digits and MNIST: accuracy vs epsilon; fnbp rules vs vmap(grad)", argv,
                              add_arguments=add)
-    names = [s.strip() for s in args.datasets.split(",") if s.strip()]
-    bad = [s for s in names if s not in SETTINGS]
-    if bad or not names:
-        raise SystemExit(f"dp_sgd: --datasets must be a comma-separated list of {sorted(SETTINGS)}, got "
-                         f"{args.datasets!r}")
+    names = common.datasets_from_args(args, "dp_sgd")
     sigmas = [float(s) for s in args.sigmas.split(",")]
     if any(s <= 0 for s in sigmas):
         raise SystemExit(f"dp_sgd: --sigmas must be positive (sigma = 0 is always run), got {args.sigmas!r}")

@@ -33,7 +33,6 @@ import optax  # noqa: E402
 
 import fnbp  # noqa: E402
 from experiments import common  # noqa: E402
-from experiments.mnist_mlp import mnist_dir  # noqa: E402
 from fnbp import feedback as fb  # noqa: E402
 
 CE = fnbp.losses.softmax_cross_entropy
@@ -123,16 +122,6 @@ def train(data, name, *, sizes, epochs, batch, lr, seed, angle_examples):
             "steps_per_epoch": n_steps, "step_angles": step_angles, "max_abs_weight_change": change}
 
 
-def load(name, args):
-    if name == "digits":
-        return fnbp.data.load_digits(seed=args.seed), "sklearn 8x8 digits, stratified 80/20 split"
-    ds = fnbp.data.load_mnist(mnist_dir(args.data_dir), seed=args.seed)
-    split = ("official train/test files" if ds.x_train.shape[0] + ds.x_test.shape[0] > 10_000 else
-             f"MNIST t10k images, stratified split (seed {args.seed}) {ds.x_train.shape[0]} train / "
-             f"{ds.x_test.shape[0]} test")
-    return ds, split
-
-
 def run_dataset(name, args):
     cfg = dict(SETTINGS[name])
     for k in ("epochs", "seeds"):
@@ -142,10 +131,7 @@ def run_dataset(name, args):
         cfg["hidden"] = tuple(int(v) for v in args.mnist_hidden.split(","))
     if args.quick:
         cfg.update(QUICK[name])
-    data, split = load(name, args)
-    if cfg.get("n_train"):                          # quick: a subset of the training images
-        data = data._replace(x_train=data.x_train[: cfg["n_train"]], y_train=data.y_train[: cfg["n_train"]])
-        split += f" (quick: first {cfg['n_train']} training images)"
+    data, split = common.load_dataset(name, seed=args.seed, data_dir=args.data_dir, n_train=cfg.get("n_train"))
     sizes = (data.x_train.shape[1], *cfg["hidden"], 10)
     n_angle = min(cfg["angle_examples"] or data.x_train.shape[0], data.x_train.shape[0])
     seeds = list(range(args.seed, args.seed + cfg["seeds"]))
@@ -186,7 +172,9 @@ def render(res):
          "", f"### Angle between the feedback-alignment update and the true gradient (degrees, seed {res['seeds'][0]})",
          "", f"After each epoch, on {res['angle_examples']} training examples (full-batch update vs full-batch "
          "gradient); and the mean over the epoch's steps of the angle between the mini-batch update taken and that "
-         "mini-batch's true gradient. The output layer's update equals the gradient's by construction.", ""]
+         "mini-batch's true gradient. The output layer's update equals the gradient's by construction. \"All hidden\" "
+         "is the angle between the concatenated hidden-layer vectors: it also reflects how the update's norm is "
+         "shared between the layers, so it can lie outside the per-layer angles.", ""]
     fa = res["runs"][FA][0]
     ep = res["epochs"]
     shown = sorted({0, 1, 2, max(ep // 4, 1), max(ep // 2, 1), ep})
@@ -230,15 +218,13 @@ def plot(results, out):
         ax2.set_ylabel("angle(FA update, gradient) [deg]")
         ax2.set_title(f"{res['dataset']}: feedback alignment vs the true gradient")
         ax2.legend(fontsize=8)
+    fig.tight_layout()
     return common.save_figure(fig, out, "feedback_accuracy_and_angle.png")
 
 
 def main(argv=None):
     def add(p):
-        p.add_argument("--datasets", default="digits,mnist", help="comma-separated: digits, mnist")
-        p.add_argument("--data-dir", type=Path, default=None,
-                       help="directory with the MNIST IDX files (default: $FNBP_MNIST_DIR, else "
-                            "../shared/data/mnist from the repository root)")
+        common.add_dataset_arguments(p)
         p.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default: digits 30, "
                        "MNIST 8; quick: 2 / 1)")
         p.add_argument("--seeds", type=int, default=None, help="number of seeds per method (default: digits 2, "
@@ -246,11 +232,7 @@ def main(argv=None):
         p.add_argument("--mnist-hidden", default=None, help="MNIST hidden widths, e.g. 256,256 (default 512,512)")
     args = common.parse_args("backprop vs feedback alignment vs sign with/without STE, on digits and MNIST", argv,
                              add_arguments=add)
-    names = [s.strip() for s in args.datasets.split(",") if s.strip()]
-    bad = [s for s in names if s not in SETTINGS]
-    if bad or not names:
-        raise SystemExit(f"feedback: --datasets must be a comma-separated list of {sorted(SETTINGS)}, got "
-                         f"{args.datasets!r}")
+    names = common.datasets_from_args(args, "feedback")
     t_start = time.perf_counter()
     results = [run_dataset(name, args) for name in names]
     L = ["# Alternative feedback: backprop, feedback alignment, sign with and without STE", ""]

@@ -119,3 +119,19 @@ def test_feedback_alignment_angle_falls_below_90(fbres):
     assert bp["step_angles"] == [] and all(math.isnan(a) if isinstance(a, float) else a == "nan"
                                            for a in bp["history"][0]["angles"])
     _png(out / "feedback_accuracy_and_angle.png")
+
+
+# ----------------------------------------------------------------------------- the shared dataset helpers
+def test_load_dataset_subset_and_datasets_flag(tmp_path):
+    from experiments import common
+    ds, split = common.load_dataset("digits", seed=0, n_train=100)
+    full, _ = common.load_dataset("digits", seed=0)
+    assert ds.x_train.shape == (100, 64) and np.array_equal(ds.x_train, full.x_train[:100])
+    assert ds.x_test.shape == full.x_test.shape and "first 100 training images" in split
+    args = common.parse_args("t", ["--out", str(tmp_path)], add_arguments=common.add_dataset_arguments)
+    assert common.datasets_from_args(args, "feedback") == ["digits", "mnist"]
+    args.datasets = "digits, mnist,"
+    assert common.datasets_from_args(args, "feedback") == ["digits", "mnist"]
+    args.datasets = "digits,svhn"
+    with pytest.raises(SystemExit, match=r"feedback: --datasets must be .*'digits,svhn'"):
+        common.datasets_from_args(args, "feedback")
