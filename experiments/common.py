@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "experiments" / "results"
 
 __all__ = ["ROOT", "RESULTS_DIR", "plt", "parse_args", "md_table", "write_results", "save_figure", "fmt",
-           "to_jsonable", "environment", "Timer", "fresh_copy", "command_line"]
+           "to_jsonable", "environment", "Timer", "fresh_copy", "command_line", "mnist_dir", "add_dataset_arguments",
+           "datasets_from_args", "load_dataset"]
 
 
 def parse_args(description, argv=None, *, add_arguments=None):
@@ -183,6 +184,53 @@ def fresh_copy(tree):
     import jax
     import jax.numpy as jnp
     return jax.tree_util.tree_map(jnp.array, tree)
+
+
+def mnist_dir(data_dir):
+    """The MNIST directory to read: ``data_dir``, else FNBP_MNIST_DIR (None lets ``fnbp.data.load_mnist`` read
+    it), else ../shared/data/mnist beside the repository."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get("FNBP_MNIST_DIR"):
+        return None
+    return ROOT.parent / "shared" / "data" / "mnist"
+
+
+DATASETS = ("digits", "mnist")
+
+
+def add_dataset_arguments(parser):
+    """``--datasets`` (comma-separated digits, mnist; default both) and ``--data-dir`` (the MNIST IDX files)."""
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="directory with the MNIST IDX files (default: $FNBP_MNIST_DIR, else "
+                             "../shared/data/mnist from the repository root)")
+
+
+def datasets_from_args(args, script):
+    """The list of ``--datasets``; a clear SystemExit naming the script and the flag for anything else."""
+    names = [s.strip() for s in args.datasets.split(",") if s.strip()]
+    if not names or any(s not in DATASETS for s in names):
+        raise SystemExit(f"{script}: --datasets must be a comma-separated list of {list(DATASETS)}, got "
+                         f"{args.datasets!r}")
+    return names
+
+
+def load_dataset(name, *, seed, data_dir=None, n_train=None):
+    """(fnbp.data.Dataset, a sentence describing the split) for ``digits`` or ``mnist``; ``n_train``: keep only
+    the first n_train training examples (the scripts' quick modes)."""
+    import fnbp
+    if name == "digits":
+        ds, split = fnbp.data.load_digits(seed=seed), "sklearn 8x8 digits, stratified 80/20 split"
+    else:
+        ds = fnbp.data.load_mnist(mnist_dir(data_dir), seed=seed)
+        split = ("official train/test files" if ds.x_train.shape[0] + ds.x_test.shape[0] > 10_000 else
+                 f"MNIST t10k images, stratified split (seed {seed}) {ds.x_train.shape[0]} train / "
+                 f"{ds.x_test.shape[0]} test")
+    if n_train:
+        ds = ds._replace(x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train])
+        split += f" (quick: first {n_train} training images)"
+    return ds, split
 
 
 def log(msg):

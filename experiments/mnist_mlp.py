@@ -25,7 +25,6 @@ Protocol (one jit-compiled program per optimizer and configuration, ``vmap``-ed 
 3. Regularisation: the best optimizer (highest mean test accuracy in 2) with its rate, plain (the
    run of 2), dropout 0.2 between hidden layers, batch norm before each hidden ReLU, and both.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -79,13 +78,7 @@ def add_arguments(parser):
     parser.add_argument("--tune-epochs", type=int, default=None, help="epochs of the rate search (default 3; quick 1)")
 
 
-def mnist_dir(data_dir):
-    """The directory to read: --data-dir, else FNBP_MNIST_DIR (None lets load_mnist read it), else the default."""
-    if data_dir is not None:
-        return Path(data_dir)
-    if os.environ.get("FNBP_MNIST_DIR"):
-        return None
-    return common.ROOT.parent / "shared" / "data" / "mnist"
+mnist_dir = common.mnist_dir     # --data-dir, else FNBP_MNIST_DIR, else ../shared/data/mnist
 
 
 def load(args):
