@@ -13,6 +13,13 @@ is delta_n h_n^T, the clipped sum is ONE weighted GEMM, the same product as the 
     sum_n c_n delta_{k,n} h_{k-1,n}^T = delta_k^T diag(c) H_{k-1}     (``dense_backward`` on c (.) delta)
     sum_n c_n delta_{k,n}             = delta_k^T c
 
+For a CNN (``arch=``: a ``fnbp.cnn.LeNet`` or a ``fnbp.graph.Graph``) a conv layer's example-n gradient
+is delta_n^T P_n (delta (B, S, C_out) over the S = H_out W_out positions, patches P (B, S, K)), its norm
+from the Gram matrices over positions or the per-example matrix (``method=``, see ``fnbp.per_example``),
+and the clipped sum is still ONE GEMM per layer, over the B S rows:
+
+    sum_n c_n delta_n^T P_n = (c (.) delta)^T P      (c_n repeated over example n's positions; C_out x K)
+
 The noise is drawn from an explicit key: ``private_grad`` for a one-call noised mean gradient, or
 ``clipped_grad_sum`` followed by the optax-style ``gaussian_noise`` transformation (key and step
 count in its state) chained before any optimizer.  The privacy budget (epsilon at delta) comes from

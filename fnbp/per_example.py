@@ -28,6 +28,20 @@ hidden layer k is ``jax.random.bernoulli(fold_in(split(k, B)[n], k), 1 - p, (n_k
 Batch norm couples the examples of a batch (example n's output depends on the others), so there
 is no per-example gradient: it is refused.
 
+CNNs: every function takes ``arch=`` -- a ``fnbp.cnn.LeNet`` (params from ``fnbp.cnn.init``) or any
+``fnbp.graph.Graph`` of conv2d and dense layers (stride and padding as its nodes say) -- and then
+returns params' structure ({"conv": [...], "dense": [...]} for a LeNet).  A conv layer is a dense
+layer at each of its S = H_out W_out output positions p, on example n's patch P_{n,p} (K = kh kw C_in):
+
+    grad_{W_k} E_n = sum_p delta_{n,p} P_{n,p}^T = delta_n^T P_n        (C_out x K; (B, C_out, C_in, kh, kw) stacked)
+    ||grad_{W_k} E_n||^2 = sum_{p,p'} (delta_{n,p} . delta_{n,p'}) (P_{n,p} . P_{n,p'})   ("gram", S x S per example)
+                         = ||delta_n^T P_n||_F^2                                           ("direct")
+    grad_{b_k} E_n = sum_p delta_{n,p}
+
+``method=`` ("auto", "gram", "direct") picks the norm form; "auto" takes "gram" when 2 S^2 <= C_out K
+(``fnbp.per_example_conv.norm_method``).  sum_grad_squared and variance of a conv layer square the
+per-example matrices delta_n^T P_n (positions mix, so no one-GEMM form as for dense layers).
+
 (delta_k, h_{k-1}) come from the network walker (``fnbp.graph.forward``/``backward`` on
 ``fnbp.mlp.network``): node "a{k}"'s input h_{k-1} and the cotangent delta_k arriving at it.
 """

@@ -231,3 +231,18 @@ def test_cnn_refusals_name_the_function_and_what_came():
                               fnbp.graph.Param("conv", 0, "b")) + n.args[2:]) for n in net.nodes], net.output)
     with pytest.raises(ValueError, match=r"share the weights at \('conv', 0\)"):
         per_example.grad_norms(gparams, gx, gd, arch=shared, loss=CE)
+
+
+def test_bench_lenet_rows_report_the_issue_ratios():
+    """The LeNet rows of the benchmark on a tiny LeNet: fields present, conv norm methods named, the two ways
+    agree in float32, and the rendered section has the LeNet table.  Speed is reported, never asserted."""
+    from fnbp.bench import per_example_rules
+    arch = fnbp.cnn.LeNet(image_shape=(6, 6, 1), channels=(2,), kernel=3, padding="SAME", hidden=(), n_classes=3)
+    res = per_example_rules.bench_per_example_lenet(arch, 3, min_time=0.001, seed=0)
+    assert set(res["stats"]) == set(per_example_rules.VARIANTS) and res["conv_norm_methods"] == ["direct"]
+    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
+    assert res["agreement_float32"]["norms_max_rel"] < 1e-4 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
+    mlp = per_example_rules.bench_per_example_rules((4, 3), 3, min_time=0.001, seed=0)
+    text = "\n".join(per_example_rules.render(dict(mlp, lenet=res)))
+    assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example_conv.norm_method`): direct" in text
+    assert text.count("| DP step, temp memory |") == 2
