@@ -13,6 +13,13 @@ is delta_n h_n^T, the clipped sum is ONE weighted GEMM, the same product as the 
     sum_n c_n delta_{k,n} h_{k-1,n}^T = delta_k^T diag(c) H_{k-1}     (``dense_backward`` on c (.) delta)
     sum_n c_n delta_{k,n}             = delta_k^T c
 
+For a CNN (``arch=``: a ``fnbp.cnn.LeNet`` or a ``fnbp.graph.Graph``) a conv layer's example-n gradient
+is delta_n^T P_n (delta (B, S, C_out) over the S = H_out W_out positions, patches P (B, S, K)), its norm
+from the Gram matrices over positions or the per-example matrix (``method=``, see ``fnbp.per_example``),
+and the clipped sum is still ONE GEMM per layer, over the B S rows:
+
+    sum_n c_n delta_n^T P_n = (c (.) delta)^T P      (c_n repeated over example n's positions; C_out x K)
+
 The noise is drawn from an explicit key: ``private_grad`` for a one-call noised mean gradient, or
 ``clipped_grad_sum`` followed by the optax-style ``gaussian_noise`` transformation (key and step
 count in its state) chained before any optimizer.  The privacy budget (epsilon at delta) comes from
@@ -45,23 +52,31 @@ def _check_clip(name, clip, noise_multiplier=None):
 
 
 def clipped_grad_sum(params, x, d, *, clip, activation=activations.relu, output=activations.identity,
-                     loss=losses.half_sse, dropout=0.0, key=None):
+                     loss=losses.half_sse, dropout=0.0, key=None, arch=None, method="auto"):
     """(sum_n c_n grad_theta E_n, norms): the clipped sum of the per-example gradients (params' structure)
     and the per-example norms ||grad_theta E_n|| before clipping, (B,).
 
     One forward, one backward (reduction='sum', so delta_n is example n's own), then per dense layer
     grad_W = delta^T diag(c) H and grad_b = delta^T c through ``dense_backward`` -- no per-example gradient
     is formed.  Arguments as ``fnbp.per_example.grads``; clip: C > 0.
+
+    ``arch`` (a ``fnbp.cnn.LeNet`` or a ``fnbp.graph.Graph``, see ``fnbp.per_example.grads``): a conv layer's
+    clipped sum is (c (.) delta)^T P, one GEMM over the B H_out W_out rows of delta and of the patches P;
+    the norms by ``method`` ("auto", "gram", "direct": ``fnbp.per_example.batch_l2``).
     """
     _, sums, norms = loss_and_clipped_grad_sum(params, x, d, clip=clip, activation=activation, output=output,
-                                               loss=loss, dropout=dropout, key=key, name="fnbp.dp.clipped_grad_sum")
+                                               loss=loss, dropout=dropout, key=key, arch=arch, method=method,
+                                               name="fnbp.dp.clipped_grad_sum")
     return sums, norms
 
 
 def loss_and_clipped_grad_sum(params, x, d, *, clip, activation=activations.relu, output=activations.identity,
-                              loss=losses.half_sse, dropout=0.0, key=None, name="fnbp.dp.loss_and_clipped_grad_sum"):
+                              loss=losses.half_sse, dropout=0.0, key=None, arch=None, method="auto",
+                              name="fnbp.dp.loss_and_clipped_grad_sum"):
     """(E, clipped sum, norms): ``clipped_grad_sum`` plus E = sum_n E_n, the batch's summed loss."""
     _check_clip(name, clip)
+    if arch is not None or method != "auto":
+        return _network_clipped_sum(params, x, d, clip, activation, output, loss, dropout, key, arch, method, name)
     E, passes = layer_passes(params, x, d, activation=activation, output=output, loss=loss, dropout=dropout,
                              key=key, name=name)
     norms = norms_from_passes(passes)
@@ -71,6 +86,22 @@ def loss_and_clipped_grad_sum(params, x, d, *, clip, activation=activations.relu
         weighted_delta = p.delta * c[:, None].astype(p.delta.dtype)          # diag(c) delta
         grad_W, grad_b, _ = dense_backward((layer["W"], p.h_prev), weighted_delta)   # delta^T diag(c) H
         sums.append({"W": grad_W, "b": grad_b})
+    return E, sums, norms
+
+
+def _network_clipped_sum(params, x, d, clip, activation, output, loss, dropout, key, arch, method, name):
+    """The clipped sum for a network given by ``arch`` (conv and dense layers, ``fnbp.per_example_conv``)."""
+    from . import per_example_conv as pc
+    if method not in pc.METHODS:
+        raise ValueError(f"{name}: method must be one of {pc.METHODS}, got {method!r}")
+    if arch is None:
+        raise ValueError(f"{name}: method={method!r} chooses the Gram or direct form for a network given by arch=; "
+                         "an MLP's dense layers always use ||delta_n||^2 ||h_n||^2")
+    E, passes = pc.network_passes(params, x, d, arch=arch, activation=activation, output=output, loss=loss,
+                                  dropout=dropout, key=key, name=name)
+    norms = pc.patch_norms(passes, method)
+    c = 1.0 / jnp.maximum(1.0, norms / clip)                 # c_n = min(1, C / ||g_n||)
+    sums = pc.as_params_tree(params, passes, [pc.patch_clipped_sum(p, c) for p in passes], jnp.zeros_like)
     return E, sums, norms
 
 
@@ -88,13 +119,16 @@ def add_noise(clipped_sum, key, *, clip, noise_multiplier, batch_size):
 
 
 def private_grad(params, x, d, key, *, clip, noise_multiplier, activation=activations.relu,
-                 output=activations.identity, loss=losses.half_sse, dropout=0.0, dropout_key=None):
+                 output=activations.identity, loss=losses.half_sse, dropout=0.0, dropout_key=None, arch=None,
+                 method="auto"):
     """(g_tilde, norms): the DP-SGD gradient 1/B (sum_n c_n grad E_n + N(0, sigma^2 C^2 I)) and the
     per-example norms before clipping.  ``key`` draws the noise (same key, same noise); B = x.shape[0]
-    (the expected batch size of Abadi et al.'s lot).  Feed g_tilde to any optimizer (``fnbp.optim``, optax)."""
+    (the expected batch size of Abadi et al.'s lot).  Feed g_tilde to any optimizer (``fnbp.optim``, optax).
+    ``arch``/``method``: a CNN, as in ``clipped_grad_sum``."""
     _check_clip("fnbp.dp.private_grad", clip, noise_multiplier)
-    sums, norms = clipped_grad_sum(params, x, d, clip=clip, activation=activation, output=output, loss=loss,
-                                   dropout=dropout, key=dropout_key)
+    _, sums, norms = loss_and_clipped_grad_sum(params, x, d, clip=clip, activation=activation, output=output,
+                                               loss=loss, dropout=dropout, key=dropout_key, arch=arch, method=method,
+                                               name="fnbp.dp.private_grad")
     return add_noise(sums, key, clip=clip, noise_multiplier=noise_multiplier, batch_size=jnp.shape(x)[0]), norms
 
 

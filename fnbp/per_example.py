@@ -28,6 +28,20 @@ hidden layer k is ``jax.random.bernoulli(fold_in(split(k, B)[n], k), 1 - p, (n_k
 Batch norm couples the examples of a batch (example n's output depends on the others), so there
 is no per-example gradient: it is refused.
 
+CNNs: every function takes ``arch=`` -- a ``fnbp.cnn.LeNet`` (params from ``fnbp.cnn.init``) or any
+``fnbp.graph.Graph`` of conv2d and dense layers (stride and padding as its nodes say) -- and then
+returns params' structure ({"conv": [...], "dense": [...]} for a LeNet).  A conv layer is a dense
+layer at each of its S = H_out W_out output positions p, on example n's patch P_{n,p} (K = kh kw C_in):
+
+    grad_{W_k} E_n = sum_p delta_{n,p} P_{n,p}^T = delta_n^T P_n        (C_out x K; (B, C_out, C_in, kh, kw) stacked)
+    ||grad_{W_k} E_n||^2 = sum_{p,p'} (delta_{n,p} . delta_{n,p'}) (P_{n,p} . P_{n,p'})   ("gram", S x S per example)
+                         = ||delta_n^T P_n||_F^2                                           ("direct")
+    grad_{b_k} E_n = sum_p delta_{n,p}
+
+``method=`` ("auto", "gram", "direct") picks the norm form; "auto" takes "gram" when 2 S^2 <= C_out K
+(``fnbp.per_example_conv.norm_method``).  sum_grad_squared and variance of a conv layer square the
+per-example matrices delta_n^T P_n (positions mix, so no one-GEMM form as for dense layers).
+
 (delta_k, h_{k-1}) come from the network walker (``fnbp.graph.forward``/``backward`` on
 ``fnbp.mlp.network``): node "a{k}"'s input h_{k-1} and the cotangent delta_k arriving at it.
 """
@@ -130,11 +144,36 @@ def _passes(name, params, x, d, activation, output, loss, dropout, key):
                         name=f"fnbp.per_example.{name}")[1]
 
 
+def _net_passes(name, params, x, d, arch, activation, output, loss, dropout, key, method="auto"):
+    """The conv/dense layers' ``PatchPass``es of network ``arch`` (``fnbp.per_example_conv``); for an MLP
+    (arch None) only method='auto' is meaningful (its dense layers always use the rank-one form)."""
+    from . import per_example_conv
+    who = f"fnbp.per_example.{name}"
+    if method not in per_example_conv.METHODS:
+        raise ValueError(f"{who}: method must be one of {per_example_conv.METHODS}, got {method!r}")
+    if arch is None:
+        if method != "auto":
+            raise ValueError(f"{who}: method={method!r} chooses the Gram or direct form for a network given by "
+                             "arch=; an MLP's dense layers always use ||delta_n||^2 ||h_n||^2")
+        return None
+    return per_example_conv.network_passes(params, x, d, arch=arch, activation=activation, output=output,
+                                           loss=loss, dropout=dropout, key=key, name=who)[1]
+
+
 def grads(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-          dropout=0.0, key=None):
+          dropout=0.0, key=None, arch=None):
     """Per-example gradients grad_theta E_n of each example's own loss: params' structure with a leading
     batch axis, W: (B, n_out, n_in) = delta_n h_n^T, b: (B, n_out) = delta_n.  Forms B x |theta| numbers:
-    use ``grad_norms``/``fnbp.dp`` when only norms or a clipped sum are needed."""
+    use ``grad_norms``/``fnbp.dp`` when only norms or a clipped sum are needed.
+
+    ``arch``: a ``fnbp.cnn.LeNet`` (params from ``fnbp.cnn.init``) or any ``fnbp.graph.Graph`` of conv2d
+    and dense layers; a conv layer's W gradient is then delta_n^T P_n = sum_p delta_{n,p} P_{n,p}^T,
+    (B, C_out, C_in, kh, kw) (``fnbp.per_example_conv``)."""
+    net = _net_passes("grads", params, x, d, arch, activation, output, loss, dropout, key)
+    if net is not None:
+        from . import per_example_conv as pc
+        return pc.as_params_tree(params, net, [pc.patch_grads(p) for p in net],
+                                 lambda v: jnp.zeros((jnp.shape(x)[0],) + jnp.shape(v), jnp.result_type(v)))
     passes = _passes("grads", params, x, d, activation, output, loss, dropout, key)
     return [{"W": jnp.einsum("bo,bi->boi", p.delta, p.h_prev), "b": p.delta} for p in passes]   # delta_n h_n^T
 
@@ -155,17 +194,31 @@ def norms_from_passes(passes):
 
 
 def batch_l2(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-             dropout=0.0, key=None):
+             dropout=0.0, key=None, arch=None, method="auto"):
     """Squared L2 norm of each example's gradient per parameter leaf, without forming it:
     ||grad_{W_k} E_n||^2 = ||delta_{k,n}||^2 ||h_{k-1,n}||^2 and ||grad_{b_k} E_n||^2 = ||delta_{k,n}||^2
-    (the Frobenius norm of a rank-one matrix).  Returns params' structure with (B,) leaves."""
+    (the Frobenius norm of a rank-one matrix).  Returns params' structure with (B,) leaves.
+
+    With ``arch`` (a CNN, see ``grads``), a conv layer's ||delta_n^T P_n||^2 from the Gram matrices over
+    positions (``method="gram"``) or the per-example matrix (``"direct"``); ``"auto"`` picks per layer by
+    size (``fnbp.per_example_conv.norm_method``)."""
+    net = _net_passes("batch_l2", params, x, d, arch, activation, output, loss, dropout, key, method)
+    if net is not None:
+        from . import per_example_conv as pc
+        return pc.as_params_tree(params, net, [pc.patch_batch_l2(p, method) for p in net],
+                                 lambda v: jnp.zeros((jnp.shape(x)[0],), jnp.result_type(v)))
     passes = _passes("batch_l2", params, x, d, activation, output, loss, dropout, key)
     return squared_norms_from_passes(passes)
 
 
 def grad_norms(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-               dropout=0.0, key=None):
-    """||grad_theta E_n||_2 over all parameters, per example: (B,), from ``batch_l2`` (no per-example gradient)."""
+               dropout=0.0, key=None, arch=None, method="auto"):
+    """||grad_theta E_n||_2 over all parameters, per example: (B,), from ``batch_l2`` (no per-example gradient;
+    ``arch`` and ``method`` as there)."""
+    net = _net_passes("grad_norms", params, x, d, arch, activation, output, loss, dropout, key, method)
+    if net is not None:
+        from . import per_example_conv as pc
+        return pc.patch_norms(net, method)
     passes = _passes("grad_norms", params, x, d, activation, output, loss, dropout, key)
     return norms_from_passes(passes)
 
@@ -175,21 +228,37 @@ def _sgs(passes):
              "b": jnp.sum(p.delta * p.delta, axis=0)} for p in passes]
 
 
+def _net_sgs_and_mean(params, net, fill):
+    from . import per_example_conv as pc
+    B = jnp.shape(net[0].delta)[0]
+    sgs = pc.as_params_tree(params, net, [pc.patch_sum_grad_squared(p) for p in net], fill)
+    g_bar = pc.as_params_tree(params, net, [{"W": p.grad_W / B, "b": p.grad_b / B} for p in net], fill)
+    return sgs, g_bar
+
+
 def sum_grad_squared(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-                     dropout=0.0, key=None):
+                     dropout=0.0, key=None, arch=None):
     """sum_n (grad_theta E_n)^2 elementwise, params' structure: W: (delta^2)^T (H^2), one GEMM
-    ((delta_n h_n^T)^2 = delta_n^2 (h_n^2)^T entrywise); b: sum_n delta_n^2."""
+    ((delta_n h_n^T)^2 = delta_n^2 (h_n^2)^T entrywise); b: sum_n delta_n^2.  With ``arch`` (a CNN), a conv
+    layer's sum_n (delta_n^T P_n)^2 from the per-example matrices (positions mix: no one-GEMM form)."""
+    net = _net_passes("sum_grad_squared", params, x, d, arch, activation, output, loss, dropout, key)
+    if net is not None:
+        return _net_sgs_and_mean(params, net, jnp.zeros_like)[0]
     passes = _passes("sum_grad_squared", params, x, d, activation, output, loss, dropout, key)
     return _sgs(passes)
 
 
 def variance(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-             dropout=0.0, key=None):
+             dropout=0.0, key=None, arch=None):
     """Elementwise variance of the per-example gradients over the batch, 1/B sum_n (grad E_n - g_bar)^2
     = SGS / B - g_bar^2 with g_bar = 1/B sum_n grad E_n (the gradient of the mean loss).
-    Clamped at 0 (rounding can make SGS / B - g_bar^2 slightly negative)."""
-    passes = _passes("variance", params, x, d, activation, output, loss, dropout, key)
+    Clamped at 0 (rounding can make SGS / B - g_bar^2 slightly negative).  ``arch`` as in ``grads``."""
     B = jnp.shape(x)[0]
+    net = _net_passes("variance", params, x, d, arch, activation, output, loss, dropout, key)
+    if net is not None:
+        sgs, g_bar = _net_sgs_and_mean(params, net, jnp.zeros_like)
+        return jax.tree_util.tree_map(lambda s, g: jnp.maximum(s / B - g ** 2, 0), sgs, g_bar)
+    passes = _passes("variance", params, x, d, activation, output, loss, dropout, key)
     out = []
     for p, sgs in zip(passes, _sgs(passes)):
         g_bar = {"W": p.grad_W / B, "b": p.grad_b / B}

@@ -151,3 +151,47 @@ def test_cli_prints_epsilon_per_epoch(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fnbp", "train", "--dp-noise", "1", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--dp-noise needs --dp-clip > 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- CNNs: the clipped sum (c (.) delta)^T P per conv layer ----------------------------------------------------------
+from per_example_oracle import LENET, conv_graph_case, lenet_reference_grads, make_cnn_case  # noqa: E402
+
+CE = fnbp.losses.softmax_cross_entropy
+
+
+@pytest.mark.parametrize("case", ["lenet", "stride2-same"])
+def test_cnn_clipped_sum_equals_clip_then_sum_of_vmap_grad_by_both_norm_methods(case):
+    if case == "lenet":
+        params, x, d = make_cnn_case(seed=8)
+        arch, ref = LENET, lenet_reference_grads(params, x, d)
+    else:
+        arch, params, x, d, ref = conv_graph_case(case, seed=8)
+    ref_norms = flat_norms(ref)
+    clip = float(jnp.median(ref_norms))
+    assert int(jnp.sum(ref_norms > clip)) >= 2 and int(jnp.sum(ref_norms < clip)) >= 2
+    scale = jnp.minimum(1.0, clip / ref_norms)
+    ref_sum = jax.tree_util.tree_map(lambda g: jnp.tensordot(scale, g, axes=1), ref)
+
+    def both(params, x, d, key):
+        kw = dict(clip=clip, arch=arch, loss=CE)
+        return (dp.clipped_grad_sum(params, x, d, method="gram", **kw),
+                dp.clipped_grad_sum(params, x, d, method="direct", **kw),
+                dp.private_grad(params, x, d, key, noise_multiplier=0.0, **kw)[0])
+
+    (gram, gram_norms), (direct, direct_norms), noiseless = jax.jit(both)(params, x, d, jax.random.key(0))
+    for got, norms in ((gram, gram_norms), (direct, direct_norms)):
+        assert max_abs_diff(got, ref_sum) <= 1e-10
+        np.testing.assert_allclose(norms, ref_norms, rtol=1e-10)
+    assert max_abs_diff(noiseless, jax.tree_util.tree_map(lambda g: g / x.shape[0], ref_sum)) <= 1e-12
+    assert max_abs_diff(gram, jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), ref)) > 1e-3   # clipping mattered
+
+
+def test_cnn_dp_refusals():
+    params, x, d = make_cnn_case()
+    bn_arch = fnbp.cnn.LeNet(**{**LENET.__dict__, "batch_norm": True})
+    bn = fnbp.cnn.init(jax.random.key(0), bn_arch, dtype=jnp.float64)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: batch norm couples"):
+        dp.clipped_grad_sum(bn, x, d, clip=1.0, arch=bn_arch, loss=CE)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.private_grad: method must be one of .* got 'ghost'"):
+        dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=1.0, arch=LENET, loss=CE,
+                        method="ghost")

@@ -104,3 +104,145 @@ def test_bench_case_reports_the_issue_ratios():
     assert res["agreement_float32"]["norms_max_rel"] < 1e-5 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
     text = "\n".join(per_example_rules.render(res))
     assert "| DP step, temp memory |" in text and "≤ 0.1" in text
+
+
+# --- CNNs: a LeNet (fnbp.cnn) and walker graphs with stride / padding variants ------------------------------------
+from fnbp import per_example_conv  # noqa: E402
+from per_example_oracle import (CNN_B, CONV_GRAPHS, LENET, conv_graph_case, lenet_reference_grads,  # noqa: E402
+                                make_cnn_case)
+
+CE = fnbp.losses.softmax_cross_entropy
+CNN_CASES = ["lenet"] + sorted(CONV_GRAPHS)
+
+
+def jitted(fn, *args, **options):
+    """fn(*args, **options) under one jit (the options static): one compile, not one per eager op."""
+    return jax.jit(functools.partial(fn, **options))(*args)
+
+
+def cnn_case(case, seed=0):
+    """(arch, params, x, d, reference per-example grads)."""
+    if case == "lenet":
+        params, x, d = make_cnn_case(seed)
+        return LENET, params, x, d, lenet_reference_grads(params, x, d)
+    net, params, x, d, ref = conv_graph_case(case, seed)
+    return net, params, x, d, ref
+
+
+def _all_quantities(params, x, d, *, arch):
+    """Every per-example quantity, by both norm methods, in ONE jit (one compile per case)."""
+    kw = dict(arch=arch, loss=CE)
+    out = {"grads": per_example.grads(params, x, d, **kw), "sgs": per_example.sum_grad_squared(params, x, d, **kw),
+           "var": per_example.variance(params, x, d, **kw)}
+    for method in ("gram", "direct", "auto"):
+        out[f"norms_{method}"] = per_example.grad_norms(params, x, d, method=method, **kw)
+        out[f"l2_{method}"] = per_example.batch_l2(params, x, d, method=method, **kw)
+    net = fnbp.graph.objective(arch if isinstance(arch, fnbp.graph.Graph) else fnbp.cnn.network(params, arch=arch),
+                               functools.partial(CE, reduction="sum"))
+    out["batch_grad"] = fnbp.graph.value_and_grad(net, params, {"x": x, "d": d})[1]     # the ordinary walk
+    return out
+
+
+@pytest.mark.parametrize("case", CNN_CASES)
+def test_cnn_per_example_quantities_equal_vmap_grad_of_reference(case):
+    """grads <= 1e-12; norms and batch_l2 by the Gram AND the direct form (and auto) <= 1e-10 relative;
+    sum of squares and variance <= 1e-12; the per-example gradients sum to the ordinary batch gradient."""
+    arch, params, x, d, ref = cnn_case(case, seed=1)
+    got = jitted(_all_quantities, params, x, d, arch=arch)
+    assert max_abs_diff(got["grads"], ref) <= 1e-12
+    assert float(jnp.min(flat_norms(ref))) > 1e-3
+    for layer in ref["conv"]:                           # every conv layer's gradient is non-trivial for each example
+        assert float(jnp.min(jnp.sum(layer["W"].reshape(CNN_B, -1) ** 2, 1))) > 1e-8
+    ref_l2 = jax.tree_util.tree_map(lambda g: jnp.sum(g.reshape(CNN_B, -1) ** 2, 1), ref)
+    for method in ("gram", "direct", "auto"):
+        np.testing.assert_allclose(got[f"norms_{method}"], flat_norms(ref), rtol=1e-10, err_msg=method)
+        leaves, ref_leaves = jax.tree_util.tree_leaves(got[f"l2_{method}"]), jax.tree_util.tree_leaves(ref_l2)
+        assert len(leaves) == len(ref_leaves) == 2 * (len(params["conv"]) + len(params["dense"]))
+        for got_leaf, ref_leaf in zip(leaves, ref_leaves):
+            np.testing.assert_allclose(got_leaf, ref_leaf, rtol=1e-10, err_msg=method)
+    assert max_abs_diff(got["sgs"], jax.tree_util.tree_map(lambda g: jnp.sum(g ** 2, 0), ref)) <= 1e-12
+    assert max_abs_diff(got["var"], jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref)) <= 1e-12
+    assert float(jnp.max(got["var"]["conv"][0]["W"])) > 1e-6
+    assert max_abs_diff(jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), got["grads"]), got["batch_grad"]) <= 1e-12
+
+
+def test_gram_form_needs_the_cross_position_terms():
+    """On random (delta, P) of 12 positions: the Gram form equals the direct one, and its off-diagonal
+    (p != p') terms matter (dropping them, a plausible bug, is far outside the tolerance)."""
+    k1, k2 = jax.random.split(jax.random.key(5))
+    delta, patches = jax.random.normal(k1, (3, 12, 4), jnp.float64), jax.random.normal(k2, (3, 12, 6), jnp.float64)
+    p = per_example_conv.PatchPass(("conv", 0), patches, delta, None, None, (4, 6))
+    gram, direct = (per_example_conv.patch_batch_l2(p, m)["W"] for m in ("gram", "direct"))
+    np.testing.assert_allclose(gram, direct, rtol=1e-12)
+    np.testing.assert_allclose(direct, jnp.sum(jnp.einsum("bso,bsk->bok", delta, patches) ** 2, (1, 2)), rtol=1e-12)
+    diagonal = jnp.sum(jnp.sum(delta ** 2, -1) * jnp.sum(patches ** 2, -1), 1)
+    assert float(jnp.min(jnp.abs(gram - diagonal) / gram)) > 1e-3
+
+
+def test_norm_method_rule_picks_gram_when_two_positions_squared_fit_in_the_weight_matrix():
+    assert per_example_conv.norm_method(1, 3, 7) == "gram"                  # dense layer: one position
+    assert per_example_conv.norm_method(16, 12, 45) == "gram"               # 2 * 256 = 512 <= 540
+    assert per_example_conv.norm_method(16, 5, 18) == "direct"              # 512 > 90
+    assert per_example_conv.norm_method(16, 12, 45, "direct") == "direct"
+    assert per_example_conv.norm_method(576, 32, 25) == "direct"            # MNIST LeNet conv 1: 24 x 24 positions
+    assert per_example_conv.norm_method(64, 64, 800) == "gram"              # MNIST LeNet conv 2: 8 x 8 positions
+    # the stride-2 graph case exercises both under "auto"
+    net, params, x, d, _ = conv_graph_case("stride2-same", with_reference=False)
+    shapes = jax.eval_shape(lambda: [(p.delta, p.patches) for p in
+                                     per_example_conv.network_passes(params, x, d, arch=net, loss=CE)[1]])
+    assert [per_example_conv.norm_method(delta.shape[1], delta.shape[2], patches.shape[2])
+            for delta, patches in shapes] == ["direct", "gram", "gram"]
+
+
+def test_cnn_dropout_uses_one_mask_per_example_from_its_own_key():
+    params, x, d = make_cnn_case(seed=4)
+    p, key = 0.3, jax.random.key(11)
+    got, without = jitted(lambda *a, **o: (per_example.grads(*a, dropout=p, key=key, **o), per_example.grads(*a, **o)),
+                          params, x, d, arch=LENET, loss=CE)
+    keys = jax.random.split(key, CNN_B)
+    widths = [24, 7]                                      # inputs of the dense layers: 2 x 2 x 6 features, 7 hidden
+    masks = [jax.vmap(lambda kn, k=k, n=n: jax.random.bernoulli(jax.random.fold_in(kn, k), 1 - p, (n,)))(keys)
+             / (1 - p) for k, n in enumerate(widths)]
+    assert max_abs_diff(got, lenet_reference_grads(params, x, d, masks=masks)) <= 1e-12
+    assert max_abs_diff(got, without) > 1e-3
+
+
+def test_cnn_refusals_name_the_function_and_what_came():
+    params, x, d = make_cnn_case()
+    bn_arch = fnbp.cnn.LeNet(**{**LENET.__dict__, "batch_norm": True})
+    bn = fnbp.cnn.init(jax.random.key(0), bn_arch, dtype=jnp.float64)
+    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grad_norms: batch norm couples the examples"):
+        per_example.grad_norms(bn, x, d, arch=bn_arch, loss=CE)
+    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grads: x must have shape \(batch, 8, 8, 1\)"):
+        per_example.grads(params, x[0], d, arch=LENET, loss=CE)
+    with pytest.raises(ValueError, match=r"method must be one of .* got 'ghost'"):
+        per_example.batch_l2(params, x, d, arch=LENET, loss=CE, method="ghost")
+    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grad_norms: method='gram' .* an MLP's dense layers"):
+        per_example.grad_norms(*make_case("relu-half_sse")[4:], method="gram")
+    with pytest.raises(ValueError, match=r"with arch= the network fixes its activations"):
+        per_example.grads(params, x, d, arch=LENET, loss=CE, activation=fnbp.tanh)
+    with pytest.raises(ValueError, match=r"arch must be a fnbp\.cnn\.LeNet or a fnbp\.graph\.Graph .*, got str"):
+        per_example.grads(params, x, d, arch="lenet", loss=CE)
+    with pytest.raises(ValueError, match=r"dropout=0\.5 needs an explicit jax\.random key"):
+        per_example.grads(params, x, d, arch=LENET, loss=CE, dropout=0.5)
+    # weights shared by two layers have no per-example norm here
+    net, gparams, gx, gd, _ = conv_graph_case("int-pad-valid", with_reference=False)
+    shared = fnbp.graph.make([n if n.name != "conv1" else n._replace(args=(fnbp.graph.Param("conv", 0, "W"),
+                              fnbp.graph.Param("conv", 0, "b")) + n.args[2:]) for n in net.nodes], net.output)
+    with pytest.raises(ValueError, match=r"share the weights at \('conv', 0\)"):
+        per_example.grad_norms(gparams, gx, gd, arch=shared, loss=CE)
+
+
+def test_bench_lenet_rows_report_the_issue_ratios():
+    """The LeNet rows of the benchmark on a tiny LeNet: fields present, conv norm methods named, the two ways
+    agree in float32, and the rendered section has the LeNet table.  Speed is reported, never asserted."""
+    from fnbp.bench import per_example_rules
+    arch = fnbp.cnn.LeNet(image_shape=(6, 6, 1), channels=(2,), kernel=3, padding="SAME", hidden=(), n_classes=3)
+    res = per_example_rules.bench_per_example_lenet(arch, 3, min_time=0.001, seed=0)
+    assert set(res["stats"]) == set(per_example_rules.VARIANTS) and res["conv_norm_methods"] == ["direct"]
+    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
+    assert res["agreement_float32"]["norms_max_rel"] < 1e-4 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
+    mlp = per_example_rules.bench_per_example_rules((4, 3), 3, min_time=0.001, seed=0)
+    text = "\n".join(per_example_rules.render(dict(mlp, lenet=res)))
+    assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example_conv.norm_method`): direct" in text
+    assert text.count("| DP step, temp memory |") == 2

@@ -16,6 +16,12 @@ float32, side by side, interleaved (one call of each variant per round, shuffled
 Reported: median ms per call (IQR), the paired per-round ratios fnbp / vmap, XLA's temp memory of
 each compiled program (``memory_analysis().temp_size_in_bytes``).  Targets of issue #14: norms
 <= 0.1x the time, DP step >= 5x faster with temp memory <= 1/10.
+
+LeNet rows (``bench_per_example_lenet``): the same five variants on ``fnbp.cnn.lenet((28, 28, 1))``
+(conv 5x5x32 -> pool -> conv 5x5x64 -> pool -> 128 -> 10), B = 64 (``--quick``: a tiny 8 x 8 x 1
+LeNet, channels (4, 6), B = ``--per-example-batch`` <= 8); fnbp's conv norms by the per-layer
+Gram/direct choice (``fnbp.per_example_conv.norm_method``), the clipped sum (c (.) delta)^T P;
+the peer is ``jit(vmap(grad))`` of the same LeNet written with ``lax.conv_general_dilated``.
 """
 import time
 
@@ -92,15 +98,10 @@ def programs():
     }
 
 
-def bench_per_example_rules(sizes, batch, *, min_time, seed=0):
-    """Interleaved timing of the five variants; returns the report section (stats, paired ratios, temp ratios)."""
-    key = jax.random.key(seed)
-    params = fnbp.mlp.init(key, sizes)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, sizes[0]), jnp.float32)
-    d = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, sizes[-1])
-    noise_key = jax.random.fold_in(key, 3)
+def _measure(progs, params, x, d, noise_key, batch, min_time):
+    """Compile the five programs, check the two ways agree, time them interleaved: the section's numbers."""
     compiled, info = {}, {}
-    for name, fn in programs().items():
+    for name, fn in progs.items():
         t0 = time.perf_counter()
         compiled[name] = jax.jit(fn).lower(params, x, d, noise_key).compile()
         info[name] = {"compile_s": time.perf_counter() - t0, "temp_bytes": temp_bytes(compiled[name])}
@@ -120,23 +121,84 @@ def bench_per_example_rules(sizes, batch, *, min_time, seed=0):
     for a, b in (("norms_fnbp", "norms_vmap"), ("dp_fnbp", "dp_vmap")):
         ta, tb = info[a]["temp_bytes"], info[b]["temp_bytes"]
         mem[a.split("_")[0] + "_temp"] = (ta / tb) if ta is not None and tb else None
-    return {"sizes": list(sizes), "batch": batch, "min_time": min_time, "n_params": fnbp.mlp.num_params(sizes),
-            "stats": stats,
-            "ratios": ratios, "temp_ratios": mem, "agreement_float32": agree}
+    return {"batch": batch, "min_time": min_time, "stats": stats, "ratios": ratios, "temp_ratios": mem,
+            "agreement_float32": agree}
 
 
-def render(res, result=None):
-    """Markdown lines of the section."""
+def bench_per_example_rules(sizes, batch, *, min_time, seed=0):
+    """Interleaved timing of the five variants; returns the report section (stats, paired ratios, temp ratios)."""
+    key = jax.random.key(seed)
+    params = fnbp.mlp.init(key, sizes)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, sizes[0]), jnp.float32)
+    d = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, sizes[-1])
+    res = _measure(programs(), params, x, d, jax.random.fold_in(key, 3), batch, min_time)
+    return {"sizes": list(sizes), "n_params": fnbp.mlp.num_params(sizes), **res}
+
+
+def lenet_plain_loss(arch, params, x_n, d_n):
+    """Example n's own loss through the LeNet with lax's conv / reduce_window (the peer's model)."""
+    R = fnbp.reference
+    h = x_n[None]
+    for layer in params["conv"]:
+        h = R.max_pool(R.relu(R.conv2d(layer["W"], layer["b"], h, padding=arch.padding)), arch.pool)
+    h = R.flatten(h)
+    for k, layer in enumerate(params["dense"]):
+        h = R.dense(layer["W"], layer["b"], h)
+        h = R.relu(h) if k < len(params["dense"]) - 1 else h
+    return R.softmax_cross_entropy(h, d_n[None])
+
+
+def lenet_programs(arch):
+    """The five variants for a LeNet ``arch`` (fnbp: ``arch=``; vmap: ``lenet_plain_loss``)."""
+    def sgd(params, g):
+        return jax.tree_util.tree_map(lambda p, u: p - LR * u, params, g)
+
+    def grads(p, x, d):
+        return jax.vmap(jax.grad(lambda p, x_n, d_n: lenet_plain_loss(arch, p, x_n, d_n)), in_axes=(None, 0, 0))(p, x, d)
+
+    def vmap_private(p, x, d, key):
+        g = grads(p, x, d)
+        c = 1.0 / jnp.maximum(1.0, _norms(g) / CLIP)
+        sums = jax.tree_util.tree_map(lambda leaf: jnp.tensordot(c, leaf, axes=1), g)     # clip, then sum
+        return fnbp.dp.add_noise(sums, key, clip=CLIP, noise_multiplier=SIGMA, batch_size=x.shape[0])
+
+    def plain_step(p, x, d):
+        net = fnbp.graph.objective(fnbp.cnn.network(p, arch=arch, train=True), CE)
+        return fnbp.graph.value_and_grad(net, p, {"x": x, "d": d})[1]          # the walker's batch gradient
+
+    return {
+        "norms_fnbp": lambda p, x, d, key: fnbp.per_example.grad_norms(p, x, d, loss=CE, arch=arch),
+        "norms_vmap": lambda p, x, d, key: _norms(grads(p, x, d)),
+        "dp_fnbp": lambda p, x, d, key: sgd(p, fnbp.dp.private_grad(p, x, d, key, clip=CLIP, noise_multiplier=SIGMA,
+                                                                     loss=CE, arch=arch)[0]),
+        "dp_vmap": lambda p, x, d, key: sgd(p, vmap_private(p, x, d, key)),
+        "step_plain": lambda p, x, d, key: sgd(p, plain_step(p, x, d)),
+    }
+
+
+def bench_per_example_lenet(arch, batch, *, min_time, seed=0):
+    """The five variants on a LeNet (``fnbp.cnn.LeNet``), float32; the same fields as ``bench_per_example_rules``
+    plus the architecture and each conv layer's norm method."""
+    from fnbp import per_example_conv
+    key = jax.random.key(seed)
+    params = fnbp.cnn.init(key, arch)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch,) + arch.image_shape, jnp.float32)
+    d = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, arch.n_classes)
+    shapes = jax.eval_shape(lambda: [(p.delta, p.patches) for p in per_example_conv.network_passes(
+        params, x, d, arch=arch, loss=CE)[1]])
+    methods = [per_example_conv.norm_method(dl.shape[1], dl.shape[2], pt.shape[2]) for dl, pt in shapes]
+    res = _measure(lenet_programs(arch), params, x, d, jax.random.fold_in(key, 3), batch, min_time)
+    return {"arch": {"image_shape": list(arch.image_shape), "channels": list(arch.channels), "kernel": arch.kernel,
+                     "padding": arch.padding, "hidden": list(arch.hidden)},
+            "n_params": fnbp.cnn.num_params(params), "conv_norm_methods": methods[:len(arch.channels)], **res}
+
+
+def _tables(res):
     s, r, m = res["stats"], res["ratios"], res["temp_ratios"]
-    L = [f"## Per-example norms and DP-SGD: explicit rules vs vmap(grad)", "",
-         f"Network {'-'.join(map(str, res['sizes']))} (ReLU, softmax cross-entropy, {res['n_params']:,} parameters), "
-         f"B = {res['batch']}, float32, clip C = {CLIP}, sigma = {SIGMA}. One process, interleaved rounds "
-         f"(`fnbp.bench.harness.interleaved`), min {res['min_time']} s per variant. Shared CPU: compare the paired "
-         "ratios, not absolute times.", ""]
     rows = [[n, _fmt(s[n]["ms_median"]), f"{_fmt(s[n]['ms_q1'])}–{_fmt(s[n]['ms_q3'])}",
              _fmt(s[n]["n_samples"]), _fmt((s[n]["temp_bytes"] or 0) / 2 ** 20),
              _fmt(s[n]["compile_s"])] for n in VARIANTS]
-    L.append(md_table(["variant", "ms median", "IQR", "samples", "temp MB", "compile s"], rows))
+    L = [md_table(["variant", "ms median", "IQR", "samples", "temp MB", "compile s"], rows)]
     L += ["", "| ratio (fnbp / vmap way) | median over rounds | IQR | target |", "|---|---|---|---|",
           f"| per-example norms, time | {_fmt(r['norms_time']['median'])} | "
           f"{_fmt(r['norms_time']['q1'])}–{_fmt(r['norms_time']['q3'])} | ≤ 0.1 |",
@@ -152,10 +214,38 @@ def render(res, result=None):
     return L
 
 
+def render(res, result=None):
+    """Markdown lines of the section (the MLP rows, then the LeNet rows when the run has them)."""
+    L = [f"## Per-example norms and DP-SGD: explicit rules vs vmap(grad)", "",
+         f"Network {'-'.join(map(str, res['sizes']))} (ReLU, softmax cross-entropy, {res['n_params']:,} parameters), "
+         f"B = {res['batch']}, float32, clip C = {CLIP}, sigma = {SIGMA}. One process, interleaved rounds "
+         f"(`fnbp.bench.harness.interleaved`), min {res['min_time']} s per variant. Shared CPU: compare the paired "
+         "ratios, not absolute times.", ""] + _tables(res)
+    le = res.get("lenet")
+    if le:
+        a = le["arch"]
+        L += ["### LeNet rows", "",
+              f"LeNet {'x'.join(map(str, a['image_shape']))} input, conv {a['kernel']}x{a['kernel']} channels "
+              f"{tuple(a['channels'])} ({a['padding']}, 2x2 max-pool), dense {tuple(a['hidden'])} -> 10 "
+              f"({le['n_params']:,} parameters), B = {le['batch']}, float32. Conv norm methods "
+              f"(`fnbp.per_example_conv.norm_method`): {', '.join(le['conv_norm_methods'])}. The vmap way: "
+              "jit(vmap(grad)) of the same LeNet written with lax.conv_general_dilated / reduce_window.", ""]
+        L += _tables(le)
+    return L
+
+
 def _run(ctx):
     ctx.log("per-example norms and DP step: fnbp rules vs vmap(grad) ...")
     B = min(ctx.per_example_batch, 32) if ctx.quick else 256          # the issue's B = 256 for a full run
-    return bench_per_example_rules(ctx.sizes, B, min_time=ctx.min_time, seed=ctx.seed)
+    res = bench_per_example_rules(ctx.sizes, B, min_time=ctx.min_time, seed=ctx.seed)
+    ctx.log("per-example norms and DP step on a LeNet ...")
+    if ctx.quick:           # a tiny LeNet: a few small compiles
+        arch, B = fnbp.cnn.LeNet(image_shape=(8, 8, 1), channels=(4, 6), kernel=3, padding="SAME", hidden=(8,)), \
+            min(ctx.per_example_batch, 8)
+    else:
+        arch, B = fnbp.cnn.lenet((28, 28, 1)), 64
+    res["lenet"] = bench_per_example_lenet(arch, B, min_time=ctx.min_time, seed=ctx.seed)
+    return res
 
 
 register("per_example_rules", run=_run, render=render,
