@@ -204,16 +204,18 @@ def rules_on_meshes():
 EXPECTED_MODELS = {f"dense+{a}" for a in ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step",
                                           "sign", "softmax")} | {
     f"loss:{l}" for l in ("half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy")} | {
-    "l2_penalty", "batch_norm"}
+    "l2_penalty", "batch_norm", "lenet", "lenet+batch_norm", "conv_stride2+avg_pool"}
 
 
 @pytest.mark.parametrize("mode", RULES_MODES)
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_every_rule_on_user_meshes(rules_on_meshes, dtype, mode):
-    """jax.grad through dense + every activation, every loss, the L2 penalty and batch norm, on
-    an Explicit data-parallel mesh, an Auto one, a data x model mesh with W sharded along n_out,
-    and inside shard_map(check_vma=True): equal to one device (float32 1e-5, float64 1e-12),
-    each gradient of its parameter's dtype and sharding."""
+    """jax.grad through dense + every activation, every loss, the L2 penalty, batch norm, a small
+    LeNet (conv2d, max-pool, flatten; with and without per-channel batch norm) and a strided
+    conv2d + avg_pool + global_avg_pool, on an Explicit data-parallel mesh, an Auto one, a
+    data x model mesh with W (and the first conv's W) sharded along n_out / C_out, and inside
+    shard_map(check_vma=True): equal to one device (float32 1e-5, float64 1e-12), each gradient
+    of its parameter's dtype and sharding."""
     assert rules_on_meshes["devices"] == 4
     r = rules_on_meshes[dtype][mode]
     assert "error" not in r, r.get("error")
