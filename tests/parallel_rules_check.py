@@ -1,7 +1,7 @@
 """Run by tests/test_parallel.py in a subprocess with 4 simulated CPU devices (not collected by pytest).
 
 Every rule's gradient on a user's mesh vs one device: for each model below (dense
-with every activation, every loss, the L2 penalty, batch norm; a small LeNet, with and without
+with every activation, every loss, the L2 penalty, batch norm; in float64 also a small LeNet with
 per-channel batch norm, and a strided, padded conv2d + avg_pool + global_avg_pool), ``jax.grad`` of
 its loss with respect to its parameters, computed
 
@@ -67,8 +67,9 @@ def strided_conv_loss(p, b):
     return losses.softmax_cross_entropy(fnbp.dense(p["Ws"], p["b2"], h), b[1])
 
 
-def models():
-    """{name: loss(params, batch)}; batch = (x, labels, onehot, targets, images)."""
+def models(conv=True):
+    """{name: loss(params, batch)}; batch = (x, labels, onehot, targets, images).  ``conv``: with the
+    convolutional models (run in float64 only: they are the costly compiles of this check)."""
     out = {}
 
     def mlp(p, x, act):
@@ -92,9 +93,9 @@ def models():
                                       + losses.l2_penalty(p, 0.05))
     out["batch_norm"] = lambda p, b: losses.softmax_cross_entropy(
         mlp(p, b[0], lambda p, a: fnbp.relu(fnbp.batch_norm(a, p["gamma"], p["beta"]))), b[1])
-    out["lenet"] = lenet_loss
-    out["lenet+batch_norm"] = lambda p, b: lenet_loss(p, b, bn=True)
-    out["conv_stride2+avg_pool"] = strided_conv_loss
+    if conv:
+        out["lenet+batch_norm"] = lambda p, b: lenet_loss(p, b, bn=True)  # conv2d, per-channel bn, max_pool, flatten
+        out["conv_stride2+avg_pool"] = strided_conv_loss
     return out
 
 
@@ -141,7 +142,7 @@ def grads_all(fns, params, batch):
 
 def check(dtype):
     dt = jnp.dtype(dtype)
-    fns = models()
+    fns = models(conv=dt == jnp.float64)
     params, batch = init(jax.random.PRNGKey(0), dt)
     grads_jit = jax.jit(lambda p, b: grads_all(fns, p, b))
     one = grads_jit(params, batch)

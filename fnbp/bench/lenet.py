@@ -252,7 +252,7 @@ def bench_lenet(arch, batch_size, steps, *, min_time, seed=0, gemm_size=1024, us
             "flops": flops, "flop_formula": FLOP_FORMULA, "gemm_size": gemm_size,
             "gemm_gflops_concurrent": gemm_row["gflops"], "gemm": gemm_row, "variants": variants,
             "targets": lenet_targets(variants),
-            # the reference really is JAX's convolution and select_and_scatter, fnbp's is not
+            # the reference really runs XLA convolutions (conv_general_dilated and its transposes); fnbp does not
             "lax_uses_convolution": all(" convolution(" in programs[n] for n in ("lax_scan", "lax_jit")),
             "fnbp_uses_convolution": any(" convolution(" in programs[n] for n in ("fnbp_scan", "fnbp_jit"))}
 
