@@ -38,8 +38,9 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from .rules import rule
+from .rules import out_sharding, rule
 
 __all__ = ["conv2d", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im", "check_conv_shapes",
            "conv_fan_in"]
@@ -169,12 +170,25 @@ def _conv2d_bwd(residuals, delta, *, stride, padding):
     P = cols.reshape(-1, K)                                                 # (N, K), N = B Ho Wo
     D = delta.reshape(-1, C_out)                                            # (N, C_out)
     W_mat = jnp.transpose(W, (0, 2, 3, 1)).reshape(C_out, K)
-    grad_W_mat = lax.dot_general(D, P, (((0,), (0,)), ((), ())))            # delta^T P: (C_out, K)
+    # On a mesh with Explicit axes both products contract a possibly sharded axis (the batch
+    # in delta^T P; C_out under tensor parallelism in delta W): ask for the layout of what
+    # the result stands for -- W's C_out split, the columns' (B, Ho, Wo) split (None otherwise).
+    grad_W_mat = lax.dot_general(D, P, (((0,), (0,)), ((), ())),            # delta^T P: (C_out, K)
+                                 out_sharding=_rows_like(out_sharding(W)))
     grad_W = jnp.transpose(grad_W_mat.reshape(C_out, kh, kw, C_in), (0, 3, 1, 2))
     grad_b = jnp.sum(D, axis=0)                                             # sum of delta over n, p
-    grad_cols = lax.dot_general(delta, W_mat, (((3,), (0,)), ((), ())))     # W^T delta per patch: (B, Ho, Wo, K)
+    grad_cols = lax.dot_general(delta, W_mat, (((3,), (0,)), ((), ())),     # W^T delta per patch: (B, Ho, Wo, K)
+                                out_sharding=out_sharding(cols))
     grad_h = col2im(grad_cols, x_shape, kh, kw, stride=stride, padding=padding)
     return grad_W, grad_b, grad_h
+
+
+def _rows_like(like_W):
+    """W's Explicit sharding (C_out, C_in, kh, kw) as that of the (C_out, kh kw C_in) matrix: the C_out
+    split kept, the flattened patch axis whole (None when W has no Explicit sharding)."""
+    if like_W is None:
+        return None
+    return NamedSharding(like_W.mesh, PartitionSpec((tuple(like_W.spec) + (None,))[0], None))
 
 
 conv2d = rule(_conv2d_fwd, _conv2d_bwd, name="conv2d", check=check_conv_shapes)

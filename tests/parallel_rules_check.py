@@ -1,7 +1,8 @@
 """Run by tests/test_parallel.py in a subprocess with 4 simulated CPU devices (not collected by pytest).
 
 Every rule's gradient on a user's mesh vs one device: for each model below (dense
-with every activation, every loss, the L2 penalty, batch norm), ``jax.grad`` of
+with every activation, every loss, the L2 penalty, batch norm; in float64 also a small LeNet with
+per-channel batch norm, and a strided, padded conv2d + avg_pool + global_avg_pool), ``jax.grad`` of
 its loss with respect to its parameters, computed
 
 * ``explicit``: data parallel on ``jax.make_mesh((4,), ("data",))`` (Explicit axes,
@@ -9,7 +10,8 @@ its loss with respect to its parameters, computed
 * ``auto``: the same on an Auto mesh (GSPMD decides the layout);
 * ``tensor``: a 2 x 2 Explicit mesh ("data", "model"): batch sharded on "data",
   the hidden layer's W1 (and b1, gamma, beta, alpha) sharded along n_out on
-  "model" (column parallel), the output layer replicated;
+  "model" (column parallel), the output layer replicated; the first conv's W
+  and b sharded along C_out on "model" as well;
 * ``shard_map``: ``jax.shard_map(..., check_vma=True)`` over "data", parameters
   replicated (``P()``), each device's loss on its own shard, summed with ``psum``;
   its one-device reference is the sum over the 4 shards of the shard's gradient;
@@ -34,10 +36,40 @@ import fnbp  # noqa: E402
 from fnbp import losses  # noqa: E402
 
 B, N_IN, H, C = 16, 6, 8, 4
+IMAGE = (8, 8, 1)
+ARCH = fnbp.cnn.lenet(IMAGE, n_classes=C, channels=(4, 6), hidden=(H,))          # 3x3 SAME convs, 8 -> 4 -> 2
+ARCH_BN = fnbp.cnn.lenet(IMAGE, n_classes=C, channels=(4, 6), hidden=(H,), batch_norm=True)
 
 
-def models():
-    """{name: loss(params, batch)}; batch = (x, labels, onehot, targets)."""
+def lenet_params(p, bn=False):
+    """fnbp.cnn's parameter pytree (``ARCH`` / ``ARCH_BN``) from the flat dict of parameters."""
+    conv = [{"W": p[f"Wc{i}"], "b": p[f"bc{i}"]} for i in (1, 2)]
+    dense = [{"W": p["Wl"], "b": p["b1"]}, {"W": p["W2"], "b": p["b2"]}]
+    if bn:
+        for i, layer in enumerate(conv, 1):
+            layer.update(gamma=p[f"gc{i}"], beta=p[f"betac{i}"])
+        dense[0].update(gamma=p["gamma"], beta=p["beta"])
+    return {"conv": conv, "dense": dense}
+
+
+def lenet_loss(p, b, bn=False):
+    """fnbp.cnn's LeNet in training mode (batch statistics when ``bn``) on the images b[4]."""
+    params = lenet_params(p, bn)
+    logits, _ = fnbp.cnn.apply_stateful(params, fnbp.cnn.init_state(params), b[4], arch=ARCH_BN if bn else ARCH,
+                                        train=True)
+    return losses.softmax_cross_entropy(logits, b[1])
+
+
+def strided_conv_loss(p, b):
+    """conv2d stride 2, padding 1 -> ReLU -> avg_pool 2 -> global_avg_pool -> dense (the pool rules)."""
+    a = fnbp.relu(fnbp.conv2d(p["Wc1"], p["bc1"], b[4], stride=2, padding=1))          # (B, 4, 4, 4)
+    h = fnbp.pool.global_avg_pool(fnbp.avg_pool(a, window=2))                           # (B, 4)
+    return losses.softmax_cross_entropy(fnbp.dense(p["Ws"], p["b2"], h), b[1])
+
+
+def models(conv=True):
+    """{name: loss(params, batch)}; batch = (x, labels, onehot, targets, images).  ``conv``: with the
+    convolutional models (run in float64 only: they are the costly compiles of this check)."""
     out = {}
 
     def mlp(p, x, act):
@@ -61,6 +93,9 @@ def models():
                                       + losses.l2_penalty(p, 0.05))
     out["batch_norm"] = lambda p, b: losses.softmax_cross_entropy(
         mlp(p, b[0], lambda p, a: fnbp.relu(fnbp.batch_norm(a, p["gamma"], p["beta"]))), b[1])
+    if conv:
+        out["lenet+batch_norm"] = lambda p, b: lenet_loss(p, b, bn=True)  # conv2d, per-channel bn, max_pool, flatten
+        out["conv_stride2+avg_pool"] = strided_conv_loss
     return out
 
 
@@ -74,11 +109,22 @@ def init(key, dtype):
     labels = jax.random.randint(k[7], (B,), 0, C)
     onehot = jax.nn.one_hot(labels, C, dtype=dtype)
     targets = jax.random.normal(jax.random.fold_in(key, 9), (B, C), dtype)
-    return p, (x, labels, onehot, targets)
+    kc = jax.random.split(jax.random.fold_in(key, 10), 5)
+    n_features = 2 * 2 * 6
+    p.update(Wc1=jax.random.normal(kc[0], (4, 1, 3, 3), dtype) / 2, bc1=jax.random.normal(kc[1], (4,), dtype) / 4,
+             Wc2=jax.random.normal(kc[2], (6, 4, 3, 3), dtype) / 4, bc2=jax.random.normal(kc[3], (6,), dtype) / 4,
+             Wl=jax.random.normal(kc[4], (H, n_features), dtype) / 4,
+             Ws=jax.random.normal(jax.random.fold_in(key, 11), (C, 4), dtype) / 2)
+    for i, n in ((1, 4), (2, 6)):
+        p[f"gc{i}"] = 1 + jax.random.normal(jax.random.fold_in(key, 11 + 2 * i), (n,), dtype) / 4
+        p[f"betac{i}"] = jax.random.normal(jax.random.fold_in(key, 12 + 2 * i), (n,), dtype) / 4
+    images = jax.random.normal(jax.random.fold_in(key, 20), (B,) + IMAGE, dtype)
+    return p, (x, labels, onehot, targets, images)
 
 
 PARAM_SPECS_TP = {"W1": P("model", None), "b1": P("model"), "alpha": P("model"), "gamma": P("model"),
-                  "beta": P("model")}
+                  "beta": P("model"), "Wc1": P("model", None, None, None), "bc1": P("model"), "gc1": P("model"),
+                  "betac1": P("model")}
 
 
 def leaves(t):
@@ -96,7 +142,7 @@ def grads_all(fns, params, batch):
 
 def check(dtype):
     dt = jnp.dtype(dtype)
-    fns = models()
+    fns = models(conv=dt == jnp.float64)
     params, batch = init(jax.random.PRNGKey(0), dt)
     grads_jit = jax.jit(lambda p, b: grads_all(fns, p, b))
     one = grads_jit(params, batch)

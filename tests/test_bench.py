@@ -49,6 +49,91 @@ def test_flops_784_512_512_10():
     assert bench.step_flops(sizes, 2048) == 6_572_474_368          # 4*2048*668672 + 2*2048*267264
 
 
+def _dot_flops(jaxpr):
+    """2 x multiply-adds of every dot_general of a jaxpr, sub-jaxprs (the rules' custom_vjp) included."""
+    total = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            (lhs_contracting, _), _ = e.params["dimension_numbers"]
+            total += 2 * math.prod(e.outvars[0].aval.shape) * math.prod(e.invars[0].aval.shape[d]
+                                                                          for d in lhs_contracting)
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                j = getattr(sub, "jaxpr", sub)
+                if hasattr(j, "eqns"):
+                    total += _dot_flops(j)
+    return total
+
+
+def test_lenet_flops_hand_count_and_the_programs_dots():
+    """The LeNet step's FLOPs: by hand for the issue's network, and from the dots of fnbp's own
+    forward program (3 x forward, less the first convolution's input gradient) for the quick one."""
+    import jax
+    import jax.numpy as jnp
+    from fnbp import cnn
+    from fnbp.bench import lenet
+    # 28x28x1 -> conv 5x5x32 (24x24) -> pool 12x12 -> conv 5x5x64 (8x8) -> pool 4x4 -> 1024 -> 128 -> 10, B = 64
+    conv1, conv2 = 2 * 64 * 24 * 24 * 32 * 25 * 1, 2 * 64 * 8 * 8 * 64 * 25 * 32
+    dense1, dense2 = 2 * 64 * 1024 * 128, 2 * 64 * 128 * 10
+    assert lenet.lenet_step_flops(cnn.lenet((28, 28, 1)), 64) == 3 * (conv1 + conv2 + dense1 + dense2) - conv1
+    assert lenet.lenet_step_flops(cnn.lenet((28, 28, 1)), 64) == 1_427_079_168
+    arch, B = cnn.lenet(**lenet.QUICK_ARCH), TINY_B
+    params = jax.eval_shape(lambda: cnn.init(jax.random.key(0), arch))
+    x = jax.ShapeDtypeStruct((B,) + arch.image_shape, jnp.float32)
+    forward = _dot_flops(jax.make_jaxpr(lambda p, x: cnn.apply(p, x, arch=arch))(params, x).jaxpr)
+    c1 = params["conv"][0]
+    first = _dot_flops(jax.make_jaxpr(lambda W, b, x: cnn.conv2d(W, b, x, padding=arch.padding))(
+        c1["W"], c1["b"], x).jaxpr)
+    assert lenet.lenet_step_flops(arch, B) == 3 * forward - first
+
+
+def test_lenet_targets_from_the_medians():
+    from fnbp.bench import lenet
+    v = {"fnbp_scan": {"ms_median": 50.0}, "lax_scan": {"ms_median": 510.0}, "fnbp_jit": {"ms_median": 80.0},
+         "lax_jit": {"ms_median": 90.0}, "torch_eager": {"skipped": "torch not installed"}}
+    t = {r["ratio"]: r for r in lenet.lenet_targets(v)}
+    assert set(t) == {"fnbp_scan / lax_jit", "lax_scan / fnbp_scan"}
+    assert t["fnbp_scan / lax_jit"]["value"] == pytest.approx(50 / 90) and t["fnbp_scan / lax_jit"]["met"] is True
+    assert t["lax_scan / fnbp_scan"]["value"] == pytest.approx(10.2) and t["lax_scan / fnbp_scan"]["met"] is True
+    v["fnbp_scan"]["ms_median"] = 60.0                   # 0.667 > 0.6 and 510 / 60 = 8.5 >= 5
+    t = {r["ratio"]: r for r in lenet.lenet_targets(v)}
+    assert t["fnbp_scan / lax_jit"]["met"] is False and t["lax_scan / fnbp_scan"]["met"] is True
+    v["lax_scan"]["ms_median"] = 51.0                    # the reference in scan barely slower: not met
+    t = {r["ratio"]: r for r in lenet.lenet_targets(v)}
+    assert t["lax_scan / fnbp_scan"]["value"] == pytest.approx(0.85) and t["lax_scan / fnbp_scan"]["met"] is False
+
+
+def test_lenet_section_of_a_known_result():
+    from fnbp.bench import lenet
+    paired = {"median": 0.55, "q1": 0.5, "q3": 0.6, "rounds": 5}
+
+    def row(name, ms, ratio):
+        return _timed(ms, 2 * ms, label=lenet.LABELS[name], gflops=10.0, frac_gemm=0.125,
+                      ratio_to_lax_jit=ratio, ratio_to_lax_jit_paired=paired, compile_s=3.0)
+
+    variants = {"fnbp_scan": row("fnbp_scan", 50.0, 50 / 90), "lax_scan": row("lax_scan", 510.0, 510 / 90),
+                "fnbp_jit": row("fnbp_jit", 80.0, 80 / 90), "lax_jit": row("lax_jit", 90.0, 1.0),
+                "torch_eager": {"label": lenet.LABELS["torch_eager"], "skipped": "torch not installed"}}
+    sec = {"arch": {"image_shape": [28, 28, 1], "channels": [32, 64], "kernel": 5, "padding": "VALID", "pool": 2,
+                    "hidden": [128], "n_classes": 10}, "batch_size": 64, "steps_per_call": 8,
+           "flops": 1_427_079_168, "flop_formula": "F.", "gemm_size": 1024, "gemm_gflops_concurrent": 80.0,
+           "variants": variants, "targets": lenet.lenet_targets(variants), "lax_uses_convolution": True,
+           "fnbp_uses_convolution": False}
+    lines = lenet.render(sec)
+    text = "\n".join(lines)
+    assert lines[0] == "## LeNet training step (issue #13), B = 64\n"
+    assert "1.43 GFLOP per step" in text and "n = 1024, 80 GFLOP/s" in text
+    assert (f"| {lenet.LABELS['fnbp_scan']} | 50 [45–55] | 10 | 0.12 | 0.56 (0.55 [0.50–0.60]) | 100 | 3 |"
+            in lines)
+    assert f"| {lenet.LABELS['torch_eager']} | skipped: torch not installed | | | | | |" in lines
+    assert ("| fnbp in its scan loop <= 0.6x the jit-per-step autodiff reference | fnbp_scan / lax_jit | "
+            "0.56× (bound <= 0.6) | yes |") in lines
+    assert ("| the autodiff reference inside scan >= 5x slower than fnbp's loop | lax_scan / fnbp_scan | "
+            "10.20× (bound >= 5) | yes |") in lines
+    out = lenet.summary(sec)
+    assert "  target fnbp_scan / lax_jit <= 0.6: 0.56 (met)" in out and any("torch_eager  skipped" in ln for ln in out)
+
+
 def test_parser():
     args = bench.build_parser().parse_args(["--quick", "--batch-sizes", "8,16", "--sizes", "16,8,4",
                                             "--cases", "optimizer,gemm", "--json", "x.json", "--md", "x.md"])
@@ -169,6 +254,7 @@ def test_registry_order_requirements_and_errors():
     cases = registry.load_cases()
     assert list(cases)[:2] == ["gemm", "train_step"]
     assert [c.name for c in registry.select(("optimizer", "train_step"))] == ["gemm", "train_step", "optimizer"]
+    assert [c.name for c in registry.select(("lenet",))] == ["gemm", "lenet"]          # fnbp bench --cases lenet
     with pytest.raises(ValueError, match="unknown case.*'nope'"):
         registry.select(("nope",))
     with pytest.raises(ValueError, match="already registered"):
@@ -333,6 +419,36 @@ def test_quick_run_other_cases(quick_run):
     assert row["multi_process"]["all_reduces"] >= 1 and row["one_device"]["all_reduces"] == 0
 
 
+def test_quick_run_lenet(quick_run):
+    """The LeNet case of the quick run: every variant timed, the FLOPs, the ratios and the targets
+    computed from the medians, and the reference really is JAX's convolution (fnbp's is not)."""
+    from fnbp import cnn
+    from fnbp.bench import lenet
+    r, md, stdout = quick_run
+    sec = r["lenet"]
+    assert sec["batch_size"] == 8 and sec["steps_per_call"] == 2
+    assert sec["flops"] == lenet.lenet_step_flops(cnn.lenet(**lenet.QUICK_ARCH), 8)
+    assert sec["gemm_size"] == r["gemm"]["best_size"] and _pos(sec["gemm_gflops_concurrent"])
+    v = sec["variants"]
+    for name in ("fnbp_scan", "lax_scan", "fnbp_jit", "lax_jit"):
+        row = v[name]
+        for key in TIMED + ("gflops", "frac_gemm", "ratio_to_lax_jit", "compile_s"):
+            assert _pos(row[key]), (name, key, row.get(key))
+        assert row["gflops"] == pytest.approx(sec["flops"] / (row["ms_median"] / 1e3) / 1e9)
+        assert row["frac_gemm"] == pytest.approx(row["gflops"] / sec["gemm_gflops_concurrent"])
+        assert row["ratio_to_lax_jit"] == pytest.approx(row["ms_median"] / v["lax_jit"]["ms_median"])
+        assert _pos(row["ratio_to_lax_jit_paired"]["median"]) and math.isfinite(row["final_loss"])
+    assert v["torch_eager"]["skipped"] == "--no-torch"
+    t = {x["ratio"]: x for x in sec["targets"]}
+    assert t["fnbp_scan / lax_jit"]["value"] == pytest.approx(v["fnbp_scan"]["ms_median"] / v["lax_jit"]["ms_median"])
+    assert t["lax_scan / fnbp_scan"]["value"] == pytest.approx(v["lax_scan"]["ms_median"] / v["fnbp_scan"]["ms_median"])
+    assert t["fnbp_scan / lax_jit"]["met"] == (t["fnbp_scan / lax_jit"]["value"] <= 0.6)
+    assert t["lax_scan / fnbp_scan"]["met"] == (t["lax_scan / fnbp_scan"]["value"] >= 5)
+    assert sec["lax_uses_convolution"] is True and sec["fnbp_uses_convolution"] is False
+    assert "## LeNet training step (issue #13), B = 8" in md and lenet.LABELS["lax_scan"] in md
+    assert "LeNet step, B = 8" in stdout and "target fnbp_scan / lax_jit <= 0.6" in stdout
+
+
 def test_quick_run_markdown_is_the_renderer_of_its_json(quick_run):
     r, md, stdout = quick_run
     assert md == report.render_markdown(r)
@@ -374,5 +490,28 @@ def test_torch_step_runs_and_learns():
     step()
     first = float(step.last_loss)
     for _ in range(30):
+        step()
+    assert math.isfinite(first) and float(step.last_loss) < first
+
+
+def test_torch_lenet_matches_fnbp_and_learns():
+    """The PyTorch LeNet computes fnbp's logits from the same weights, and its steps lower the loss
+    (skipped when torch is not installed: it is optional)."""
+    pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    from fnbp import cnn
+    from fnbp.bench import lenet
+    arch = cnn.lenet(**lenet.QUICK_ARCH)
+    key, x, y = lenet._data(arch, 16, 0)
+    params = jax.tree_util.tree_map(lambda v: v.astype(jnp.float32), cnn.init(key, arch))
+    x = x.astype(jnp.float32)
+    step = lenet.TorchLeNet(arch, params, x, y, 8, threads=1)
+    ours = np.asarray(cnn.apply(params, x, arch=arch))
+    theirs = step.logits(step.batches[0][0]).detach().numpy()
+    np.testing.assert_allclose(theirs, ours[:8], rtol=1e-4, atol=1e-5)
+    step()
+    first = float(step.last_loss)
+    for _ in range(20):
         step()
     assert math.isfinite(first) and float(step.last_loss) < first

@@ -30,11 +30,14 @@ ratios --, compile time and XLA's temp memory; all also in process CPU time (all
 Modules: ``harness`` (interleaved timing, medians, paired ratios, machine, HLO inspection),
 ``steps`` (FLOP count, the compared steps and runners), ``cases`` (the GEMM limit, the MLP
 step, weight-gradient layouts, the optimizer alone, per-example gradients), ``simulated``
-(data parallel over simulated CPU devices, in a subprocess), ``report`` (markdown and stdout),
-``registry`` (the case registry), ``run`` (the command line).
+(data parallel over simulated CPU devices, in a subprocess), ``multiprocess`` (several
+processes), ``per_example_rules`` (per-example norms and DP-SGD), ``lenet`` (the LeNet step of
+issue #13: fnbp's rules in fnbp's scan loop vs ``jax.grad`` through ``lax`` convolutions, jit per
+step and in scan, vs PyTorch eager), ``report`` (markdown and stdout), ``registry`` (the case
+registry), ``run`` (the command line).
 
-Adding a case (a section of the report: e.g. a CNN/LeNet step, more per-example or
-data-parallel rows). Write ``fnbp/bench/<topic>.py``::
+Adding a case (a section of the report: e.g. more per-example or data-parallel rows; see
+``lenet.py`` for a whole one). Write ``fnbp/bench/<topic>.py``::
 
     from . import harness
     from .registry import register

@@ -14,7 +14,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.multiprocess", "fnbp.bench.per_example_rules"]
+CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.multiprocess", "fnbp.bench.per_example_rules",
+                "fnbp.bench.lenet"]
 """Modules whose import registers cases, in report order."""
 
 
