@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import activations, conv, graph, losses, norm
+from . import activations, conv, graph, losses, regularization
 from .per_example import dropout_per_example
 from .rules import rule_of
 
@@ -129,7 +129,7 @@ def _per_example_masks(net):
         if n.aux and n.op is jax.random.fold_in:
             n = graph.node(n.name, lambda keys, k: jax.vmap(lambda key: jax.random.fold_in(key, k))(keys),
                            *n.args, aux=True)
-        elif rule_of(n.op) is norm.dropout.rule:
+        elif rule_of(n.op) is regularization.dropout.rule:
             n = graph.node(n.name, dropout_per_example, *n.args)
         nodes.append(n)
     return graph.make(nodes, net.output, net.state_updates)
