@@ -16,7 +16,7 @@ import jax.numpy as jnp
 __all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
            "batch_norm", "dropout", "conv2d", "max_pool", "avg_pool", "flatten", "global_avg_pool",
-           "batch_norm_channels"]
+           "batch_norm_channels", "lenet_logits"]
 
 
 def dense(W, b, h):
@@ -214,3 +214,18 @@ def batch_norm_channels(x, gamma, beta, *, eps=1e-5):
     mu = jnp.mean(x, axis=(0, 1, 2))
     var = jnp.var(x, axis=(0, 1, 2))
     return gamma * (x - mu) / jnp.sqrt(var + eps) + beta
+
+
+def lenet_logits(params, x, *, arch):
+    """A LeNet's logits (B, n_classes) from JAX's own ops, no batch norm or dropout: per block
+    ``max_pool(relu(conv2d(W, b, h)))`` (``lax.conv_general_dilated``, ``lax.reduce_window``), then
+    ``flatten`` and dense layers ``h W^T + b`` with ReLU between them.  Reference for
+    :func:`fnbp.cnn.apply` (params from ``fnbp.cnn.init(key, arch)``, x (B, H, W, C_in))."""
+    h = x
+    for layer in params["conv"]:
+        h = max_pool(relu(conv2d(layer["W"], layer["b"], h, padding=arch.padding)), window=arch.pool)
+    h = flatten(h)
+    for k, layer in enumerate(params["dense"]):
+        h = dense(layer["W"], layer["b"], h)
+        h = relu(h) if k < len(params["dense"]) - 1 else h
+    return h

@@ -69,18 +69,6 @@ def lenet_step_flops(arch, batch_size):
     return total - first
 
 
-def _lax_logits(params, x, *, arch):
-    """The LeNet's logits with JAX's own ops: ``lax.conv_general_dilated``, ``lax.reduce_window``, ``h @ W.T + b``."""
-    h = x
-    for layer in params["conv"]:
-        h = R.max_pool(jax.nn.relu(R.conv2d(layer["W"], layer["b"], h, padding=arch.padding)), window=arch.pool)
-    h = h.reshape(h.shape[0], -1)
-    for k, layer in enumerate(params["dense"]):
-        h = h @ layer["W"].T + layer["b"]
-        h = jax.nn.relu(h) if k < len(params["dense"]) - 1 else h
-    return h
-
-
 @dataclasses.dataclass(frozen=True)
 class LaxConfig(cnn.Config):
     """The same LeNet written with JAX's own ops (no rule), differentiated by ``jax.grad`` (conv
@@ -88,7 +76,7 @@ class LaxConfig(cnn.Config):
     plain-function node computing the logits (then the same loss node as fnbp's)."""
 
     def network(self, params, *, train):
-        return graph.make([graph.node("logits", _lax_logits, graph.Param(), graph.Input("x"), arch=self.arch)],
+        return graph.make([graph.node("logits", R.lenet_logits, graph.Param(), graph.Input("x"), arch=self.arch)],
                           "logits")
 
 
