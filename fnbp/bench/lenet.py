@@ -34,6 +34,7 @@ from fnbp import reference as R
 
 from .harness import interleaved, paired_ratio, summarize
 from .registry import CASE_MODULES, register
+from .report import measured
 
 for _module in CASE_MODULES[:CASE_MODULES.index(__name__)]:   # the cases before this one register first
     importlib.import_module(_module)                            # ("gemm", which it requires; report order)
@@ -261,10 +262,7 @@ def render(sec, result=None):
          f"{sec['flops'] / 1e9:.3g} GFLOP per step: {sec['flop_formula']}\n",
          "| variant | ms/step median [IQR] | GFLOP/s | fraction of GEMM rate | × lax jit-per-step (paired [IQR]) "
          "| CPU ms/step | compile s |", "|---|---|---|---|---|---|---|"]
-    for name in VARIANTS:
-        r = sec["variants"].get(name)
-        if r is None:
-            continue
+    for name, r in measured(sec["variants"], VARIANTS):
         if "skipped" in r:
             L.append(f"| {r['label']} | skipped: {r['skipped']} | | | | | |")
             continue

@@ -28,6 +28,12 @@ def _spread(r, prefix="ms"):
             + (f" ({_f(r['ms_min'])}–{_f(r['ms_max'])})" if prefix == "ms" else ""))
 
 
+def measured(variants, names):
+    """(name, row) for each of ``names`` present in ``variants`` (a case's rows), in that order; rows
+    that say why they were ``"skipped"`` are included."""
+    return [(name, variants[name]) for name in names if variants.get(name) is not None]
+
+
 def render_header(result):
     """Title, the summary of the MLP step ratios, the machine and the method."""
     net = result["network"]
@@ -148,10 +154,7 @@ def render_train_step(steps, result):
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in steps:
         B = s["batch_size"]
-        for name in STEP_VARIANTS:
-            r = s["variants"].get(name)
-            if r is None:
-                continue
+        for name, r in measured(s["variants"], STEP_VARIANTS):
             if "skipped" in r:
                 L.append(f"| {B} | {SHORT[name]} | skipped: {r['skipped']} |" + " |" * 10)
                 continue
@@ -327,10 +330,7 @@ def summary_train_step(steps):
     L = [f"\n{'B':>5} {'variant':<18} {'ms median':>10} {'IQR':>19} {'ex/s':>9} {'GFLOP/s':>8} {'%GEMM':>6} "
          f"{'x peer':>7} {'paired':>7} {'CPU ms':>8} {'CPU x peer':>10} {'%GEMM cpu':>9} {'compile':>8} {'temp MB':>8}"]
     for s in steps:
-        for name in STEP_VARIANTS:
-            r = s["variants"].get(name)
-            if r is None:
-                continue
+        for name, r in measured(s["variants"], STEP_VARIANTS):
             if "skipped" in r:
                 L.append(f"{s['batch_size']:>5} {SHORT[name]:<18} skipped: {r['skipped']}")
                 continue
