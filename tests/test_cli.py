@@ -97,8 +97,10 @@ def test_help_shows_each_default_once_and_no_python_reprs(capsys, monkeypatch):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "[64, 32, 10]" not in text
-    assert "(default: 64,32,10)" in text and "(default: 16)" in text and "runs/<data>-mlp" in text
-    assert text.count("(default: $FNBP_MNIST_DIR") == 1 and text.count("default: True") == 1
+    assert "(default: 64,32,10)" in text and "(default: mlp 16, lenet 64)" in text and "runs/<data>-mlp" in text
+    assert "(default: mlp 40, lenet 10; lenet on digits 40)" in text and "(default: mlp on, lenet off)" in text
+    assert text.count("(default: $FNBP_MNIST_DIR") == 1 and "default: True" not in text
+    assert "model's default" not in text and "_Unset" not in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -268,10 +270,15 @@ def test_mnist_t10k_fallback_split_is_announced(capsys, tmp_path):
 def test_lenet_trains_from_the_command_line_and_refuses_layers(capsys, tmp_path):
     out = tmp_path / "lenet"
     rc, text, err = _main(capsys, "train", "--data", "digits", "--model", "lenet", "--epochs", "1", "--quiet",
-                          "--out", str(out))
+                          "--batch-size", "16", "--lr", "3e-3", "--out", str(out))
     assert rc == 0, err
     history = json.loads((out / "history.json").read_text())
-    assert history["settings"][0]["args"]["model"] == "lenet"
+    args = history["settings"][0]["args"]
+    assert args["model"] == "lenet"
+    # the LeNet's own defaults where no flag was given (on digits: 1-pixel shifts), the flags where given
+    assert (args["dropout"], args["augment"], args["standardize"], args["l2"], args["lr_schedule"]) == (
+        0.25, 1, False, 0.0, "constant")
+    assert (args["batch_size"], args["lr"]) == (16, 3e-3)
     assert history["history"][0]["test_accuracy"] > 0.3                   # chance is 0.1
     meta = checkpoint.read_metadata(out / "checkpoint.npz")
     assert meta["epoch"] == 1 and meta["extra"]["args"]["model"] == "lenet"

@@ -23,7 +23,6 @@ compile time; and the issue's targets, from the medians: fnbp in its loop <= 0.6
 jit-per-step autodiff reference, and the reference inside scan >= 5x slower than fnbp's loop.
 """
 import dataclasses
-import importlib
 import time
 
 import jax
@@ -33,11 +32,8 @@ from fnbp import cnn, graph
 from fnbp import reference as R
 
 from .harness import interleaved, paired_ratio, summarize
-from .registry import CASE_MODULES, register
+from .registry import register
 from .report import measured
-
-for _module in CASE_MODULES[:CASE_MODULES.index(__name__)]:   # the cases before this one register first
-    importlib.import_module(_module)                            # ("gemm", which it requires; report order)
 from .steps import LEARNING_RATE, Gemm
 
 VARIANTS = ("fnbp_scan", "lax_scan", "fnbp_jit", "lax_jit", "torch_eager")

@@ -56,9 +56,16 @@ CASES: dict = {}
 
 
 def register(name, *, run, render=None, summary=None, requires=(), help=""):
-    """Add a case named ``name`` (its key in the JSON report and in ``--cases``); returns it."""
+    """Add a case named ``name`` (its key in the JSON report and in ``--cases``); returns it.
+
+    When ``run``'s module is one of ``CASE_MODULES``, the modules before it are imported first, so the
+    report order is ``CASE_MODULES``' order whichever case module a program imports first."""
     if name in CASES:
         raise ValueError(f"fnbp.bench.register: a case named {name!r} is already registered")
+    module = getattr(run, "__module__", None)
+    if module in CASE_MODULES:       # whatever is imported first, earlier modules' cases register first
+        for earlier in CASE_MODULES[:CASE_MODULES.index(module)]:
+            importlib.import_module(earlier)
     unknown = [r for r in requires if r not in CASES]
     if unknown:
         raise ValueError(f"fnbp.bench.register: case {name!r} requires {unknown}, which are not registered "
