@@ -329,6 +329,10 @@ def test_optimizer_section_and_stdout_summary_of_a_known_result():
 
 
 # --------------------------------------------------------------------------- one quick run, end to end
+# every case but per_example_rules, whose quick run (MLP and LeNet rows) tests/test_per_example.py makes and checks
+QUICK_CASES = "gemm,train_step,grad_w_layouts,optimizer,per_example,simulated_devices,multiprocess,lenet"
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -338,7 +342,7 @@ def quick_run(tmp_path_factory):
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "fnbp", "bench", "--quick", "--batch-sizes", str(TINY_B),
            "--sizes", ",".join(map(str, TINY)), "--gemm-sizes", "32,64", "--min-time", "0.01",
-           "--per-example-batch", "4", "--simulated-devices", str(N_SIM), "--no-torch",
+           "--per-example-batch", "4", "--simulated-devices", str(N_SIM), "--no-torch", "--cases", QUICK_CASES,
            "--json", str(out / "b.json"), "--md", str(out / "b.md")]
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -515,3 +519,8 @@ def test_torch_lenet_matches_fnbp_and_learns():
     for _ in range(20):
         step()
     assert math.isfinite(first) and float(step.last_loss) < first
+
+
+def test_quick_run_covers_every_case_but_the_one_tested_elsewhere():
+    """A new case is in the quick run unless it is added here on purpose."""
+    assert set(QUICK_CASES.split(",")) | {"per_example_rules"} == set(registry.load_cases())
