@@ -2,8 +2,9 @@
 ``fnbp.bench`` run alone (what it measures: ``fnbp/bench/per_example_rules.py``).
 
     python -m experiments.bench_per_example                  # writes experiments/results/bench_per_example.{md,json}
-    python -m experiments.bench_per_example --quick --sizes 16,8,8,4 --batch 8 --out /tmp/x
+    python -m experiments.bench_per_example --quick --sizes 16,8,8,4 --batch 8 --lenet-batch 4 --out /tmp/x
 
+The MLP rows (784-512-512-10, B = 256), then the LeNet rows (B = 64; ``--lenet-batch 0`` leaves them out).
 (``fnbp bench --cases per_example_rules`` runs the same case inside the full benchmark's report.)
 """
 import sys
@@ -14,7 +15,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common  # noqa: E402
-from fnbp.bench.per_example_rules import bench_per_example_rules, render  # noqa: E402
+import fnbp  # noqa: E402
+from fnbp.bench.per_example_rules import bench_per_example_lenet, bench_per_example_rules, render  # noqa: E402
 
 
 def main(argv=None):
@@ -22,11 +24,16 @@ def main(argv=None):
         p.add_argument("--sizes", default="784,512,512,10")
         p.add_argument("--batch", type=int, default=256)
         p.add_argument("--min-time", type=float, default=5.0, help="seconds of samples per variant")
+        p.add_argument("--lenet-batch", type=int, default=64, help="B of the LeNet rows (0: no LeNet rows)")
     args = common.parse_args("per-example norms and DP-SGD step: fnbp rules vs vmap(grad)", argv, add_arguments=add)
     sizes = tuple(int(v) for v in args.sizes.split(","))
     min_time = min(args.min_time, 0.05) if args.quick else args.min_time
     t0 = time.perf_counter()
     res = bench_per_example_rules(sizes, args.batch, min_time=min_time, seed=args.seed)
+    if args.lenet_batch:        # the LeNet of issue #13 (28 x 28 x 1); --quick: a tiny 8 x 8 one
+        arch = (fnbp.cnn.LeNet(image_shape=(8, 8, 1), channels=(4, 6), kernel=3, padding="SAME", hidden=(8,))
+                if args.quick else fnbp.cnn.lenet((28, 28, 1)))
+        res["lenet"] = bench_per_example_lenet(arch, args.lenet_batch, min_time=min_time, seed=args.seed)
     md = "\n".join(render(res)).replace("## Per-example", "# Per-example", 1)
     common.write_results(args.out, "bench_per_example", md, res, args=args, seconds=time.perf_counter() - t0)
     print(md)
