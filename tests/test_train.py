@@ -158,6 +158,7 @@ def test_non_finite_parameters_stop_training_at_their_epoch_and_step():
         T.train(params, _nan_at_step(9), ds, key=jax.random.PRNGKey(0), epochs=5, batch_size=1, progress=False,
                 on_epoch=lambda r: saved.append(r.epoch))
     assert saved == [1, 2]                            # epochs 1 and 2 were good and checkpointed, epoch 3 not
+    assert [type(e) for e in saved] == [int, int]     # 1-based Python ints, as checkpoint.save requires
     assert issubclass(T.NonFiniteParamsError, T.NonFiniteError)
 
 
