@@ -153,7 +153,7 @@ class TorchLeNet:
             self.linears.append(lin)
         modules = self.convs + self.linears
         self.opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=LEARNING_RATE)
-        x_nchw = torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+        x_nchw = torch.from_numpy(np.array(np.asarray(x).transpose(0, 3, 1, 2), order="C"))
         y_t = torch.from_numpy(np.asarray(y).astype(np.int64))
         self.batches = [(x_nchw[i:i + batch_size], y_t[i:i + batch_size])
                         for i in range(0, x_nchw.shape[0], batch_size)]

@@ -175,7 +175,7 @@ class TorchStep:
                 layers.append(torch.nn.ReLU())
         self.model = torch.nn.Sequential(*layers)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE)
-        self.x = torch.from_numpy(np.ascontiguousarray(x))
+        self.x = torch.from_numpy(np.array(x, order="C"))
         self.y = torch.from_numpy(np.asarray(y).astype(np.int64))
         self.F = F
         self.last_loss = None
