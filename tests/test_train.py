@@ -128,12 +128,18 @@ def test_backprop_mode_equals_autodiff_mode():
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_skips_callback(digits):
+    # 1438 examples / batch 16 = 90 steps per epoch: eta is ordinary for steps 0-199 (epochs 0 and 1) and
+    # 1e30 from step 200 (epoch 2, 0-based) on, so the loss turns non-finite in epoch 2 or later and the
+    # good epochs before it must all have been handed to on_epoch -- a list that is not empty.
+    blow_up = optax.piecewise_constant_schedule(3e-3, {200: 1e30 / 3e-3})
     saved = []
     with pytest.raises(T.NonFiniteLossError, match=r"epoch \d+ \(0-based\), step \d+") as ei:
-        _run(digits, seed=0, epochs=5, lr=1e30, cfg=T.Config(), on_epoch=lambda r: saved.append(r.epoch))
+        _run(digits, seed=0, epochs=6, lr=blow_up, cfg=T.Config(), on_epoch=lambda r: saved.append(r.epoch))
     bad_epoch = int(re.search(r"epoch (\d+) \(0-based\)", str(ei.value)).group(1))
-    # exactly the epochs before the bad one were handed to on_epoch (i.e. checkpointed)
+    assert bad_epoch >= 2
+    # exactly the epochs before the bad one were handed to on_epoch (i.e. checkpointed), as 1-based ints
     assert saved == list(range(1, bad_epoch + 1))
+    assert all(type(e) is int for e in saved)
 
 
 def _nan_at_step(n):
