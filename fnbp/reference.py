@@ -166,19 +166,25 @@ def dropout(x, p, key):
 
 
 # --- convolutional layers (lax's own ops, differentiated by JAX) ----------------
-def _lax_padding(padding):
-    """fnbp's padding option ("SAME", "VALID" or an int p) in lax.conv_general_dilated's terms."""
-    return padding.upper() if isinstance(padding, str) else ((padding, padding), (padding, padding))
-
-
 def conv2d(W, b, h, *, stride=1, padding="SAME"):
     """a = W * h + b: ``lax.conv_general_dilated`` with h NHWC, W (C_out, C_in, kh, kw) (OIHW), plus the bias.
 
     Reference for :func:`fnbp.conv.conv2d` (same padding semantics: "SAME", "VALID" or an int).
+
+    An int padding p is applied as ``jnp.pad`` (p zeros on each side of H and W) followed by a
+    "VALID" convolution -- the same function as ``conv_general_dilated(..., ((p, p), (p, p)))``,
+    written this way because XLA:CPU (jaxlib 0.10.2) aborts the whole process (``Check failed`` in
+    its algebraic simplifier) when it compiles JAX's gradient with respect to h of a *strided*
+    convolution with explicit padding for some shapes, e.g. h (1, 4, 4, 1), W (1, 1, 2, 4),
+    stride 2, padding 1.  "SAME" and "VALID" go to lax unchanged.
     """
     from jax import lax
-    a = lax.conv_general_dilated(h, W, (stride, stride), _lax_padding(padding),
-                                 dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    if isinstance(padding, str):
+        lax_padding = padding.upper()
+    else:
+        h = jnp.pad(h, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        lax_padding = "VALID"
+    a = lax.conv_general_dilated(h, W, (stride, stride), lax_padding, dimension_numbers=("NHWC", "OIHW", "NHWC"))
     return a + b
 
 
