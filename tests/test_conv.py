@@ -94,9 +94,9 @@ def test_reference_int_padding_is_lax_explicit_padding_and_differentiates_where_
                                                 dimension_numbers=("NHWC", "OIHW", "NHWC")) + b
         np.testing.assert_allclose(reference.conv2d(W_, b, x, stride=s, padding=p), lax_explicit, rtol=1e-12, atol=1e-13)
 
-        def loss(fn):
+        def grad_of(fn):
             return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(_bind(fn, s, p)(*a))), argnums=(0, 1, 2)))
-        for g, g_ref in zip(loss(conv.conv2d)(*args), loss(reference.conv2d)(*args)):
+        for g, g_ref in zip(grad_of(conv.conv2d)(*args), grad_of(reference.conv2d)(*args)):
             assert max_rel(g, g_ref) <= 1e-10
 
 

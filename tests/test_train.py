@@ -128,10 +128,11 @@ def test_backprop_mode_equals_autodiff_mode():
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_skips_callback(digits):
-    # 1438 examples / batch 16 = 90 steps per epoch: eta is ordinary for steps 0-199 (epochs 0 and 1) and
-    # 1e30 from step 200 (epoch 2, 0-based) on, so the loss turns non-finite in epoch 2 or later and the
-    # good epochs before it must all have been handed to on_epoch -- a list that is not empty.
-    blow_up = optax.piecewise_constant_schedule(3e-3, {200: 1e30 / 3e-3})
+    # eta is ordinary until the middle of epoch 2 (0-based, batch 16) and 1e30 from there on, so the loss turns
+    # non-finite in epoch 2 or later and the good epochs before it must all have been handed to on_epoch --
+    # a list that is not empty.
+    mid_epoch_2 = int(2.5 * len(digits.x_train) / 16)
+    blow_up = optax.piecewise_constant_schedule(3e-3, {mid_epoch_2: 1e30 / 3e-3})
     saved = []
     with pytest.raises(T.NonFiniteLossError, match=r"epoch \d+ \(0-based\), step \d+") as ei:
         _run(digits, seed=0, epochs=6, lr=blow_up, cfg=T.Config(), on_epoch=lambda r: saved.append(r.epoch))
