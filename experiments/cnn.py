@@ -53,15 +53,21 @@ def add_arguments(p):
     p.add_argument("--data-dir", default=None, help="MNIST directory (default: fnbp.data.load_mnist's search)")
 
 
-def run(cfg, params, data, *, epochs, key, state=None):
+def lenet_run(arch, *, augment=0, dropout=0.0):
+    """(recipe, model) of a LeNet run: shifts are the recipe's, dropout the model's (``fnbp.cnn.Network``)."""
+    return ftrain.Config(augment=augment), cnn.Network(arch, dropout=dropout)
+
+
+def run(cfg, params, data, *, epochs, key, state=None, model=None):
     """Train with fnbp's epoch loop; returns (params, state, history)."""
     opt = optim.adam(LR)
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     xt, yt = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     state = (cnn.init_state(params) if isinstance(params, dict) else mlp.init_state(params)) if state is None else state
     opt_state = opt.init(params)
-    epoch = jax.jit(ftrain.make_epoch(cfg, opt, batch_size=BATCH, n_examples=x.shape[0]), donate_argnums=(0, 1, 2))
-    evaluate = jax.jit(lambda p, s, a, b: ftrain.evaluate(cfg, p, s, a, b))
+    epoch = jax.jit(ftrain.make_epoch(cfg, opt, model=model, batch_size=BATCH, n_examples=x.shape[0]),
+                    donate_argnums=(0, 1, 2))
+    evaluate = jax.jit(lambda p, s, a, b: ftrain.evaluate(cfg, p, s, a, b, model=model))
     history, t0 = [], time.perf_counter()
     for e in range(epochs):
         t = time.perf_counter()
@@ -104,13 +110,13 @@ def main(argv=None):
 
     results, curves = {}, {}
     main_arch = cnn.lenet(shape, **arch_options)
-    main_cfg = cnn.Config(arch=main_arch, **MAIN)
+    main_cfg, main_model = lenet_run(main_arch, **MAIN)
     finals, seconds = [], []
     for s in range(n_seeds):
         seed = args.seed + s
         common.log(f"main ({MAIN}), seed {seed}")
         params, state, hist, secs = run(main_cfg, cnn.init(jax.random.key(seed), main_arch), data, epochs=epochs,
-                                        key=jax.random.key(1000 + seed))
+                                        key=jax.random.key(1000 + seed), model=main_model)
         finals.append(hist[-1]["test_accuracy"])
         seconds.append(secs)
         curves[f"main, seed {seed}"] = hist
@@ -124,8 +130,9 @@ def main(argv=None):
     for name, (cfg_opts, arch_opts) in variants.items():
         common.log(f"{name}, seed {args.seed}")
         arch = cnn.lenet(shape, **arch_options, **arch_opts)
-        _, _, hist, secs = run(cnn.Config(arch=arch, **cfg_opts), cnn.init(jax.random.key(args.seed), arch), data,
-                               epochs=epochs, key=jax.random.key(1000 + args.seed))
+        cfg, model = lenet_run(arch, **cfg_opts)
+        _, _, hist, secs = run(cfg, cnn.init(jax.random.key(args.seed), arch), data,
+                               epochs=epochs, key=jax.random.key(1000 + args.seed), model=model)
         curves[name] = hist
         results[name] = {"seeds": 1, "accuracies": [hist[-1]["test_accuracy"]], "mean": hist[-1]["test_accuracy"],
                          "std": None, "seconds_per_run": secs}

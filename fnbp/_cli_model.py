@@ -94,6 +94,8 @@ def fill_defaults(args):
     gets the LeNet's recipe)."""
     kind = "lenet" if is_user(args.model) else args.model
     defaults = {**MODEL_DEFAULTS[kind], **DATA_DEFAULTS.get((kind, args.data), {})}
+    if is_user(args.model):
+        defaults["dropout"] = 0.0                      # a user's model carries its own dropout layers
     for name, value in defaults.items():
         if getattr(args, name) is UNSET:
             setattr(args, name, value)

@@ -33,7 +33,7 @@ from .ops import batch_norm_eval
 from .pool import batch_norm_channels, flatten, max_pool, pool_output_size
 
 __all__ = ["LeNet", "lenet", "init", "init_state", "network", "apply", "apply_stateful", "shift_augment", "num_params",
-           "AUGMENT_KEY"]
+           "AUGMENT_KEY", "Network"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,8 @@ def init_state(params):
                    if "gamma" in layer else {} for layer in params[part]] for part in ("conv", "dense")}
 
 
-def _check_input(arch, x, name):
+def check_input(arch, x, name):
+    """Raise a ValueError naming ``name`` when x is not a batch of ``arch``'s images."""
     if jnp.ndim(x) != 4 or tuple(jnp.shape(x)[1:]) != arch.image_shape:
         raise ValueError(f"{name}: x must have shape (batch, {', '.join(map(str, arch.image_shape))}) "
                          f"(channels last, as the architecture's image_shape), got shape {jnp.shape(x)}")
@@ -182,6 +183,38 @@ def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, 
     return graph.make(nodes, prev, updates)
 
 
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """The functional LeNet as a model (``graph``, ``init_state``, ``check_params``) for ``fnbp.train``,
+    ``fnbp.per_example`` and ``fnbp.dp`` (``model=fnbp.cnn.Network(arch)``), on ``init``'s parameters
+    ``{"conv": [...], "dense": [...]}``.  ``dropout``: on the input of every dense layer in training.
+    (Shifts of the training images are a recipe: ``fnbp.train.Config(augment=...)``.)"""
+    arch: LeNet = LeNet()
+    dropout: float = 0.0
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"fnbp.cnn.Network: dropout must be in [0, 1), got {self.dropout}")
+
+    def graph(self, params, *, train=False, running=True):
+        net = network(params, arch=self.arch, train=train, dropout=self.dropout if train else 0.0,
+                      bn_momentum=self.bn_momentum)
+        if train and not running:
+            net = net._replace(nodes=tuple(n for n in net.nodes if not n.name.startswith("stats_")), state_updates=())
+        return net
+
+    def init_state(self, params):
+        return init_state(params)
+
+    def check_params(self, params, x=None, name="fnbp.cnn"):
+        if not isinstance(params, dict) or set(params) != {"conv", "dense"}:
+            raise ValueError(f"{name}: a LeNet's params must be a dict with 'conv' and 'dense' (fnbp.cnn.init), "
+                             f"got {type(params).__name__}")
+        if x is not None:
+            check_input(self.arch, x, name)
+
+
 def apply_stateful(params, state, x, *, arch=LeNet(), train, key=None, dropout=0.0, bn_momentum=0.1, augment=0):
     """Forward pass; returns (logits, new batch-norm state).
 
@@ -190,7 +223,7 @@ def apply_stateful(params, state, x, *, arch=LeNet(), train, key=None, dropout=0
     layer and random shifts of up to ``augment`` pixels, keyed by ``key``; ``train=False``:
     running statistics, no dropout, no shifts.
     """
-    _check_input(arch, x, "fnbp.cnn.apply")
+    check_input(arch, x, "fnbp.cnn.apply")
     if not 0 <= dropout < 1:
         raise ValueError(f"fnbp.cnn.apply_stateful: dropout must be in [0, 1), got {dropout}")
     if train and (dropout or augment) and key is None:

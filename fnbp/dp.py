@@ -41,25 +41,27 @@ __all__ = ["clipped_grad_sum", "loss_and_clipped_grad_sum", "clipped_objective",
            "GaussianNoiseState", "add_noise", "gaussian", "noise_std", "clip_factors", "epsilon"]
 
 
-def _number(name, what, v, *, positive):
-    """v as a float (anything float() takes: numpy and JAX scalars too), else a named error."""
+def _number(name, what, v, *, positive, meaning):
+    """v as a float (anything float() takes: numpy and JAX scalars too), else a ValueError naming ``name``."""
+    bound = "> 0" if positive else ">= 0"
     try:
-        if isinstance(v, bool) or v is None:
+        if isinstance(v, (bool, str, bytes)) or v is None:
             raise TypeError
         f = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: {what} must be a number, got {v!r}") from None
+        raise ValueError(f"{name}: {what} must be a finite number {bound} ({meaning}), got {v!r}") from None
     if not math.isfinite(f) or (f <= 0 if positive else f < 0):
-        raise ValueError(f"{name}: {what} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+        raise ValueError(f"{name}: {what} must be a finite number {bound} ({meaning}), got {v!r}")
     return f
 
 
 def _check_clip(name, clip, noise_multiplier=False):
     """C as a float > 0 (and sigma >= 0 unless ``noise_multiplier`` is False: not asked for)."""
-    clip = _number(name, "clip (the L2 norm bound C)", clip, positive=True)
+    clip = _number(name, "clip", clip, positive=True, meaning="the L2 norm bound C")
     if noise_multiplier is False:
         return clip, None
-    return clip, _number(name, "noise_multiplier (sigma: noise std = sigma C)", noise_multiplier, positive=False)
+    return clip, _number(name, "noise_multiplier", noise_multiplier, positive=False,
+                         meaning="sigma: the noise std is sigma C")
 
 
 def clip_factors(norms, clip):

@@ -66,6 +66,18 @@ def network(params, x, *, model=None, arch=None, activation=activations.relu, ou
     if model is not None and arch is not None:
         raise ValueError(f"{name}: give model= or arch=, not both")
     legacy = activation is not activations.relu or output is not activations.identity or dropout
+    if arch is not None and not isinstance(arch, graph.Graph) and not (activation is not activations.relu
+                                                                      or output is not activations.identity):
+        from . import cnn                             # the functional LeNet (fnbp.cnn): its dropout is an option
+        if not isinstance(arch, cnn.LeNet):
+            raise ValueError(f"{name}: arch must be a fnbp.cnn.LeNet or a fnbp.graph.Graph, got {type(arch).__name__}")
+        if not isinstance(params, dict) or set(params) != {"conv", "dense"}:
+            raise ValueError(f"{name}: a LeNet's params must be a dict with 'conv' and 'dense' (fnbp.cnn.init), "
+                             f"got {type(params).__name__}")
+        cnn.check_input(arch, x, name)
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"{name}: dropout must be a drop probability in [0, 1), got {dropout!r}")
+        return cnn.network(params, arch=arch, train=True, dropout=dropout)
     if model is not None or arch is not None:
         if legacy:
             raise ValueError(f"{name}: activation=, output= and dropout= describe the MLP used without a model; a "
@@ -73,19 +85,13 @@ def network(params, x, *, model=None, arch=None, activation=activations.relu, ou
                              f"dropout={dropout!r})")
         if isinstance(model or arch, graph.Graph):
             return model or arch
-        if model is not None:
-            if not hasattr(model, "graph"):
-                raise TypeError(f"{name}: model must be an fnbp.nn model (fnbp.nn.serial(...)) or a fnbp.graph.Graph, "
-                                f"got {type(model).__name__}")
-            model.check_params(params, x, name=name)
-            return model.graph(params, train=True)
-        from . import cnn
-        if not isinstance(arch, cnn.LeNet):
+        if arch is not None:
             raise ValueError(f"{name}: arch must be a fnbp.cnn.LeNet or a fnbp.graph.Graph, got {type(arch).__name__}")
-        if not isinstance(params, dict) or set(params) != {"conv", "dense"}:
-            raise ValueError(f"{name}: a LeNet's params must be a dict with 'conv' and 'dense' (fnbp.cnn.init), "
-                             f"got {type(params).__name__}")
-        return cnn.network(params, arch=arch, train=True)
+        if not hasattr(model, "graph"):
+            raise TypeError(f"{name}: model must be an fnbp.nn model (fnbp.nn.serial(...)) or a fnbp.graph.Graph, "
+                            f"got {type(model).__name__}")
+        model.check_params(params, x, name=name)
+        return model.graph(params, train=True)
     if jnp.ndim(x) != 2:
         raise ValueError(f"{name}: x must be a mini-batch of shape (batch, n_0), got shape {jnp.shape(x)}")
     mlp.check_params(params, x, name=name)
@@ -166,6 +172,8 @@ def walk(params, x, d, *, model=None, loss=losses.half_sse, l2=0.0, key=None, ar
     B = jnp.shape(x)[0]
     with_l2 = mlp.has_l2(l2)
     net = graph.objective(_per_example_masks(net), spec._replace(reduction="sum"), l2=with_l2)
+    if key is None and any(n.aux and n.op is _fold_in_each for n in net.nodes):
+        raise ValueError(f"{name}: the model's dropout needs an explicit jax.random key (key=...)")
     keys_ = None if key is None else keys.per_example(key, B)
     E, tape = graph.forward(net, params, {"x": x, "d": d, "key": keys_, "l2": l2}, who=name)
     trace = graph.trace(tape, graph.backward(tape, who=name)).nodes

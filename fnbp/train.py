@@ -94,7 +94,7 @@ def resolve_model(cfg, model, name=None):
     """The model a step runs: ``model``, or ``cfg``'s MLP when None.  Refuses a model together with MLP fields
     of ``cfg`` that are not at their defaults (they would be ignored)."""
     name = name or _FN
-    if model is None:
+    if model is None or model == cfg.mlp():
         return cfg.mlp()
     if not (hasattr(model, "graph") and hasattr(model, "init_state") and hasattr(model, "check_params")):
         raise TypeError(f"{name}: model must be an fnbp.nn model (fnbp.nn.serial(...), fnbp.nn.mlp, fnbp.nn.lenet), "

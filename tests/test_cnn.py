@@ -60,12 +60,13 @@ def test_explicit_walker_and_autodiff_give_the_same_gradients():
     arch = cnn.LeNet(image_shape=(8, 8, 1), channels=(2, 3), kernel=3, padding="SAME", hidden=(4,), n_classes=3,
                      batch_norm=True)
     params = cnn.init(jax.random.key(0), arch, dtype=jnp.float64)
-    cfg = cnn.Config(arch=arch, dropout=0.3, augment=1)
+    model = cnn.Network(arch, dropout=0.3)
     x = np.random.default_rng(1).standard_normal((6, 8, 8, 1))
-    inputs = {"x": x, "d": np.array([0, 1, 2, 0, 1, 2]), "key": jax.random.key(7)}
+    inputs = {"x": cnn.shift_augment(jax.random.key(8), x, 1), "d": np.array([0, 1, 2, 0, 1, 2]),
+              "key": jax.random.key(7)}
 
     def both(params, inputs):
-        net = graph.objective(cfg.network(params, train=True), losses.loss_spec(cfg.loss))
+        net = graph.objective(model.graph(params, train=True), losses.softmax_cross_entropy)
         return [graph.value_and_grad(net, params, inputs, cnn.init_state(params), explicit=e) for e in (True, False)]
     explicit, autodiff = compile_fast(both, params, inputs)
     for a, b in zip(jax.tree_util.tree_leaves(explicit), jax.tree_util.tree_leaves(autodiff)):
@@ -82,10 +83,11 @@ def _digits(n_train=256):
 def test_trains_in_fnbps_epoch_loop_deterministically():
     x, y, xt, yt = _digits(n_train=1408)
     arch = cnn.lenet((8, 8, 1), channels=(8, 16), hidden=(32,), batch_norm=True)
-    cfg = cnn.Config(arch=arch, dropout=0.1, augment=1, grad="backprop")    # the explicit walker in the loop
+    cfg = train.Config(augment=1, grad="backprop")                       # the explicit walker in the loop
+    model = cnn.Network(arch, dropout=0.1)
     opt = optim.adam(3e-3)
     params = cnn.init(jax.random.key(0), arch)
-    epoch = jax.jit(train.make_epoch(cfg, opt, batch_size=32, n_examples=x.shape[0]))
+    epoch = jax.jit(train.make_epoch(cfg, opt, model=model, batch_size=32, n_examples=x.shape[0]))
 
     def run(key):
         p, s, o = params, cnn.init_state(params), opt.init(params)
@@ -98,7 +100,7 @@ def test_trains_in_fnbps_epoch_loop_deterministically():
     assert means[-1] < 0.6 * means[0], means                  # it learns (measured: 2.1 -> 0.6)
     assert np.all(np.isfinite(means))
     assert np.any(np.asarray(s["conv"][0]["mean"]) != 0)      # running statistics were updated
-    _, acc = jax.jit(lambda p, s: train.evaluate(cfg, p, s, xt, yt))(p, s)
+    _, acc = jax.jit(lambda p, s: train.evaluate(cfg, p, s, xt, yt, model=model))(p, s)
     assert float(acc) > 0.3                                   # far above chance (0.1); measured ~0.8
     p2, _, means2 = run(jax.random.key(5))                    # same key, same run
     assert means2 == means
@@ -134,7 +136,11 @@ def test_named_errors():
     p = cnn.init(jax.random.key(0), arch)
     with pytest.raises(ValueError, match=r"fnbp.cnn.apply: x must have shape \(batch, 8, 8, 1\).*got shape \(2, 64\)"):
         cnn.apply(p, np.zeros((2, 64)), arch=arch)
-    with pytest.raises(ValueError, match="fnbp.cnn.Config: augment must be an int >= 0"):
-        cnn.Config(arch=arch, augment=-1)
+    with pytest.raises(ValueError, match="fnbp.train.Config: augment must be an int >= 0"):
+        train.Config(augment=-1)
+    with pytest.raises(ValueError, match=r"fnbp.cnn.LeNet: n_classes must be positive ints, got 0"):
+        cnn.lenet((8, 8, 1), n_classes=0)
+    with pytest.raises(ValueError, match=r"fnbp.cnn.LeNet: channels must be positive ints, got \(4, -1\)"):
+        cnn.LeNet(image_shape=(8, 8, 1), channels=(4, -1), kernel=3, padding="SAME")
     with pytest.raises(ValueError, match="need an explicit jax.random key"):
         cnn.apply_stateful(p, cnn.init_state(p), np.zeros((2, 8, 8, 1)), arch=arch, train=True, dropout=0.5)

@@ -103,8 +103,18 @@ def test_epsilon_matches_dp_accounting_for_the_mnist_setting():
 
 def test_bad_arguments_are_named():
     act, _, loss, _, params, x, d = make_case("relu-half_sse")
-    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: clip must be a positive finite number"):
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: clip must be a finite number > 0 \(the L2 norm "
+                                         r"bound C\), got 0\.0"):
         dp.clipped_grad_sum(params, x, d, clip=0.0)
+    # None, a string: named, not a NoneType TypeError; numpy / JAX scalars are numbers (as float() takes them)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.private_grad: noise_multiplier must be a finite number >= 0 "
+                                         r"\(sigma: the noise std is sigma C\), got None"):
+        dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=None)
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: clip must be a finite number > 0 .*got '1'"):
+        dp.clipped_grad_sum(params, x, d, clip="1")
+    g_np = dp.private_grad(params, x, d, jax.random.key(0), clip=np.float64(1.0), noise_multiplier=jnp.float32(1.0))
+    g_py = dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=1.0)
+    assert max_abs_diff(g_np, g_py) == 0.0
     with pytest.raises(ValueError, match=r"fnbp\.dp\.private_grad: noise_multiplier must be a finite number >= 0"):
         dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=-1.0)
     with pytest.raises(ValueError, match=r"fnbp\.dp\.epsilon: delta must be in \(0, 1\), got 0"):
@@ -114,7 +124,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"fnbp\.dp\.gaussian_noise: batch_size must be a positive integer"):
         dp.gaussian_noise(1.0, 1.0, 0, jax.random.key(0))
     bn = fnbp.mlp.init(jax.random.key(0), (5, 7, 6, 3), batch_norm=True)
-    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: batch norm couples"):
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: node 'bn1' \(batch_norm\): batch norm couples"):
         dp.clipped_grad_sum(bn, x, d, clip=1.0)
 
 
@@ -190,7 +200,7 @@ def test_cnn_dp_refusals():
     params, x, d = make_cnn_case()
     bn_arch = fnbp.cnn.LeNet(**{**LENET.__dict__, "batch_norm": True})
     bn = fnbp.cnn.init(jax.random.key(0), bn_arch, dtype=jnp.float64)
-    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: batch norm couples"):
+    with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: node 'bn1' \(batch_norm_channels\): batch norm couples"):
         dp.clipped_grad_sum(bn, x, d, clip=1.0, arch=bn_arch, loss=CE)
     with pytest.raises(ValueError, match=r"fnbp\.dp\.private_grad: method must be one of .* got 'ghost'"):
         dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=1.0, arch=LENET, loss=CE,

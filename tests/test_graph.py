@@ -310,7 +310,7 @@ def test_student_rule_in_backprop_and_apply_and_plain_functions():
     with pytest.raises(ValueError, match=r"node 'E': '<lambda>' has no hand-written rule"):
         fnbp.backprop(params, x, d, activation=softplus, loss=optax_like)
     cfg = T.Config(activation=jax.nn.softplus, loss=optax_like)
-    (E, _), g = graph.value_and_grad(graph.objective(cfg.network(params, train=True), cfg.loss), params,
+    (E, _), g = graph.value_and_grad(graph.objective(cfg.mlp().graph(params, train=True), cfg.loss), params,
                                      {"x": x, "d": d}, explicit=False)
     assert rel_err(E, E_ref) <= 1e-12 and tree_rel_err(g, g_ref) <= 1e-12
 

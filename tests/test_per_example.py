@@ -75,16 +75,17 @@ def test_dropout_uses_one_mask_per_example_from_its_own_key():
 def test_refusals_name_the_function_and_what_came():
     act, _, loss, _, params, x, d = make_case("relu-half_sse")
     bn = fnbp.mlp.init(jax.random.key(0), SIZES, batch_norm=True, dtype=jnp.float64)
-    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grad_norms: batch norm couples the examples"):
+    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grad_norms: node 'bn1' \(batch_norm\): "
+                                         r"batch norm couples the examples"):
         per_example.grad_norms(bn, x, d)
     with pytest.raises(ValueError, match=r"fnbp\.per_example\.grads: x must be a mini-batch .* got shape \(5,\)"):
         per_example.grads(params, x[0], d[0])
-    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grads: dropout=0\.5 needs an explicit jax\.random key"):
+    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grads: the model's dropout needs an explicit jax\.random key"):
         per_example.grads(params, x, d, dropout=0.5)
     with pytest.raises(ValueError, match=r"dropout must be a drop probability in \[0, 1\), got 1\.5"):
         per_example.batch_l2(params, x, d, dropout=1.5, key=jax.random.key(0))
     pre = fnbp.mlp.init(jax.random.key(0), SIZES, prelu_alpha=0.25, dtype=jnp.float64)
-    with pytest.raises(ValueError, match=r"learnable PReLU slope"):
+    with pytest.raises(ValueError, match=r"node 'h1' \(prelu\) uses parameters \[\(0, 'alpha'\)\] but its rule has no per-example extension"):
         per_example.grads(pre, x, d, activation=fnbp.prelu)
 
 
@@ -107,7 +108,6 @@ def test_bench_case_reports_the_issue_ratios():
 
 
 # --- CNNs: a LeNet (fnbp.cnn) and walker graphs with stride / padding variants ------------------------------------
-from fnbp import per_example_conv  # noqa: E402
 from per_example_oracle import (CNN_B, CONV_GRAPHS, LENET, conv_graph_case, lenet_reference_grads,  # noqa: E402
                                 make_cnn_case)
 
@@ -171,8 +171,8 @@ def test_gram_form_needs_the_cross_position_terms():
     (p != p') terms matter (dropping them, a plausible bug, is far outside the tolerance)."""
     k1, k2 = jax.random.split(jax.random.key(5))
     delta, patches = jax.random.normal(k1, (3, 12, 4), jnp.float64), jax.random.normal(k2, (3, 12, 6), jnp.float64)
-    p = per_example_conv.PatchPass(("conv", 0), patches, delta, None, None, (4, 6))
-    gram, direct = (per_example_conv.patch_batch_l2(p, m)["W"] for m in ("gram", "direct"))
+    r = per_example.LayerRows("conv", ("conv", 0, "W"), None, patches, delta, None, None, (4, 6), lambda m, s: m)
+    gram, direct = (per_example.rows_batch_l2(r, m)[0] for m in ("gram", "direct"))
     np.testing.assert_allclose(gram, direct, rtol=1e-12)
     np.testing.assert_allclose(direct, jnp.sum(jnp.einsum("bso,bsk->bok", delta, patches) ** 2, (1, 2)), rtol=1e-12)
     diagonal = jnp.sum(jnp.sum(delta ** 2, -1) * jnp.sum(patches ** 2, -1), 1)
@@ -180,17 +180,17 @@ def test_gram_form_needs_the_cross_position_terms():
 
 
 def test_norm_method_rule_picks_gram_when_two_positions_squared_fit_in_the_weight_matrix():
-    assert per_example_conv.norm_method(1, 3, 7) == "gram"                  # dense layer: one position
-    assert per_example_conv.norm_method(16, 12, 45) == "gram"               # 2 * 256 = 512 <= 540
-    assert per_example_conv.norm_method(16, 5, 18) == "direct"              # 512 > 90
-    assert per_example_conv.norm_method(16, 12, 45, "direct") == "direct"
-    assert per_example_conv.norm_method(576, 32, 25) == "direct"            # MNIST LeNet conv 1: 24 x 24 positions
-    assert per_example_conv.norm_method(64, 64, 800) == "gram"              # MNIST LeNet conv 2: 8 x 8 positions
+    assert per_example.norm_method(1, 3, 7) == "gram"                  # dense layer: one position
+    assert per_example.norm_method(16, 12, 45) == "gram"               # 2 * 256 = 512 <= 540
+    assert per_example.norm_method(16, 5, 18) == "direct"              # 512 > 90
+    assert per_example.norm_method(16, 12, 45, "direct") == "direct"
+    assert per_example.norm_method(576, 32, 25) == "direct"            # MNIST LeNet conv 1: 24 x 24 positions
+    assert per_example.norm_method(64, 64, 800) == "gram"              # MNIST LeNet conv 2: 8 x 8 positions
     # the stride-2 graph case exercises both under "auto"
     net, params, x, d, _ = conv_graph_case("stride2-same", with_reference=False)
-    shapes = jax.eval_shape(lambda: [(p.delta, p.patches) for p in
-                                     per_example_conv.network_passes(params, x, d, arch=net, loss=CE)[1]])
-    assert [per_example_conv.norm_method(delta.shape[1], delta.shape[2], patches.shape[2])
+    shapes = jax.eval_shape(lambda: [(r.delta, r.patches) for r in
+                                     per_example.walk(params, x, d, model=net, loss=CE)[1]])
+    assert [per_example.norm_method(delta.shape[1], delta.shape[2], patches.shape[2])
             for delta, patches in shapes] == ["direct", "gram", "gram"]
 
 
@@ -211,25 +211,24 @@ def test_cnn_refusals_name_the_function_and_what_came():
     params, x, d = make_cnn_case()
     bn_arch = fnbp.cnn.LeNet(**{**LENET.__dict__, "batch_norm": True})
     bn = fnbp.cnn.init(jax.random.key(0), bn_arch, dtype=jnp.float64)
-    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grad_norms: batch norm couples the examples"):
+    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grad_norms: node 'bn1' \(batch_norm_channels\): "
+                                         r"batch norm couples the examples"):
         per_example.grad_norms(bn, x, d, arch=bn_arch, loss=CE)
     with pytest.raises(ValueError, match=r"fnbp\.per_example\.grads: x must have shape \(batch, 8, 8, 1\)"):
         per_example.grads(params, x[0], d, arch=LENET, loss=CE)
     with pytest.raises(ValueError, match=r"method must be one of .* got 'ghost'"):
         per_example.batch_l2(params, x, d, arch=LENET, loss=CE, method="ghost")
-    with pytest.raises(ValueError, match=r"fnbp\.per_example\.grad_norms: method='gram' .* an MLP's dense layers"):
-        per_example.grad_norms(*make_case("relu-half_sse")[4:], method="gram")
-    with pytest.raises(ValueError, match=r"with arch= the network fixes its activations"):
+    with pytest.raises(ValueError, match=r"activation=, output= and dropout= describe the MLP used without a model"):
         per_example.grads(params, x, d, arch=LENET, loss=CE, activation=fnbp.tanh)
-    with pytest.raises(ValueError, match=r"arch must be a fnbp\.cnn\.LeNet or a fnbp\.graph\.Graph .*, got str"):
+    with pytest.raises(ValueError, match=r"grads: arch must be a fnbp\.cnn\.LeNet or a fnbp\.graph\.Graph, got str"):
         per_example.grads(params, x, d, arch="lenet", loss=CE)
-    with pytest.raises(ValueError, match=r"dropout=0\.5 needs an explicit jax\.random key"):
+    with pytest.raises(ValueError, match=r"grads: the model's dropout needs an explicit jax\.random key"):
         per_example.grads(params, x, d, arch=LENET, loss=CE, dropout=0.5)
     # weights shared by two layers have no per-example norm here
     net, gparams, gx, gd, _ = conv_graph_case("int-pad-valid", with_reference=False)
     shared = fnbp.graph.make([n if n.name != "conv1" else n._replace(args=(fnbp.graph.Param("conv", 0, "W"),
                               fnbp.graph.Param("conv", 0, "b")) + n.args[2:]) for n in net.nodes], net.output)
-    with pytest.raises(ValueError, match=r"share the weights at \('conv', 0\)"):
+    with pytest.raises(ValueError, match=r"'conv1' share the parameter \('conv', 0, 'W'\)"):
         per_example.grad_norms(gparams, gx, gd, arch=shared, loss=CE)
 
 
@@ -244,5 +243,5 @@ def test_bench_lenet_rows_report_the_issue_ratios():
     assert res["agreement_float32"]["norms_max_rel"] < 1e-4 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
     mlp = per_example_rules.bench_per_example_rules((4, 3), 3, min_time=0.001, seed=0)
     text = "\n".join(per_example_rules.render(dict(mlp, lenet=res)))
-    assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example_conv.norm_method`): direct" in text
+    assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example.norm_method`): direct" in text
     assert text.count("| DP step, temp memory |") == 2

@@ -8,7 +8,7 @@ Each timed call runs ``steps`` optimizer steps (8; 2 with ``--quick``) of
 
 * ``fnbp_scan``: fnbp's rules inside fnbp's own epoch loop (``fnbp.train.make_epoch``: one
   jit-compiled ``lax.scan`` over the steps);
-* ``lax_scan``: the same network written with JAX's ops (``LaxConfig``: ``fnbp.reference.conv2d``
+* ``lax_scan``: the same network written with JAX's ops (``LaxNetwork``: ``fnbp.reference.conv2d``
   = ``lax.conv_general_dilated``, ``fnbp.reference.max_pool`` = ``lax.reduce_window``, plain
   ``h @ W.T + b``), differentiated by ``jax.grad`` (conv transposes, select_and_scatter), inside
   the same scan;
@@ -67,12 +67,12 @@ def lenet_step_flops(arch, batch_size):
 
 
 @dataclasses.dataclass(frozen=True)
-class LaxConfig(cnn.Config):
+class LaxNetwork(cnn.Network):
     """The same LeNet written with JAX's own ops (no rule), differentiated by ``jax.grad`` (conv
-    transposes, select_and_scatter): its ``network`` -- what ``train.make_step`` runs -- is one
+    transposes, select_and_scatter): its ``graph`` -- what ``train.make_step`` runs -- is one
     plain-function node computing the logits (then the same loss node as fnbp's)."""
 
-    def network(self, params, *, train):
+    def graph(self, params, *, train=False, running=True):
         return graph.make([graph.node("logits", R.lenet_logits, graph.Param(), graph.Input("x"), arch=self.arch)],
                           "logits")
 
@@ -88,12 +88,13 @@ def _data(arch, n, seed):
 class ScanEpoch:
     """``steps`` optimizer steps as one jit-compiled ``fnbp.train.make_epoch`` (``lax.scan``)."""
 
-    def __init__(self, cfg, opt, params, x, y, key, batch_size):
+    def __init__(self, model, opt, params, x, y, key, batch_size):
         from fnbp import train
-        state, opt_state = cfg.init_state(params), opt.init(params)
+        state, opt_state = model.init_state(params), opt.init(params)
         self.args = (params, opt_state, state, x, y, key)
         t0 = time.perf_counter()
-        self.compiled = jax.jit(train.make_epoch(cfg, opt, batch_size=batch_size, n_examples=x.shape[0])).lower(
+        self.compiled = jax.jit(train.make_epoch(train.Config(), opt, model=model, batch_size=batch_size,
+                                                 n_examples=x.shape[0])).lower(
             *self.args).compile()
         self.compile_s = time.perf_counter() - t0
         self.hlo = self.compiled.as_text()
@@ -107,13 +108,14 @@ class ScanEpoch:
 class JitSteps:
     """``steps`` calls of the jit-compiled ``fnbp.train.make_step``, the carry passed on."""
 
-    def __init__(self, cfg, opt, params, x, y, key, batch_size):
+    def __init__(self, model, opt, params, x, y, key, batch_size):
         from fnbp import train
-        self.carry = (params, opt.init(params), cfg.init_state(params))
+        self.carry = (params, opt.init(params), model.init_state(params))
         self.batches = [(x[i:i + batch_size], y[i:i + batch_size], jax.random.fold_in(key, i))
                         for i in range(0, x.shape[0], batch_size)]
         t0 = time.perf_counter()
-        self.compiled = jax.jit(train.make_step(cfg, opt)).lower(self.carry, self.batches[0]).compile()
+        self.compiled = jax.jit(train.make_step(train.Config(), opt, model=model)).lower(
+            self.carry, self.batches[0]).compile()
         self.compile_s = time.perf_counter() - t0
         self.hlo = self.compiled.as_text()
         self.last_loss = None
@@ -204,7 +206,7 @@ def bench_lenet(arch, batch_size, steps, *, min_time, seed=0, gemm_size=1024, us
     key, x, y = _data(arch, batch_size * steps, seed)
     params = jax.jit(cnn.init, static_argnums=1)(key, arch)              # one compile, not one per eager op
     opt = optim.adam(LEARNING_RATE)
-    configs = {"fnbp": cnn.Config(arch=arch), "lax": LaxConfig(arch=arch)}
+    configs = {"fnbp": cnn.Network(arch), "lax": LaxNetwork(arch)}
     runners = {}
     for name in VARIANTS[:4]:
         kind, loop = name.split("_")

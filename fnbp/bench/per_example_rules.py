@@ -20,7 +20,7 @@ each compiled program (``memory_analysis().temp_size_in_bytes``).  Targets of is
 LeNet rows (``bench_per_example_lenet``): the same five variants on ``fnbp.cnn.lenet((28, 28, 1))``
 (conv 5x5x32 -> pool -> conv 5x5x64 -> pool -> 128 -> 10), B = 64 (``--quick``: a tiny 8 x 8 x 1
 LeNet, channels (4, 6), B = ``--per-example-batch`` <= 8); fnbp's conv norms by the per-layer
-Gram/direct choice (``fnbp.per_example_conv.norm_method``), the clipped sum (c (.) delta)^T P;
+Gram/direct choice (``fnbp.per_example.norm_method``), the clipped sum (c (.) delta)^T P;
 the peer is ``jit(vmap(grad))`` of the same LeNet written with ``lax.conv_general_dilated``.
 """
 import time
@@ -179,14 +179,13 @@ def lenet_programs(arch):
 def bench_per_example_lenet(arch, batch, *, min_time, seed=0):
     """The five variants on a LeNet (``fnbp.cnn.LeNet``), float32; the same fields as ``bench_per_example_rules``
     plus the architecture and each conv layer's norm method."""
-    from fnbp import per_example_conv
     key = jax.random.key(seed)
     params = fnbp.cnn.init(key, arch)
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch,) + arch.image_shape, jnp.float32)
     d = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, arch.n_classes)
-    shapes = jax.eval_shape(lambda: [(p.delta, p.patches) for p in per_example_conv.network_passes(
+    shapes = jax.eval_shape(lambda: [(r.delta, r.patches) for r in fnbp.per_example.walk(
         params, x, d, arch=arch, loss=CE)[1]])
-    methods = [per_example_conv.norm_method(dl.shape[1], dl.shape[2], pt.shape[2]) for dl, pt in shapes]
+    methods = [fnbp.per_example.norm_method(dl.shape[1], dl.shape[2], pt.shape[2]) for dl, pt in shapes]
     res = _measure(lenet_programs(arch), params, x, d, jax.random.fold_in(key, 3), batch, min_time)
     return {"arch": {"image_shape": list(arch.image_shape), "channels": list(arch.channels), "kernel": arch.kernel,
                      "padding": arch.padding, "hidden": list(arch.hidden)},
@@ -228,7 +227,7 @@ def render(res, result=None):
               f"LeNet {'x'.join(map(str, a['image_shape']))} input, conv {a['kernel']}x{a['kernel']} channels "
               f"{tuple(a['channels'])} ({a['padding']}, 2x2 max-pool), dense {tuple(a['hidden'])} -> 10 "
               f"({le['n_params']:,} parameters), B = {le['batch']}, float32. Conv norm methods "
-              f"(`fnbp.per_example_conv.norm_method`): {', '.join(le['conv_norm_methods'])}. The vmap way: "
+              f"(`fnbp.per_example.norm_method`): {', '.join(le['conv_norm_methods'])}. The vmap way: "
               "jit(vmap(grad)) of the same LeNet written with lax.conv_general_dilated / reduce_window.", ""]
         L += _tables(le)
     return L

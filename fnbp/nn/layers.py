@@ -245,7 +245,7 @@ class Dropout(Layer):
         return g.node("", regularization.dropout, x, Const(self.p), g.dropout_key())
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Activation(Layer):
     """h = g(a) elementwise, for any rule g: fnbp's (``fnbp.relu``, ``functools.partial(fnbp.leaky_relu,
     slope=0.2)``) or your own ``fnbp.rule``.  The explicit walker needs a rule; ``apply`` takes any function."""
@@ -259,6 +259,18 @@ class Activation(Layer):
         if isinstance(self.fn, functools.partial) and self.fn.args:
             raise ValueError(f"fnbp.nn.Activation: give the activation's options by keyword, e.g. "
                              f"functools.partial(fnbp.leaky_relu, slope=0.2), got {self.fn!r}")
+
+    def _key(self):
+        fn = self.fn
+        if isinstance(fn, functools.partial):               # partials compare by identity: compare what they hold
+            return (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+        return fn
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._key() == self._key()
+
+    def __hash__(self):
+        return hash((Activation, self._key()))
 
     @property
     def kind(self):

@@ -259,12 +259,18 @@ def _function_name(fn):
     if not module or not name or "<" in name:
         return None
     try:
-        obj = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
+        mod = importlib.import_module(module)
+    except ImportError:
         return None
-    return f"{module}:{name}" if obj is base else None
+    obj = mod
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    if obj is base:
+        return f"{module}:{name}"
+    for attr, value in vars(mod).items():          # a rule made by fnbp.rule(fwd, bwd) is named after its fwd
+        if value is base and not attr.startswith("__"):
+            return f"{module}:{attr}"
+    return None
 
 
 def describe_layer(layer):
