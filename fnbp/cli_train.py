@@ -201,8 +201,8 @@ CONDITIONAL = {
     "slope": (0.01, lambda a: a.model == "mlp" and a.activation == "leaky_relu",
               "applies to --model mlp --activation leaky_relu only"),
     "lr_decay": (3e-4, lambda a: a.lr_schedule != "constant", "applies to --lr-schedule inverse or exponential only"),
-    "dp_noise": (0.0, lambda a: bool(a.dp_clip), "applies with --dp-clip only (DP-SGD)"),
-    "dp_delta": (1e-5, lambda a: bool(a.dp_clip), "applies with --dp-clip only (DP-SGD)"),
+    "dp_noise": (0.0, lambda a: bool(a.dp_clip), "needs --dp-clip > 0 (DP-SGD)"),
+    "dp_delta": (1e-5, lambda a: bool(a.dp_clip), "needs --dp-clip > 0 (DP-SGD)"),
 }
 LOCK_NAME = ".fnbp-train.lock"          # under --out, held (flock) by the fnbp train writing there; holds its pid
 RUN_FILES = ("checkpoint.npz", "history.json", "curves.png")

@@ -388,8 +388,8 @@ def test_a_checkpoint_path_that_is_a_directory_is_refused_before_training(capsys
                          "--activation relu"),
     (["--model", "lenet", "--slope", "0.2"], "--slope applies to --model mlp --activation leaky_relu only"),
     (["--lr-schedule", "constant", "--lr-decay", "0.1"], "--lr-decay applies to --lr-schedule inverse or exponential"),
-    (["--dp-noise", "1"], "--dp-noise applies with --dp-clip only"),
-    (["--dp-delta", "1e-3"], "--dp-delta applies with --dp-clip only"),
+    (["--dp-noise", "1"], "--dp-noise needs --dp-clip > 0 (DP-SGD), and this run has no --dp-clip"),
+    (["--dp-delta", "1e-3"], "--dp-delta needs --dp-clip > 0 (DP-SGD), and this run has no --dp-clip"),
 ])
 def test_flags_that_do_not_apply_are_refused_by_name(capsys, tmp_path, argv, message):
     rc, _, err = _main(capsys, "train", "--data", "digits", "--epochs", "1", *argv, "--out", str(tmp_path / "o"))
