@@ -398,15 +398,8 @@ def _train_run(args, ds, out, ckpt, skipped, writer, process, n_processes):
     start_epoch = start_step = 0
     history, segments = [], [{"from_epoch": 1, "args": _settings(run_args)}]
     if args.resume:
-        history, segments = _check_resume(ckpt, checkpoint.read_metadata(ckpt), run_args, args.allow_changed or [],
-                                          skipped)
-        loaded = checkpoint.load(ckpt, params_like=params, opt_state_like=opt_state, batch_stats_like=state)
-        params, opt_state, state = loaded["params"], loaded["opt_state"], loaded["batch_stats"]
-        start_epoch, start_step, k_train = loaded["epoch"], loaded["step"], loaded["key"]
-        if start_epoch >= args.epochs:
-            raise UsageError(f"fnbp train: the checkpoint {ckpt} already has {start_epoch} epochs; ask for "
-                             f"--epochs > {start_epoch}")
-        print(f"resuming from {ckpt} at epoch {start_epoch} (step {start_step})", flush=True)
+        (params, opt_state, state, k_train, start_epoch, start_step, history,
+         segments) = _resume(args, ckpt, run_args, skipped, params, opt_state, state)
     if writer:                              # under the lock of --out: no other fnbp train saves there
         for stale in checkpoint.clean_stale_temp_files(ckpt):
             print(f"removed {stale} (a temporary file left by an interrupted save)", flush=True)
@@ -467,6 +460,21 @@ def _train_run(args, ds, out, ckpt, skipped, writer, process, n_processes):
           f"after {last['epoch']} epochs in {seconds:.1f} s (compile {result.compile_seconds:.1f} s); "
           f"wrote {out / 'history.json'}, {out / 'curves.png'}, {ckpt}")
     return 0
+
+
+def _resume(args, ckpt, run_args, skipped, params, opt_state, state):
+    """--resume: check the stored run against this one and load its state into the templates; returns
+    (params, opt_state, state, key, epoch, step, history, settings segments)."""
+    from . import checkpoint
+    history, segments = _check_resume(ckpt, checkpoint.read_metadata(ckpt), run_args, args.allow_changed or [],
+                                      skipped)
+    loaded = checkpoint.load(ckpt, params_like=params, opt_state_like=opt_state, batch_stats_like=state)
+    if loaded["epoch"] >= args.epochs:
+        raise UsageError(f"fnbp train: the checkpoint {ckpt} already has {loaded['epoch']} epochs; ask for "
+                         f"--epochs > {loaded['epoch']}")
+    print(f"resuming from {ckpt} at epoch {loaded['epoch']} (step {loaded['step']})", flush=True)
+    return (loaded["params"], loaded["opt_state"], loaded["batch_stats"], loaded["key"], loaded["epoch"],
+            loaded["step"], history, segments)
 
 
 def _interrupted(out, ckpt, segments, saved, writer):
