@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Rule", "RuleError", "rule", "rule_of", "as_cotangent", "out_sharding", "PrimalType"]
+__all__ = ["Rule", "RuleError", "rule", "rule_of", "as_cotangent", "check_cotangents", "out_sharding", "PrimalType"]
 
 
 class RuleError(TypeError, ValueError):
@@ -265,6 +265,25 @@ def _check_fwd_result(name, result):
                else _describe(result))
         raise RuleError(f"fnbp.rule {name!r}: fwd must return the pair (out, residuals), got {got}")
     return result
+
+
+def check_cotangents(f, args, cts):
+    """Refuse what ``f.rule.bwd`` returned for the inputs ``args`` as ``fnbp.rule`` does inside jax.grad:
+    one cotangent per positional input, each of its input's shape and a float dtype, None only for integer
+    inputs and those in ``f.nondiff``.  For callers of ``rule.bwd`` outside JAX's transforms (the explicit
+    walker).  Returns the cotangents as a tuple, or raises a :class:`RuleError` naming the rule."""
+    r = rule_of(f)
+    if r is None:
+        raise TypeError(f"fnbp.rules.check_cotangents: {f!r} was not made by fnbp.rule")
+    _, positional, _ = _split_signature(r.fwd, r.name)
+    nondiff = getattr(f, "nondiff", ())
+    cts = cts if isinstance(cts, (tuple, list)) else (cts,)
+    if len(cts) != len(positional):
+        raise RuleError(f"fnbp.rule {r.name!r}: bwd returned {len(cts)} cotangents for {len(positional)} inputs "
+                        f"({', '.join(positional)}); return one per input, None for those without")
+    for p, ct, a in zip(positional, cts, args):
+        _check_cotangent(f"fnbp.rule {r.name!r}: input {p}", ct, _type_marker(a, p in nondiff))
+    return tuple(cts)
 
 
 def rule(fwd, bwd, *, name=None, check=None, nondiff=()):

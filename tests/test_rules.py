@@ -248,3 +248,17 @@ def test_numpy_and_jax_scalar_options_are_static_python_numbers():
     assert set(seen) == {int}
     with pytest.raises(TypeError, match="fnbp.power: option k must be a static value, got a traced int32"):
         jax.jit(lambda a, k: power(a, k=k))(2.0, jnp.int32(3))
+
+
+def test_check_cotangents_gives_the_walker_the_same_checks():
+    """fnbp.rules.check_cotangents: what op_bwd checks, for code that calls rule.bwd directly."""
+    check = fnbp.rules.check_cotangents
+    a, b = jnp.ones((2, 3)), jnp.full((2, 3), 2.0)
+    assert len(check(fnbp.ops.mul, (a, b), (a, b))) == 2
+    with pytest.raises(RuleError, match=r"fnbp.rule 'mul': input v: the cotangent has shape \(3,\)"):
+        check(fnbp.ops.mul, (a, b), (a, b[0]))
+    with pytest.raises(RuleError, match=r"fnbp.rule 'mul': bwd returned 1 cotangents for 2 inputs"):
+        check(fnbp.ops.mul, (a, b), a)
+    assert check(fnbp.leaky_relu, (a, 0.1), (a, None))[1] is None                 # slope: declared nondiff
+    with pytest.raises(TypeError, match="was not made by fnbp.rule"):
+        check(jnp.tanh, (a,), (a,))
