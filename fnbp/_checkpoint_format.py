@@ -109,8 +109,10 @@ def _check_record(rec, arrays, where) -> str | None:
     return None
 
 
-def _check_meta(meta: dict, arrays: dict, where: str) -> None:
-    """Refuse tampered metadata before any tree is rebuilt: every field's type, every leaf's shape/dtype."""
+def _check_meta(meta: dict, arrays: dict, where: str, refusing: str = "corrupt or tampered metadata") -> None:
+    """The one validator of a checkpoint's metadata and arrays, for ``load`` (refuse tampered metadata before
+    any tree is rebuilt) and ``save`` (refuse to write what ``load`` would refuse; ``refusing`` says so):
+    every field's type, every leaf's shape/dtype."""
     problems = []
     for field in ("step", "epoch"):
         if not _is_count(meta.get(field)):
@@ -133,7 +135,7 @@ def _check_meta(meta: dict, arrays: dict, where: str) -> None:
         if problem:
             problems.append(problem if problem.startswith("key") else "key record: " + problem)
     if problems:
-        raise CheckpointError(f"{where}: corrupt or tampered metadata ({len(problems)} problem(s)):\n  "
+        raise CheckpointError(f"{where}: {refusing} ({len(problems)} problem(s)):\n  "
                               + "\n  ".join(problems[:20]))
 
 

@@ -115,14 +115,12 @@ def add_arguments(t):
 
 def _refuse(args, usage_error, flags):
     """Refuse, by name, flags set away from their defaults that the chosen model does not use."""
-    defaults = {"layers": None, "activation": "relu", "init": "glorot", "slope": 0.01, "batch_norm": False,
-                "dropout": 0.0}
+    defaults = {"batch_norm": False, "dropout": 0.0}
     for name in flags:
         if getattr(args, name) != defaults[name]:
             flag = "--" + name.replace("_", "-")
-            raise usage_error(f"fnbp train: {flag} does not apply to --model {args.model} (it sets "
-                              f"{'an MLP' if name in ('layers', 'activation', 'init', 'slope') else 'a built-in model'}"
-                              f"'s layers); drop {flag}")
+            raise usage_error(f"fnbp train: {flag} does not apply to --model {args.model} (it sets a built-in "
+                              f"model's layers; your model carries its own); drop {flag}")
 
 
 def prepare(args, ds, check_layers, usage_error):
@@ -137,17 +135,14 @@ def prepare(args, ds, check_layers, usage_error):
     if args.layers is not None:
         raise usage_error(f"fnbp train: --layers sets an MLP's widths; --model {args.model} has its own "
                           "architecture, drop --layers")
-    _refuse(args, usage_error, ("activation", "init", "slope") + (("batch_norm", "dropout")
-                                                                    if is_user(args.model) else ()))
+    if is_user(args.model):
+        _refuse(args, usage_error, ("batch_norm", "dropout"))
     if args.data not in ("digits", "mnist"):
         raise usage_error(f"fnbp train: --model {args.model} needs images (--data digits or mnist), got --data "
                           f"{args.data}")
     side = math.isqrt(ds.x_train.shape[1])
     if side * side != ds.x_train.shape[1]:
         raise usage_error(f"fnbp train: --model {args.model}: {ds.x_train.shape[1]} features are not a square image")
-    if args.augment and args.augment >= side:
-        raise usage_error(f"fnbp train: --augment {args.augment} would shift every {side}x{side} image out of view; "
-                          f"use fewer than {side} pixels")
     return ds._replace(x_train=ds.x_train.reshape(-1, side, side, 1), x_test=ds.x_test.reshape(-1, side, side, 1))
 
 

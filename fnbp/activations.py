@@ -106,7 +106,8 @@ def _leaky_relu_bwd(res, grad_h):
     return delta, None
 
 
-leaky_relu = rule(_leaky_relu_fwd, _leaky_relu_bwd, check=_floating("leaky_relu"))
+leaky_relu = rule(_leaky_relu_fwd, _leaky_relu_bwd, check=_floating("leaky_relu"),
+                  nondiff=("slope",))
 
 
 def sum_to_shape(x, shape):

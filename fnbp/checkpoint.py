@@ -17,6 +17,7 @@ the same width and viewed back on load.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import operator
@@ -89,13 +90,27 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None, batch_stats=N
         extra_json = json.loads(json.dumps(extra, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise TypeError(f"{fn}: extra must be JSON-serialisable (no NaN/inf), got {type(extra).__name__}: {e}") from e
+    trees = [("params", params), ("opt_state", opt_state)] + ([("batch_stats", batch_stats)]
+                                                              if batch_stats is not None else [])
+    arrays, records, treedefs, structure = _encode_trees(trees, fn)
+    key_rec = _encode_key(key, arrays, fn)
+    meta = {"format": FORMAT, "step": step, "epoch": epoch, "extra": extra_json, "treedef": treedefs,
+            "structure": structure, "leaves": records, "key": key_rec}
+    _check_meta(meta, arrays, f"{fn}: {path}", refusing="refusing to write a checkpoint that "
+                                                        "fnbp.checkpoint.load would refuse")
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{fn}: {path} is a directory; a checkpoint is a file path "
+                                              f"(e.g. {path / 'checkpoint.npz'})", str(path))
+    _write_atomic(path, arrays, fn)
+    return path
 
+
+def _encode_trees(trees, fn):
+    """(arrays, leaf records, treedef strings, skeletons) of the named pytrees ``[(name, tree), ...]``."""
     arrays: dict[str, np.ndarray] = {}
     records: list[dict] = []
     treedefs, structure = {}, {}
-    trees = [("params", params), ("opt_state", opt_state)]
-    if batch_stats is not None:
-        trees.append(("batch_stats", batch_stats))
     for tree_name, tree in trees:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         treedefs[tree_name] = str(treedef)
@@ -108,32 +123,31 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None, batch_stats=N
             arrays[name] = arr
             records.append({"name": name, "tree": tree_name, "path": jax.tree_util.keystr(kp),
                             "keys": [_key_entry(k) for k in kp], **rec})
-    if key is None:
-        key_rec = None
-    else:
-        if not (_is_typed_key(key) or isinstance(key, (jax.Array, np.ndarray))):
-            raise TypeError(f"{fn}: key must be a jax PRNG key (raw uint32 or typed) or None, got {type(key).__name__}")
-        if not _is_typed_key(key) and np.asarray(key).dtype != np.uint32:
-            raise TypeError(
-                f"{fn}: a raw key must be a uint32 array as made by jax.random.PRNGKey, got dtype {np.asarray(key).dtype}"
-            )
-        arr, key_rec = _encode(_KEY, key, fn)
-        key_rec = {"name": _KEY, "tree": _KEY, "path": "", **key_rec}
-        arrays[_KEY] = arr
-    meta = {
-        "format": FORMAT,
-        "step": step,
-        "epoch": epoch,
-        "extra": extra_json,
-        "treedef": treedefs,
-        "structure": structure,
-        "leaves": records,
-        "key": key_rec,
-    }
-    arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    return arrays, records, treedefs, structure
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+def _encode_key(key, arrays, fn):
+    """The PRNG key's record (None for no key); its data goes into ``arrays``."""
+    if key is None:
+        return None
+    if not (_is_typed_key(key) or isinstance(key, (jax.Array, np.ndarray))):
+        raise TypeError(f"{fn}: key must be a jax PRNG key (raw uint32 or typed) or None, got {type(key).__name__}")
+    if not _is_typed_key(key) and np.asarray(key).dtype != np.uint32:
+        raise TypeError(f"{fn}: a raw key must be a uint32 array as made by jax.random.PRNGKey, got dtype "
+                        f"{np.asarray(key).dtype}")
+    arr, key_rec = _encode(_KEY, key, fn)
+    arrays[_KEY] = arr
+    return {"name": _KEY, "tree": _KEY, "path": "", **key_rec}
+
+
+def _write_atomic(path: Path, arrays: dict, fn: str) -> None:
+    """The npz to a temporary file beside ``path``, fsync-ed, then renamed over it; an OSError names ``path``
+    (not the temporary file), and the temporary file is removed whatever happens."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise type(e)(e.errno, f"{fn}: cannot write {path}: {e.strerror or e}", str(path)) from e
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
@@ -143,14 +157,20 @@ def save(path, *, params, opt_state, step, epoch, key, extra=None, batch_stats=N
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; give the usual mode of a new file
         os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise type(e)(e.errno, f"{fn}: cannot write {path}: {e.strerror or e}", str(path)) from e
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def _remove(tmp):
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
 
 
 def clean_stale_temp_files(path) -> list[Path]:
@@ -328,64 +348,56 @@ def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) 
     by_tree: dict[str, dict[str, dict]] = {t: {} for t in _TREES}
     for rec in meta["leaves"]:
         by_tree[rec["tree"]][rec["name"]] = rec
-
-    out = {}
-    problems = []
-    plans = {}
     templates = {"params": params_like, "opt_state": opt_state_like, "batch_stats": batch_stats_like}
-    expected = {}
-    for tree_name, template in templates.items():
-        if template is None:
-            continue
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-        expected[tree_name] = {tree_name + jax.tree_util.keystr(kp): _template_info(leaf) for kp, leaf in leaves}
-        plans[tree_name] = (leaves, treedef)
+    plans = {name: jax.tree_util.tree_flatten_with_path(t) for name, t in templates.items() if t is not None}
+    expected = {name: {name + jax.tree_util.keystr(kp): _template_info(leaf) for kp, leaf in leaves}
+                for name, (leaves, _) in plans.items()}
     if opt_state_like is None and batch_stats_like is None:       # an old fnbp train file (see the docstring)
         _split_legacy(meta, by_tree, arrays)
     elif opt_state_like is not None and batch_stats_like is not None:
         _split_legacy(meta, by_tree, arrays, (expected["opt_state"], expected["batch_stats"]))
-    for tree_name, names in expected.items():
-        problems += _diff_lines(tree_name, names, by_tree[tree_name])
+    problems = [line for name, names in expected.items() for line in _diff_lines(name, names, by_tree[name])]
     if problems:
-        shown = problems[:40]
         more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
-        raise CheckpointError(
-            f"{fn}: {path} does not match the templates ({len(problems)} difference(s)):\n  "
-            + "\n  ".join(shown) + more
-        )
-    for tree_name in _TREES:
-        if tree_name in plans:
-            leaves, treedef = plans[tree_name]
-            rebuilt = []
-            for kp, leaf in leaves:
-                name = tree_name + jax.tree_util.keystr(kp)
-                rebuilt.append(_rebuild_leaf(leaf, arrays[name], by_tree[tree_name][name]))
-            out[tree_name] = jax.tree_util.tree_unflatten(treedef, rebuilt)
-        else:
-            items = []
-            for name, rec in by_tree[tree_name].items():
-                like = jnp.zeros(())                  # jax arrays, or Python scalars for Python leaves
-                if rec["kind"] == "python":
-                    like = {"b": False, "i": 0, "u": 0, "f": 0.0, "c": 0j}[arrays[name].dtype.kind]
-                keys = rec.get("keys") or _parse_keystr(rec["path"])
-                items.append((keys, _rebuild_leaf(like, arrays[name], rec)))
-            structure = meta.get("structure") if isinstance(meta.get("structure"), dict) else {}
-            if structure.get(tree_name) is not None:
-                out[tree_name] = _fill(structure[tree_name], {tuple(k[1] for k in keys): v for keys, v in items})
-            else:                                    # files without the structure record
-                out[tree_name] = _rebuild_tree(items) if items else None
-
-    key_rec = meta.get("key")
-    if key_rec is None:
-        key = None
-    elif key_rec["kind"] == "key":
-        key = jax.random.wrap_key_data(jnp.asarray(arrays[_KEY]), impl=key_rec["impl"])
-    else:
-        key = jnp.asarray(arrays[_KEY])
+        raise CheckpointError(f"{fn}: {path} does not match the templates ({len(problems)} difference(s)):\n  "
+                              + "\n  ".join(problems[:40]) + more)
+    out = {tree_name: _tree_from_template(tree_name, *plans[tree_name], arrays, by_tree) if tree_name in plans
+           else _tree_without_template(tree_name, meta, arrays, by_tree) for tree_name in _TREES}
     extra = meta.get("extra")
-    out.update(step=meta["step"], epoch=meta["epoch"], key=key, extra=extra,
+    out.update(step=meta["step"], epoch=meta["epoch"], key=_stored_key(meta, arrays), extra=extra,
                args=extra.get("args") if isinstance(extra, dict) else None)
     return out
+
+
+def _tree_from_template(tree_name, leaves, treedef, arrays, by_tree):
+    rebuilt = []
+    for kp, leaf in leaves:
+        name = tree_name + jax.tree_util.keystr(kp)
+        rebuilt.append(_rebuild_leaf(leaf, arrays[name], by_tree[tree_name][name]))
+    return jax.tree_util.tree_unflatten(treedef, rebuilt)
+
+
+def _tree_without_template(tree_name, meta, arrays, by_tree):
+    items = []
+    for name, rec in by_tree[tree_name].items():
+        like = jnp.zeros(())                  # jax arrays, or Python scalars for Python leaves
+        if rec["kind"] == "python":
+            like = {"b": False, "i": 0, "u": 0, "f": 0.0, "c": 0j}[arrays[name].dtype.kind]
+        keys = rec.get("keys") or _parse_keystr(rec["path"])
+        items.append((keys, _rebuild_leaf(like, arrays[name], rec)))
+    structure = meta.get("structure") if isinstance(meta.get("structure"), dict) else {}
+    if structure.get(tree_name) is not None:
+        return _fill(structure[tree_name], {tuple(k[1] for k in keys): v for keys, v in items})
+    return _rebuild_tree(items) if items else None     # files without the structure record
+
+
+def _stored_key(meta, arrays):
+    key_rec = meta.get("key")
+    if key_rec is None:
+        return None
+    if key_rec["kind"] == "key":
+        return jax.random.wrap_key_data(jnp.asarray(arrays[_KEY]), impl=key_rec["impl"])
+    return jnp.asarray(arrays[_KEY])
 
 
 def load_model(path):

@@ -9,6 +9,8 @@ from pathlib import Path
 from . import cli_train
 from .cli_train import OutputError, UsageError
 
+COORDINATOR_EXIT = 3        # fnbp train: the coordinator of a multi-process run was not reached in time
+
 
 # --- fnbp check ------------------------------------------------------------------
 def _cmd_check(args):
@@ -69,8 +71,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if getattr(args, "bench_args", None) and args.bench_args[:1] == ["--"]:
         args.bench_args = args.bench_args[1:]
+    from .parallel import CoordinatorError
     try:
         return args.func(args)
+    except KeyboardInterrupt:                 # Ctrl-C outside training (fnbp train handles it during training)
+        print("interrupted", file=sys.stderr)
+        return cli_train.INTERRUPTED
+    except CoordinatorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return COORDINATOR_EXIT
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,8 +26,8 @@ MODEL = "mlp"                     # the default --model; --out defaults to runs/
 SEED_LIMIT = 2 ** 32
 # Settings a resumed run may change freely, settings that --allow-changed may override, and the rest
 # (which define the data, the network or the optimizer state and can never change on resume).
-FREE_ON_RESUME = ("epochs", "quiet", "resume", "out", "data_dir", "devices", "allow_changed",
-                  "coordinator", "num_processes", "process_id", "distributed")   # where it runs, not what
+FREE_ON_RESUME = ("epochs", "quiet", "resume", "out", "data_dir", "devices", "allow_changed", "overwrite",   # where
+                  "coordinator", "num_processes", "process_id", "distributed", "coordinator_timeout")  # it runs
 OVERRIDABLE = ("lr", "lr_schedule", "lr_decay", "l2", "dropout", "batch_size", "accumulate", "grad", "slope")
 # Run arguments that checkpoints of older fnbp versions lack, read on --resume as what those versions did
 # (they had no such flag); their batch-norm statistics are read by fnbp.checkpoint.load.
@@ -146,8 +146,9 @@ def _settings(run_args):
     return {k: v for k, v in run_args.items() if k not in FREE_ON_RESUME}
 
 
-def _check_resume(ckpt, meta, run_args, allowed):
-    """Validate the stored run record (checkpoint metadata); refuse changed settings.
+def _check_resume(ckpt, meta, run_args, allowed, skipped=()):
+    """Validate the stored run record (checkpoint metadata); refuse changed settings.  Flags that do not
+    apply to the run (``skipped``; older fnbp recorded them all the same) are not compared.
     Returns (history, settings segments)."""
     extra, epoch = meta["extra"], meta["epoch"]
     stored = extra.get("args") if isinstance(extra, dict) else None
@@ -156,7 +157,7 @@ def _check_resume(ckpt, meta, run_args, allowed):
     if not isinstance(stored, dict):
         raise UsageError(f"fnbp train: --resume: {ckpt} holds no run arguments (not written by fnbp train, or "
                          f"tampered): cannot check that the settings match")
-    missing = [k for k in LEGACY_DEFAULTS if k not in stored]
+    missing = [k for k in LEGACY_DEFAULTS if k not in stored and k not in skipped]
     if missing:
         stored = {**{k: LEGACY_DEFAULTS[k] for k in missing}, **stored}
         print(f"{ckpt} was written by an older fnbp without " + ", ".join(_flag(k) for k in missing) + ": read as "
@@ -169,7 +170,8 @@ def _check_resume(ckpt, meta, run_args, allowed):
         segments = [{"from_epoch": 1, "args": _settings(stored)}]
     if not isinstance(segments, list) or not all(isinstance(g, dict) for g in segments):
         raise UsageError(f"fnbp train: --resume: {ckpt}: the stored settings record is not a list of dicts")
-    now, then = _settings(run_args), _settings(stored)
+    now = _settings(run_args)
+    then = {k: v for k, v in _settings(stored).items() if k not in skipped}
     fixed, needs_flag, changed = [], [], []
     for k in sorted(set(now) | set(then)):
         if now.get(k) != then.get(k):
@@ -190,73 +192,241 @@ def _check_resume(ckpt, meta, run_args, allowed):
     return history, segments
 
 
+# Flags that apply to some runs only: (default, applies(args), where it applies).  Given where it does not
+# apply, the flag is refused by name; not given there, it is left out of the run record (checkpoint, history).
+CONDITIONAL = {
+    "activation": ("relu", lambda a: a.model == "mlp", "applies to --model mlp only (a LeNet or your own model has "
+                                                        "its own activation layers)"),
+    "init": ("glorot", lambda a: a.model == "mlp", "applies to --model mlp only (a LeNet or your own model "
+                                                    "initialises its own layers)"),
+    "slope": (0.01, lambda a: a.model == "mlp" and a.activation == "leaky_relu",
+              "applies to --model mlp --activation leaky_relu only"),
+    "lr_decay": (3e-4, lambda a: a.lr_schedule != "constant", "applies to --lr-schedule inverse or exponential only"),
+    "dp_noise": (0.0, lambda a: bool(a.dp_clip), "needs --dp-clip > 0 (DP-SGD)"),
+    "dp_delta": (1e-5, lambda a: bool(a.dp_clip), "needs --dp-clip > 0 (DP-SGD)"),
+}
+LOCK_NAME = ".fnbp-train.lock"          # under --out, held (flock) by the fnbp train writing there; holds its pid
+RUN_FILES = ("checkpoint.npz", "history.json", "curves.png")
+INTERRUPTED = 130                       # exit status after Ctrl-C (128 + SIGINT), as a shell reports it
+
+
+def _inapplicable(args):
+    """Refuse a flag given where it does not apply (naming it); give the others their defaults.
+    Returns the names of the flags that do not apply to this run (left out of its record)."""
+    skipped = set()
+    for name, (default, applies, where) in CONDITIONAL.items():
+        given = getattr(args, name) is not None
+        if applies(args):
+            if not given:
+                setattr(args, name, default)
+            continue
+        if given:
+            context = {"slope": f"--model {args.model} --activation {args.activation}",
+                       "lr_decay": f"--lr-schedule {args.lr_schedule}",
+                       "dp_noise": "no --dp-clip", "dp_delta": "no --dp-clip"}.get(name, f"--model {args.model}")
+            raise UsageError(f"fnbp train: {_flag(name)} {where}, and this run has {context}: drop {_flag(name)} "
+                             f"(it would do nothing)")
+        setattr(args, name, default)        # what the code reads, never recorded
+        skipped.add(name)
+    return skipped
+
+
+def _check_augment(args, ds):
+    """--augment bounded by the images it shifts (fnbp.data.check_shift)."""
+    if args.model != "mlp":                    # lenet, or a user's image model
+        try:
+            _data.check_shift(args.augment, ds.x_train.shape[1:], "--augment")
+        except ValueError as e:
+            raise UsageError(f"fnbp train: {e}") from None
+
+
+def _lock(out):
+    """Hold ``out/LOCK_NAME`` (an exclusive flock, released when the process ends, even by SIGKILL) and write
+    this process's pid in it; a UsageError naming the holder's pid when another fnbp train holds it.
+    Returns (fd, path) for :func:`_unlock`."""
+    import fcntl
+    import socket
+    path = out / LOCK_NAME
+    while True:
+        with _writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise UsageError(f"fnbp train: --out {out} is in use by another fnbp train ({holder or 'pid unknown'}; "
+                             f"lock file {path}): wait for it to finish, or choose another --out") from None
+        except OSError as e:                # a filesystem without locks: say so rather than run unguarded
+            os.close(fd)
+            raise OutputError(path, e) from e
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino   # not a lock file its holder removed meanwhile
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd, path
+
+
+def _unlock(lock):
+    fd, path = lock
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()                      # while still holding it (see _lock's inode check)
+    os.close(fd)
+
+
+def _check_fresh_out(args, out, ckpt):
+    """A run without --resume must not replace another run's files: refuse, or with --overwrite remove them."""
+    existing = [out / n for n in RUN_FILES if (out / n).exists()]
+    if args.resume or not existing:
+        return
+    if args.overwrite:
+        for path in existing:
+            with _writing(path):
+                path.unlink()
+            print(f"--overwrite: removed {path}", flush=True)
+        return
+    what = ", ".join(p.name for p in existing)
+    with contextlib.suppress(Exception):
+        from . import checkpoint
+        meta = checkpoint.read_metadata(ckpt)
+        stored = meta["extra"]["args"]
+        what = (f"a checkpoint of epoch {meta['epoch']}: --data {stored.get('data')} --model "
+                f"{stored.get('model', 'mlp')}")
+    raise UsageError(f"fnbp train: --out {out} already holds another run ({what}); continue it with --resume, "
+                     f"choose a new --out, or pass --overwrite to replace it")
+
+
+def _write_atomic(path, write):
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path`` (never half-written)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")      # the suffix tells savefig the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(path, e) from e           # the file asked for, not the temporary one
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_results(out, segments, history, extra):
+    """history.json and curves.png under ``out``, each atomically."""
+    _write_atomic(out / "history.json", lambda tmp: tmp.write_text(json.dumps(
+        {"settings": segments, "history": history, **extra}, indent=1)))
+    _write_atomic(out / "curves.png", lambda tmp: _plot(history, tmp))
+
+
+def _epsilon(args, B, n_train, steps):
+    """Privacy spent so far (fnbp.dp.epsilon), None when it is infinite (clipping without noise)."""
+    import math
+    from . import dp
+    if not args.dp_noise:
+        return None
+    eps = dp.epsilon(noise_multiplier=args.dp_noise, steps=steps, sample_rate=B / n_train, delta=args.dp_delta)
+    return eps if math.isfinite(eps) else None
+
+
+def _check_options(args):
+    """Flag checks that need no data; returns (--out path, the flags that do not apply to this run)."""
+    _cli_model.fill_defaults(args)
+    skipped = _inapplicable(args)
+    if args.epochs < 1:
+        raise UsageError(f"fnbp train: --epochs must be >= 1, got {args.epochs}")
+    if args.allow_changed and not args.resume:
+        raise UsageError("fnbp train: --allow-changed only applies with --resume")
+    if args.overwrite and args.resume:
+        raise UsageError("fnbp train: --overwrite replaces the run in --out, --resume continues it: pass one")
+    return Path(args.out if args.out is not None else f"runs/{args.data}-{_cli_model.out_name(args.model)}"), skipped
+
+
+def _open_out(args, out, ckpt):
+    """Process 0: create --out, lock it (see _lock) and check it holds no other run; returns the lock."""
+    if args.resume and not ckpt.exists():
+        raise UsageError(f"fnbp train: --resume: no checkpoint at {ckpt}")
+    if ckpt.exists() and not ckpt.is_file():
+        raise OutputError(ckpt, "it exists and is not a file (the checkpoint is written there after every epoch)")
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied (the directory is not writable)", str(out))
+    lock = _lock(out)
+    try:
+        _check_fresh_out(args, out, ckpt)
+    except BaseException:
+        _unlock(lock)
+        raise
+    return lock
+
+
 def _cmd_train(args):
-    import jax
-    from . import checkpoint, dp, optim, parallel, train as training
+    from . import parallel
 
     process, n_processes = parallel.initialize_from_args(args, UsageError)   # before anything uses a device
     writer = process == 0                   # only process 0 writes the checkpoint, history and plot
-    _cli_model.fill_defaults(args)
-    if args.epochs < 1:
-        raise UsageError(f"fnbp train: --epochs must be >= 1, got {args.epochs}")
-    out = Path(args.out if args.out is not None else f"runs/{args.data}-{_cli_model.out_name(args.model)}")
+    out, skipped = _check_options(args)
     ds = _cli_model.prepare(args, _load_data(args), _check_layers, UsageError)
+    _check_augment(args, ds)
     _check_batching(args, len(ds.y_train))
-    if args.allow_changed and not args.resume:
-        raise UsageError("fnbp train: --allow-changed only applies with --resume")
     if out.exists() and not out.is_dir():
         raise OutputError(out, "it exists and is not a directory (--out must name a directory)")
-    mesh = parallel.mesh_for_cli(args.devices, UsageError)      # None on one device
+    ckpt = out / "checkpoint.npz"
+    lock = _open_out(args, out, ckpt) if writer else None
+    try:
+        return _train_run(args, ds, out, ckpt, skipped, writer, process, n_processes)
+    finally:
+        if lock is not None:
+            _unlock(lock)
 
-    key = jax.random.PRNGKey(args.seed)
-    k_init, k_train = jax.random.split(key)
-    params, cfg, model = _cli_model.build(args, k_init, ds, _activation(args.activation, args.slope), training,
-                                          UsageError)
+
+def _train_run(args, ds, out, ckpt, skipped, writer, process, n_processes):
+    import jax
+    from . import checkpoint, optim, parallel, train as training
+
+    mesh = parallel.mesh_for_cli(args.devices, UsageError)      # None on one device
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(args.seed))
+    activation = _activation(args.activation, args.slope) if args.model == "mlp" else None
+    params, cfg, model = _cli_model.build(args, k_init, ds, activation, training, UsageError)
     lr = _learning_rate(args)
     opt = getattr(optim, args.optimizer)(lr)
     opt_state, state = opt.init(params), training.resolve_model(cfg, model).init_state(params)
-    ckpt = out / "checkpoint.npz"
-    run_args = {k: v for k, v in vars(args).items() if k != "func"}
+    run_args = {k: v for k, v in vars(args).items() if k != "func" and k not in skipped}
     run_args["out"] = str(out)
     start_epoch = start_step = 0
     history, segments = [], [{"from_epoch": 1, "args": _settings(run_args)}]
     if args.resume:
-        if not ckpt.exists():
-            raise UsageError(f"fnbp train: --resume: no checkpoint at {ckpt}")
-        history, segments = _check_resume(ckpt, checkpoint.read_metadata(ckpt), run_args, args.allow_changed or [])
-        loaded = checkpoint.load(ckpt, params_like=params, opt_state_like=opt_state, batch_stats_like=state)
-        params, opt_state, state = loaded["params"], loaded["opt_state"], loaded["batch_stats"]
-        start_epoch, start_step, k_train = loaded["epoch"], loaded["step"], loaded["key"]
-        if start_epoch >= args.epochs:
-            raise UsageError(f"fnbp train: the checkpoint {ckpt} already has {start_epoch} epochs; ask for "
-                             f"--epochs > {start_epoch}")
-        print(f"resuming from {ckpt} at epoch {start_epoch} (step {start_step})", flush=True)
-    if writer:
-        with _writing(out):
-            out.mkdir(parents=True, exist_ok=True)
-            if not os.access(out, os.W_OK | os.X_OK):
-                raise PermissionError(13, "Permission denied (the directory is not writable)", str(out))
+        (params, opt_state, state, k_train, start_epoch, start_step, history,
+         segments) = _resume(args, ckpt, run_args, skipped, params, opt_state, state)
+    if writer:                              # under the lock of --out: no other fnbp train saves there
         for stale in checkpoint.clean_stale_temp_files(ckpt):
             print(f"removed {stale} (a temporary file left by an interrupted save)", flush=True)
     lines = writer and not args.quiet and not sys.stderr.isatty()   # no progress bar: one line per epoch instead
-
     B = len(ds.y_train) if args.batch_size is None else args.batch_size
+    if args.dp_clip and not args.dp_noise:
+        print(f"--dp-clip {args.dp_clip:g} without --dp-noise: per-example clipping only, no noise, so no privacy "
+              f"guarantee (epsilon = infinity; recorded as null in the history)", flush=True)
+    saved = {"epoch": start_epoch, "step": start_step, "history": history}     # the last checkpoint written
 
     def on_epoch(result):
-        if args.dp_clip:                       # privacy spent so far (fnbp.dp.epsilon, dp-accounting)
-            result.history[-1]["epsilon"] = dp.epsilon(noise_multiplier=args.dp_noise, steps=result.step,
-                                                       sample_rate=B / len(ds.y_train), delta=args.dp_delta)
+        if args.dp_clip:
+            result.history[-1]["epsilon"] = _epsilon(args, B, len(ds.y_train), result.step)
         with _writing(ckpt):
             checkpoint.save(ckpt, params=result.params, opt_state=result.opt_state, batch_stats=result.state,
                             step=result.step, epoch=result.epoch, key=k_train,
                             extra={"args": run_args, "settings": segments, "optimizer": args.optimizer,
                                    "model": _cli_model.describe(model, args, ds.x_train.shape[1:]),
                                    "history": history + result.history})
+        saved.update(epoch=result.epoch, step=result.step, history=history + result.history)
         if lines:
             h = result.history[-1]
+            eps = ("" if "epsilon" not in h else f"  epsilon infinite (no noise)" if h["epsilon"] is None
+                   else f"  epsilon {h['epsilon']:.3f} at delta {args.dp_delta:g}")
             print(f"epoch {h['epoch']:3d}  loss {h['loss']:.4f}  test loss {h['test_loss']:.4f}  "
-                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s"
-                  + (f"  epsilon {h['epsilon']:.3f} at delta {args.dp_delta:g}" if "epsilon" in h else ""), flush=True)
+                  f"test accuracy {h['test_accuracy']:.4f}  {h['examples_per_s']:,.0f} examples/s" + eps, flush=True)
 
     if not args.quiet:
         print(f"compiling... (one epoch = {len(ds.y_train) // B} steps of {B} examples; {ds.name}, "
@@ -268,6 +438,8 @@ def _cmd_train(args):
                                 start_epoch=start_epoch, start_step=start_step, record_learning_rate=lr,
                                 progress=False if args.quiet else None, on_epoch=on_epoch if writer else None,
                                 mesh=mesh)
+    except KeyboardInterrupt:
+        return _interrupted(out, ckpt, segments, saved, writer)
     except training.NonFiniteInputError as e:
         where = f"the checkpoint {ckpt} holds non-finite values" if args.resume else "non-finite input"
         raise UsageError(f"{where}: {e}") from e
@@ -281,12 +453,7 @@ def _cmd_train(args):
         print(f"process {process} of {n_processes}: trained {result.epoch} epochs; process 0 writes {out}")
         return 0
     try:
-        with _writing(out / "history.json"):
-            (out / "history.json").write_text(json.dumps({"settings": segments, "history": history,
-                                                          "compile_seconds": result.compile_seconds,
-                                                          "train_seconds": seconds}, indent=1))
-        with _writing(out / "curves.png"):
-            _plot(history, out / "curves.png")
+        _write_results(out, segments, history, {"compile_seconds": result.compile_seconds, "train_seconds": seconds})
     except OutputError as e:
         print(f"error: {e}\nthe checkpoint {ckpt} (epoch {result.epoch}) is complete", file=sys.stderr)
         return 1
@@ -295,6 +462,41 @@ def _cmd_train(args):
           f"after {last['epoch']} epochs in {seconds:.1f} s (compile {result.compile_seconds:.1f} s); "
           f"wrote {out / 'history.json'}, {out / 'curves.png'}, {ckpt}")
     return 0
+
+
+def _resume(args, ckpt, run_args, skipped, params, opt_state, state):
+    """--resume: check the stored run against this one and load its state into the templates; returns
+    (params, opt_state, state, key, epoch, step, history, settings segments)."""
+    from . import checkpoint
+    history, segments = _check_resume(ckpt, checkpoint.read_metadata(ckpt), run_args, args.allow_changed or [],
+                                      skipped)
+    loaded = checkpoint.load(ckpt, params_like=params, opt_state_like=opt_state, batch_stats_like=state)
+    if loaded["epoch"] >= args.epochs:
+        raise UsageError(f"fnbp train: the checkpoint {ckpt} already has {loaded['epoch']} epochs; ask for "
+                         f"--epochs > {loaded['epoch']}")
+    print(f"resuming from {ckpt} at epoch {loaded['epoch']} (step {loaded['step']})", flush=True)
+    return (loaded["params"], loaded["opt_state"], loaded["batch_stats"], loaded["key"], loaded["epoch"],
+            loaded["step"], history, segments)
+
+
+def _interrupted(out, ckpt, segments, saved, writer):
+    """Ctrl-C: write the history and curves of the epochs the last checkpoint holds, say where to resume."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C must not cut these writes short
+    wrote = ""
+    try:
+        if writer and saved["history"]:
+            _write_results(out, segments, saved["history"], {"interrupted": True})
+            wrote = f"; wrote {out / 'history.json'}, {out / 'curves.png'}"
+    except OutputError as e:
+        wrote = f"; {e}"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    last = (f"last checkpoint epoch {saved['epoch']} ({ckpt}); resume with --resume" if saved["epoch"]
+            else "no checkpoint written yet; start again")
+    print(f"interrupted at epoch {saved['epoch'] + 1}, step {saved['step']}; {last}{wrote}", file=sys.stderr,
+          flush=True)
+    return INTERRUPTED
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -312,9 +514,13 @@ class _HelpFormatter(argparse.HelpFormatter):
 def add_parser(sub):
     """Register ``train`` on the subparsers ``sub`` of the ``fnbp`` parser."""
     t = sub.add_parser("train", help="train a network (default: 64-32-10 ReLU on scikit-learn's digits)",
-                       description="Train a dense network (or a LeNet, --model lenet) with fnbp's hand-written rules and optimizers. Writes "
-                                   "OUT/history.json, OUT/curves.png and OUT/checkpoint.npz (after every epoch, "
-                                   "atomically); --resume continues from that checkpoint bit-identically.",
+                       description="Train a dense network (or a LeNet, --model lenet) with fnbp's hand-written "
+                                   "rules and optimizers. Writes OUT/history.json, OUT/curves.png and "
+                                   "OUT/checkpoint.npz (after every epoch, atomically); --resume continues from that "
+                                   "checkpoint bit-identically. An OUT holding another run is refused unless "
+                                   "--resume or --overwrite; a lock file keeps two runs out of one OUT. Flags that do "
+                                   "not apply to the run are refused. Ctrl-C writes the history and curves of the "
+                                   "checkpointed epochs and exits with 130.",
                        formatter_class=_HelpFormatter)
     t.add_argument("--data", choices=DATASETS, default="digits",
                    help="dataset: digits (bundled with scikit-learn), mnist (IDX files, see --data-dir), or a toy set")
@@ -326,9 +532,12 @@ def add_parser(sub):
     t.add_argument("--layers", type=_layers, default=None,
                    help="--model mlp: widths, input first and classes last (default: 64,32,10)")
     _cli_model.add_arguments(t)
-    t.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="hidden activation")
-    t.add_argument("--slope", type=_float_arg("--slope"), default=0.01, help="leaky_relu slope")
-    t.add_argument("--init", choices=("glorot", "he", "uniform"), default="glorot", help="weight initialiser")
+    t.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                   help="--model mlp: hidden activation (default: relu)")
+    t.add_argument("--slope", type=_float_arg("--slope"), default=None,
+                   help="--activation leaky_relu: the slope for a < 0 (default: 0.01)")
+    t.add_argument("--init", choices=("glorot", "he", "uniform"), default=None,
+                   help="--model mlp: weight initialiser (default: glorot)")
     t.add_argument("--batch-norm", action="store_true", help="batch norm before each hidden activation")
     t.add_argument("--dropout", type=_float_arg("--dropout", 0.0, 1.0), default=_cli_model.UNSET,
                    help="dropout probability in [0, 1): mlp between hidden layers, lenet on each dense layer's input"
@@ -339,7 +548,8 @@ def add_parser(sub):
     t.add_argument("--lr-schedule", choices=("constant", "inverse", "exponential"), default=_cli_model.UNSET,
                    help="eta_k = eta_0, eta_0/(1 + k decay) or eta_0 exp(-k decay), k = step"
                         + _cli_model.default_help("lr_schedule"))
-    t.add_argument("--lr-decay", type=_float_arg("--lr-decay", 0.0), default=3e-4, help="decay of the schedule")
+    t.add_argument("--lr-decay", type=_float_arg("--lr-decay", 0.0), default=None,
+                   help="decay of an inverse or exponential --lr-schedule (default: 0.0003)")
     t.add_argument("--l2", type=_float_arg("--l2", 0.0), default=_cli_model.UNSET,
                    help="L2 penalty lambda on the weights (>= 0)" + _cli_model.default_help("l2"))
     t.add_argument("--epochs", type=_int_arg("--epochs", 1), default=_cli_model.UNSET,
@@ -353,13 +563,18 @@ def add_parser(sub):
     t.add_argument("--devices", type=_int_arg("--devices", 0), default=0,
                    help="data-parallel over N devices (0 = all visible devices when more than one, 1 = one device)")
     t.add_argument("--dp-clip", type=_float_arg("--dp-clip", 0.0), default=0.0, help="DP-SGD: clip norm C (0 = off)")
-    t.add_argument("--dp-noise", type=_float_arg("--dp-noise", 0.0), default=0.0, help="DP-SGD: noise multiplier")
-    t.add_argument("--dp-delta", type=_float_arg("--dp-delta", 0, 1, lo_open=True), default=1e-5, help="DP-SGD: delta")
+    t.add_argument("--dp-noise", type=_float_arg("--dp-noise", 0.0), default=None,
+                   help="DP-SGD (with --dp-clip): noise multiplier (default: 0, clipping only: no privacy guarantee)")
+    t.add_argument("--dp-delta", type=_float_arg("--dp-delta", 0, 1, lo_open=True), default=None,
+                   help="DP-SGD (with --dp-clip): delta (default: 1e-05)")
     t.add_argument("--seed", type=_int_arg("--seed", 0, SEED_LIMIT, "2**32"), default=0,
                    help="seed of the data split, initialisation and shuffling")
     t.add_argument("--out", default=None, help=f"output directory (default: runs/<data>-<model>: runs/<data>-{MODEL}, "
                                                f"runs/<data>-lenet)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz (same settings)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a run that is not --resume refuses an --out "
+                        "holding another run's files)")
     t.add_argument("--allow-changed", type=_allow_changed, default=None, metavar="FLAGS",
                    help="with --resume: comma-separated settings that may differ from the checkpoint's run, "
                         "from " + ",".join(_flag(n)[2:] for n in OVERRIDABLE) + " (--epochs always may)")

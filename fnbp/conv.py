@@ -35,8 +35,10 @@ ceil(H / stride), the total padding max((H_out - 1) stride + kh - H, 0) split wi
 the extra pixel at the bottom/right) or an int p (p zeros on every side).
 """
 import math
+import operator
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -44,12 +46,28 @@ from . import extensions
 from .rules import out_sharding, rule
 
 __all__ = ["conv2d", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im", "check_conv_shapes",
-           "conv_fan_in"]
+           "conv_fan_in", "as_count"]
+
+
+def as_count(value, what, name, lo):
+    """``value`` as a Python int >= ``lo`` if ``operator.index`` accepts it (int, numpy or concrete JAX integer
+    scalars), else a ValueError naming ``name`` and ``what`` (floats, bools, strings, arrays, too small)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: {what} must be an integer >= {lo}, got the bool {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        shown = f"{type(value).__name__} {value!r}" if not hasattr(value, "shape") else (
+            f"{type(value).__name__} of dtype {value.dtype} and shape {tuple(value.shape)}")
+        raise ValueError(f"{name}: {what} must be an integer >= {lo} (a Python, numpy or JAX integer scalar), "
+                        f"got {shown}") from None
+    if n < lo:
+        raise ValueError(f"{name}: {what} must be an integer >= {lo}, got {n}")
+    return n
 
 
 def _check_stride(stride, name):
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"{name}: stride must be an int >= 1, got {stride!r}")
+    as_count(stride, "stride", name, 1)
 
 
 def pad_amounts(size, k, stride, padding, name="fnbp.conv2d"):
@@ -59,9 +77,14 @@ def pad_amounts(size, k, stride, padding, name="fnbp.conv2d"):
     if isinstance(padding, str) and padding.upper() == "SAME":
         total = max((-(-size // stride) - 1) * stride + k - size, 0)
         return total // 2, total - total // 2
-    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
-        return padding, padding
-    raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or an int >= 0, got {padding!r}")
+    if isinstance(padding, str):
+        raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or an integer >= 0, got {padding!r}")
+    try:
+        p = as_count(padding, "padding", name, 0)
+    except ValueError:
+        raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or an integer >= 0 (a Python, numpy or JAX "
+                        f"integer scalar), got {type(padding).__name__} {padding!r}") from None
+    return p, p
 
 
 def conv_output_size(size, k, stride, padding, name="fnbp.conv2d"):

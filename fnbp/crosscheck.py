@@ -178,6 +178,24 @@ class _Case(NamedTuple):
     run: Callable
 
 
+def _kind(a):
+    leaves = jax.tree_util.tree_leaves(a)
+    return ", ".join(f"{jnp.result_type(v)}{list(np.shape(v))}" for v in leaves[:3]) if leaves else "no arrays"
+
+
+def _output_shape(f, args, name, what):
+    """The ShapeDtypeStruct of ``f(*args)``: one array, else a ValueError naming ``what`` (fn or the reference)."""
+    try:
+        out = jax.eval_shape(f, *args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"fnbp.check: {name}: calling {what} on the inputs failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise ValueError(f"fnbp.check: {name}: {what} must return one array, got "
+                         f"{jax.tree_util.tree_structure(out)}")
+    return out
+
+
 def _prepare(fn, ref, args, name, key, eps, n_coords):
     name = name or getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "rule")
     key = jax.random.PRNGKey(0) if key is None else key
@@ -186,9 +204,19 @@ def _prepare(fn, ref, args, name, key, eps, n_coords):
         raise TypeError(f"fnbp.check: {name} has no hand-written rule (no function made with fnbp.rule runs "
                         f"inside it), so its gradient is JAX's autodiff and checking it against autodiff "
                         f"proves nothing; wrap your fwd/bwd pair with fnbp.rule(fwd, bwd)")
-    argnums = tuple(i for i, a in enumerate(args) if _inexact(a))
+    argnums = tuple(i for i, a in enumerate(args) if _inexact(a) and _flat(a).size)
+    if not argnums:
+        kinds = ", ".join(f"{n}: {_kind(a)}" for n, a in zip(_argnames(fn, len(args)), args))
+        raise ValueError(f"fnbp.check: {name} has no floating-point input with any entries ({kinds}), so there is "
+                         f"no gradient to check: it would check nothing; pass the inputs to differentiate as float "
+                         f"arrays")
+    out_shape = _output_shape(fn, args, name, "fn")
+    ref_shape = _output_shape(ref, args, name, "the reference")
+    if ref_shape.shape != out_shape.shape:
+        raise ValueError(f"fnbp.check: {name}'s reference returns shape {ref_shape.shape} but {name} returns shape "
+                         f"{out_shape.shape}; the reference must compute the same forward")
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-    ct = rng.standard_normal(jax.eval_shape(fn, *args).shape)
+    ct = rng.standard_normal(out_shape.shape)
     other = tuple(jax.tree_util.tree_map(lambda v: v + 0.01 * rng.standard_normal(np.shape(v)), a)
                   if i in argnums else a for i, a in enumerate(args))
     coords, signs = [], []

@@ -26,6 +26,7 @@ __all__ = [
     "TOY_NAMES",
     "DATASET_NAMES",
     "stratified_split",
+    "check_shift",
     "standardize_features",
     "load_digits",
     "read_idx",
@@ -82,6 +83,32 @@ def _check_seed(fn: str, seed) -> int:
         ) from None
     if s < 0:
         raise ValueError(f"{fn}: seed must be a non-negative integer, got {s}")
+    return s
+
+
+def check_shift(shift, image_shape, name: str = "shift") -> int:
+    """``shift`` (the largest random shift of an image, in pixels) as an int, bounded by the image it moves.
+
+    ``image_shape`` is one image's ``(H, W)`` or ``(H, W, C)``.  A shift of s pixels moves up to s rows and
+    s columns out of view, so s must be at most ``min(H, W) // 2``: at least half of every image stays
+    visible (a larger shift can blank an image entirely: a 28x28 MNIST digit shifted by 28 is all zeros).
+    ``name`` names the option in the error (e.g. ``"--augment"`` or ``"fnbp.cnn.Config: augment"``).
+    Raises ValueError naming it for a shift that is not an integer >= 0 (``operator.index``: numpy and
+    JAX integer scalars are integers, floats and bools are not) or that exceeds the bound.
+    """
+    if isinstance(shift, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer >= 0 (pixels), got the bool {shift!r}")
+    try:
+        s = operator.index(shift)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= 0 (pixels), got {type(shift).__name__} {shift!r}") from None
+    shape = tuple(int(n) for n in image_shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"check_shift: image_shape must be one image's (H, W) or (H, W, C), got {shape}")
+    limit = min(shape[:2]) // 2
+    if not 0 <= s <= limit:
+        raise ValueError(f"{name} must be an integer in [0, {limit}] for {shape[0]}x{shape[1]} images (at most half "
+                         f"the image side, so that every shifted image keeps at least half of its pixels), got {s}")
     return s
 
 

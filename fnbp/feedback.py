@@ -60,7 +60,8 @@ def _check_dense_fa(W, b, h_prev, B):
                          f"got {jnp.shape(B)}")
 
 
-dense_fa = rule(_dense_fa_fwd, _dense_fa_bwd, name="dense_fa", check=_check_dense_fa)
+dense_fa = rule(_dense_fa_fwd, _dense_fa_bwd, name="dense_fa", check=_check_dense_fa,
+                nondiff=("B",))
 
 
 # --- straight-through estimators ------------------------------------------------------
@@ -88,7 +89,8 @@ def _sign_ste_fwd(a, window=1.0):
     return jnp.sign(a), (a, window)
 
 
-sign_ste = rule(_sign_ste_fwd, _window_bwd, name="sign_ste", check=_check_window("sign_ste"))
+sign_ste = rule(_sign_ste_fwd, _window_bwd, name="sign_ste", check=_check_window("sign_ste"),
+                nondiff=("window",))
 
 
 def _step_ste_fwd(a, window=0.5):
@@ -101,7 +103,8 @@ def _step_ste_fwd(a, window=0.5):
     return jnp.where(jnp.isnan(a), a, (a > 0).astype(a.dtype)), (a, window)
 
 
-step_ste = rule(_step_ste_fwd, _window_bwd, name="step_ste", check=_check_window("step_ste"))
+step_ste = rule(_step_ste_fwd, _window_bwd, name="step_ste", check=_check_window("step_ste"),
+                nondiff=("window",))
 
 
 # --- networks with feedback alignment -------------------------------------------------

@@ -33,15 +33,22 @@ and only process 0 (:func:`is_main_process`) writes.  On CPU the collectives
 run over gloo.  See ``docs/multihost.md`` (tested by ``tests/test_multiprocess.py``).
 """
 
+import errno
+import socket
+import sys
+import time
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXIS", "make_mesh", "place", "check_batch_size", "replicate", "batch_sharding", "batch_axis",
-           "shard_batch", "initialize", "is_main_process", "add_cli_arguments", "initialize_from_args",
+           "shard_batch", "initialize", "CoordinatorError", "check_coordinator_port", "wait_for_coordinator",
+           "is_main_process", "add_cli_arguments", "initialize_from_args",
            "mesh_for_cli"]
 
 AXIS = "data"
+COORDINATOR_TIMEOUT = 120          # seconds a process waits for the coordinator (fnbp train --coordinator-timeout)
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 
 
@@ -168,7 +175,52 @@ def place(mesh, batch_size, params, opt_state, state, x_train, y_train):
     return params, opt_state, state, x_train, y_train, batch_sharding(mesh)
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None):
+class CoordinatorError(RuntimeError):
+    """The coordinator of a multi-process run cannot be reached in time, or its port cannot be opened."""
+
+
+def _split_address(address):
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_coordinator_port(address):
+    """Process 0: raise CoordinatorError naming ``HOST:PORT`` when its port is already in use (another program
+    listens there), instead of JAX's ``Failed to start RPC server``."""
+    _, port = _split_address(address)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as e:
+            why = "it is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise CoordinatorError(f"fnbp.parallel: process 0 cannot start the coordinator at {address}: port {port} "
+                                   f"cannot be opened ({why}); choose another port with --coordinator HOST:PORT "
+                                   f"in every process") from e
+
+
+def wait_for_coordinator(address, timeout, process_id=None, num_processes=None, *, poll=0.25):
+    """Processes other than 0: wait up to ``timeout`` seconds until the coordinator at ``HOST:PORT`` accepts a
+    TCP connection; CoordinatorError naming it otherwise (``jax.distributed.initialize`` would abort the
+    process with a C++ fatal error instead).  Returns the seconds waited."""
+    host, port = _split_address(address)
+    start = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(poll, 1.0)):
+                return time.monotonic() - start
+        except OSError as e:
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                who = f" (process {process_id} of {num_processes})" if process_id is not None else ""
+                raise CoordinatorError(f"fnbp.parallel: no coordinator at {address} after {timeout:g} s{who}: "
+                                       f"{e.strerror or e}; start process 0 with the same --coordinator, or raise "
+                                       f"--coordinator-timeout") from None
+            time.sleep(min(poll, timeout - waited))
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None, *, timeout=COORDINATOR_TIMEOUT,
+               log=None):
     """Join a multi-process run (``jax.distributed.initialize``) before anything else uses JAX.
 
     With no arguments JAX detects the cluster (Cloud TPU, SLURM, Open MPI, or the
@@ -176,11 +228,29 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     environment variables).  On CPU the cross-process collectives use gloo
     (``jax_cpu_collectives_implementation``; GPUs use NCCL, TPUs their own
     interconnect, whatever this says).  Returns ``(process_index, process_count)``.
+
+    With an explicit ``coordinator_address``: process 0 first checks that the port
+    can be opened, the others wait up to ``timeout`` seconds for the coordinator to
+    accept connections (printing "waiting for the coordinator at HOST:PORT (process
+    i of N)" to ``log``, default stderr); both failures raise :class:`CoordinatorError`
+    naming the address.  ``timeout`` is also JAX's ``initialization_timeout`` (all
+    processes must join within it; a process that never joins still ends in JAX's
+    own fatal error after it).
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)) or not timeout > 0:
+        raise ValueError(f"fnbp.parallel.initialize: timeout must be a number of seconds > 0, got {timeout!r}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    log = sys.stderr if log is None else log
+    if coordinator_address is not None and process_id is not None:
+        if process_id == 0:
+            check_coordinator_port(coordinator_address)
+        else:
+            print(f"waiting for the coordinator at {coordinator_address} (process {process_id} of {num_processes}; "
+                  f"up to {timeout:g} s)", file=log, flush=True)
+            wait_for_coordinator(coordinator_address, timeout, process_id, num_processes)
     kwargs = {k: v for k, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
                                 ("process_id", process_id)) if v is not None}
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**kwargs, initialization_timeout=max(1, int(np.ceil(timeout))))
     return jax.process_index(), jax.process_count()
 
 
@@ -197,9 +267,23 @@ def add_cli_arguments(parser):
                    help="process 0's address and a free port, the same in every process")
     g.add_argument("--num-processes", type=int, default=None, help="number of processes")
     g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
+    g.add_argument("--coordinator-timeout", type=_seconds, default=COORDINATOR_TIMEOUT, metavar="SECONDS",
+                   help="how long a process waits for the coordinator (and for all processes to join) before "
+                        "it gives up with exit code 3")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run detected from the cluster (Cloud TPU, SLURM, Open MPI, or "
                         "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+
+
+def _seconds(text):
+    import argparse
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--coordinator-timeout must be a number of seconds, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"--coordinator-timeout must be a number of seconds > 0, got {text}")
+    return v
 
 
 def mesh_for_cli(devices, error=ValueError):
@@ -231,4 +315,8 @@ def initialize_from_args(args, error=ValueError):
         if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
             raise error(f"fnbp train: need --num-processes >= 1 and 0 <= --process-id < --num-processes, got "
                         f"--num-processes {args.num_processes} --process-id {args.process_id}")
-    return initialize(args.coordinator, args.num_processes, args.process_id)
+    timeout = getattr(args, "coordinator_timeout", COORDINATOR_TIMEOUT)
+    if not args.distributed and args.process_id == 0:
+        print(f"starting the coordinator at {args.coordinator} (process 0 of {args.num_processes}); waiting up "
+              f"to {timeout:g} s for the others", file=sys.stderr, flush=True)
+    return initialize(args.coordinator, args.num_processes, args.process_id, timeout=timeout)

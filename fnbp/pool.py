@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import extensions, norm
-from .conv import col2im
+from .conv import as_count, col2im
 from .rules import rule
 
 __all__ = ["max_pool", "avg_pool", "flatten", "global_avg_pool", "batch_norm_channels",
@@ -29,9 +29,8 @@ def pool_output_size(size, window, stride, name="fnbp.max_pool"):
 
 
 def _check_pool(x, *, window=2, stride=None, name="fnbp.max_pool"):
-    for what, v in (("window", window), ("stride", stride)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}: {what} must be an int >= 1, got {v!r}")
+    window = as_count(window, "window", name, 1)
+    stride = None if stride is None else as_count(stride, "stride", name, 1)
     if jnp.ndim(x) != 4:
         raise ValueError(f"{name}: x must have shape (batch, H, W, C) (channels last), got shape {jnp.shape(x)}")
     for size in jnp.shape(x)[1:3]:
@@ -143,6 +142,9 @@ def _global_avg_pool_bwd(x_shape, grad_h):
 def _check_maps(x):
     if jnp.ndim(x) != 4:
         raise ValueError(f"fnbp.global_avg_pool: x must have shape (batch, H, W, C), got shape {jnp.shape(x)}")
+    if 0 in jnp.shape(x)[1:3]:
+        raise ValueError(f"fnbp.global_avg_pool: x has no pixels to average (H = {jnp.shape(x)[1]}, W = "
+                         f"{jnp.shape(x)[2]} in shape {jnp.shape(x)}); H and W must be >= 1")
 
 
 global_avg_pool = rule(_global_avg_pool_fwd, _global_avg_pool_bwd, name="global_avg_pool", check=_check_maps)

@@ -41,7 +41,7 @@ def _dropout_bwd(res, grad_y):
     return grad_x, None, None
 
 
-_dropout = rule(_dropout_fwd, _dropout_bwd, name="dropout")
+_dropout = rule(_dropout_fwd, _dropout_bwd, name="dropout", nondiff=("p", "key"))
 
 
 def dropout(x, p, key, *, train=True):

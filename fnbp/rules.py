@@ -12,10 +12,17 @@ walker (``fnbp.backprop``) and ``fnbp.check`` call directly.  This module is the
 place in fnbp where a ``jax.custom_vjp`` is built.
 
 Arguments: the positional parameters of ``fwd`` are traced inputs (arrays, or
-Python numbers such as a slope); each gets a cotangent (``None`` for integer inputs
-such as labels, and for inputs that are hyperparameters).  The keyword-only
-parameters of ``fwd`` (``*, reduction="mean"``) are static options: hashable
-values passed by keyword to both ``fwd`` and ``bwd``.
+Python numbers such as a slope); each gets a cotangent: an array of the input's shape
+and a floating dtype for a float input, ``None`` for integer inputs such as labels and
+keys, and ``None`` for the float inputs the rule declares non-differentiable
+(``fnbp.rule(fwd, bwd, nondiff=("slope",))``: hyperparameters such as a slope or a
+drop probability).  Anything else (a bare array instead of ``(out, residuals)``, the
+wrong number of cotangents, a wrong shape, an integer, boolean or complex cotangent of
+a real input, ``None`` for an undeclared float input) is a ``RuleError`` naming the
+rule, raised at trace time.  The keyword-only parameters of ``fwd``
+(``*, reduction="mean"``) are static options: hashable values passed by keyword to
+both ``fwd`` and ``bwd``; a numpy or concrete JAX scalar option (``np.int64(2)``) is
+passed on as the Python number it holds.
 
 Example (a student's own activation)::
 
@@ -32,8 +39,13 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["Rule", "rule", "rule_of", "as_cotangent", "out_sharding", "PrimalType"]
+__all__ = ["Rule", "RuleError", "rule", "rule_of", "as_cotangent", "check_cotangents", "out_sharding", "PrimalType"]
+
+
+class RuleError(TypeError, ValueError):
+    """A hand-written rule broke the conventions (fwd's return structure, bwd's cotangents); names the rule."""
 
 
 class Rule(NamedTuple):
@@ -70,18 +82,18 @@ def _split_signature(fwd, name):
 class PrimalType:
     """What a cotangent must look like to match its primal input (trace-time only, no array).
 
-    dtype: the primal's dtype.  sharding: its ``NamedSharding`` when it lives on a mesh
+    dtype: the primal's dtype.  shape: its shape.  sharding: its ``NamedSharding`` when it lives on a mesh
     with Explicit axes (sharding in the type), else None (Auto meshes, one device).
     varying: the manual mesh axes it varies over inside ``jax.shard_map`` (its vma).
     Kept in a rule's residuals as a static pytree node (no leaves, no device memory).
     """
-    __slots__ = ("dtype", "sharding", "varying")
+    __slots__ = ("dtype", "sharding", "varying", "shape")
 
-    def __init__(self, dtype, sharding, varying):
-        self.dtype, self.sharding, self.varying = dtype, sharding, varying
+    def __init__(self, dtype, sharding, varying, shape=None):
+        self.dtype, self.sharding, self.varying, self.shape = dtype, sharding, varying, shape
 
     def _key(self):
-        return (self.dtype, self.sharding, self.varying)
+        return (self.dtype, self.sharding, self.varying, self.shape)
 
     def __eq__(self, other):
         return isinstance(other, PrimalType) and self._key() == other._key()
@@ -90,7 +102,8 @@ class PrimalType:
         return hash(self._key())
 
     def __repr__(self):
-        return f"PrimalType(dtype={self.dtype}, sharding={self.sharding}, varying={set(self.varying) or '{}'})"
+        return (f"PrimalType(dtype={self.dtype}, shape={self.shape}, sharding={self.sharding}, "
+                f"varying={set(self.varying) or '{}'})")
 
 
 def _varying_axes(aval):
@@ -130,13 +143,16 @@ def _leaf_marker(x):
     if not jnp.issubdtype(dtype, jnp.inexact):
         return None
     aval = jax.typeof(x)
-    return PrimalType(dtype, _explicit_sharding(aval), _varying_axes(aval))
+    return PrimalType(dtype, _explicit_sharding(aval), _varying_axes(aval), tuple(jnp.shape(x)))
 
 
-def _type_marker(x):
+def _type_marker(x, nondiff=False):
     """The ``PrimalType`` of an input (leaf by leaf, for a pytree input), kept in the
     residuals so that the backward returns cotangents of the primal's type (None for
-    integer inputs such as labels, and for keys).  Static: costs nothing at run time."""
+    integer inputs such as labels, for keys, and for inputs declared ``nondiff``).
+    Static: costs nothing at run time."""
+    if nondiff:
+        return None
     if isinstance(x, (list, tuple, dict)):
         return jax.tree_util.tree_map(_leaf_marker, x)
     return _leaf_marker(x)
@@ -144,6 +160,10 @@ def _type_marker(x):
 
 def _is_none(x):
     return x is None
+
+
+def _is_marker_leaf(x):
+    return x is None or isinstance(x, PrimalType)
 
 
 def as_cotangent(ct, marker):
@@ -179,7 +199,94 @@ def as_cotangent(ct, marker):
     return ct
 
 
-def rule(fwd, bwd, *, name=None, check=None):
+def _describe(x):
+    if x is None:
+        return "None"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} {x.dtype}{list(x.shape)}"
+    return f"{type(x).__name__} {x!r:.40}"
+
+
+def _check_leaf(where, ct, marker):
+    """Refuse a cotangent that does not fit its float primal (``where`` names the rule and input)."""
+    if ct is None:
+        raise RuleError(f"{where}: bwd returned None for a float input of shape {marker.shape}; return its "
+                        f"cotangent, or declare the input non-differentiable (fnbp.rule(..., nondiff=(name,)))")
+    if not isinstance(ct, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+        raise RuleError(f"{where}: the cotangent must be an array, got {_describe(ct)}")
+    try:
+        dtype, shape = jnp.result_type(ct), tuple(jnp.shape(ct))
+    except (TypeError, ValueError):
+        raise RuleError(f"{where}: the cotangent must be an array, got {_describe(ct)}") from None
+    if not jnp.issubdtype(dtype, jnp.inexact) or (jnp.issubdtype(dtype, jnp.complexfloating)
+                                                   and not jnp.issubdtype(marker.dtype, jnp.complexfloating)):
+        raise RuleError(f"{where}: the cotangent has dtype {dtype} but the input is {marker.dtype}; a "
+                        f"{'complex' if jnp.issubdtype(dtype, jnp.complexfloating) else 'non-float'} cotangent "
+                        f"is not cast silently (return a {marker.dtype} array)")
+    if marker.shape is not None and shape != marker.shape:
+        raise RuleError(f"{where}: the cotangent has shape {shape} but the input has shape {marker.shape} "
+                        f"(a cotangent has its input's shape)")
+
+
+def _check_cotangent(where, ct, marker):
+    """Check one input's cotangent (a pytree input's leaf by leaf) against its marker."""
+    if marker is None:
+        return                                        # integer / key / nondiff input: the cotangent is dropped
+    if isinstance(marker, (list, tuple, dict)):
+        leaves, treedef = jax.tree_util.tree_flatten(marker, is_leaf=_is_marker_leaf)
+        try:
+            cts = treedef.flatten_up_to(ct)
+        except (ValueError, TypeError):
+            shown = jax.tree_util.tree_structure(jax.tree_util.tree_map(lambda _: 0, marker, is_leaf=_is_marker_leaf))
+            raise RuleError(f"{where}: the cotangent must have the input's structure {str(shown):.200}, got "
+                            f"{str(jax.tree_util.tree_structure(ct, is_leaf=_is_none)):.200}") from None
+        for c, m in zip(cts, leaves):
+            _check_cotangent(where, c, m)
+        return
+    _check_leaf(where, ct, marker)
+
+
+def _static(name, option, value):
+    """An option as a hashable static value: a numpy scalar or a concrete 0-d JAX array becomes the Python
+    number it holds (``np.int64(2)`` -> 2); a traced one is refused by name."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, jax.Array) and jnp.ndim(value) == 0:
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(f"fnbp.{name}: option {option} must be a static value, got a traced {value.dtype} "
+                            f"scalar (options are fixed at trace time; pass a Python number)")
+        return value.item()
+    return value
+
+
+def _check_fwd_result(name, result):
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        got = (f"a {type(result).__name__} of {len(result)}" if isinstance(result, (tuple, list))
+               else _describe(result))
+        raise RuleError(f"fnbp.rule {name!r}: fwd must return the pair (out, residuals), got {got}")
+    return result
+
+
+def check_cotangents(f, args, cts):
+    """Refuse what ``f.rule.bwd`` returned for the inputs ``args`` as ``fnbp.rule`` does inside jax.grad:
+    one cotangent per positional input, each of its input's shape and a float dtype, None only for integer
+    inputs and those in ``f.nondiff``.  For callers of ``rule.bwd`` outside JAX's transforms (the explicit
+    walker).  Returns the cotangents as a tuple, or raises a :class:`RuleError` naming the rule."""
+    r = rule_of(f)
+    if r is None:
+        raise TypeError(f"fnbp.rules.check_cotangents: {f!r} was not made by fnbp.rule")
+    _, positional, _ = _split_signature(r.fwd, r.name)
+    nondiff = getattr(f, "nondiff", ())
+    cts = cts if isinstance(cts, (tuple, list)) else (cts,)
+    if len(cts) != len(positional):
+        raise RuleError(f"fnbp.rule {r.name!r}: bwd returned {len(cts)} cotangents for {len(positional)} inputs "
+                        f"({', '.join(positional)}); return one per input, None for those without")
+    for p, ct, a in zip(positional, cts, args):
+        _check_cotangent(f"fnbp.rule {r.name!r}: input {p}", ct, _type_marker(a, p in nondiff))
+    return tuple(cts)
+
+
+def rule(fwd, bwd, *, name=None, check=None, nondiff=()):
     """A differentiable function from a hand-written forward ``fwd`` and backward ``bwd``.
 
     Args:
@@ -190,6 +297,10 @@ def rule(fwd, bwd, *, name=None, check=None):
       name: the op's name (default: fwd's name without a ``_fwd``/``_forward`` suffix).
       check: optional ``check(*args, **options)`` run at trace time before the op
         (shape/type validation that raises a named ValueError or TypeError).
+      nondiff: names of positional inputs that are not differentiated (hyperparameters
+        such as a slope, a drop probability, a fixed feedback matrix): bwd returns None
+        for them even when they are floats.  None for an undeclared float input is a
+        ``RuleError``.
 
     Returns a function ``f(*args, **options)`` with ``f.rule = Rule(fwd, bwd, name)``.
     """
@@ -202,15 +313,21 @@ def rule(fwd, bwd, *, name=None, check=None):
             name = name[: -len(suffix)] if name.endswith(suffix) else name
     sig, positional, option_names = _split_signature(fwd, name)
     n_in = len(positional)
+    nondiff = (nondiff,) if isinstance(nondiff, str) else tuple(nondiff)
+    unknown = [p for p in nondiff if p not in positional]
+    if unknown:
+        raise TypeError(f"fnbp.rule: {name}'s nondiff names {', '.join(map(repr, unknown))}, which are not "
+                        f"positional inputs of fwd ({', '.join(positional)})")
+    skip = tuple(p in nondiff for p in positional)
 
     def primal(options, *args):
-        return fwd(*args, **dict(options))[0]
+        return _check_fwd_result(name, fwd(*args, **dict(options)))[0]
 
     op = jax.custom_vjp(primal, nondiff_argnums=(0,))
 
     def op_fwd(options, *args):
-        out, residuals = fwd(*args, **dict(options))
-        return out, (residuals, tuple(_type_marker(a) for a in args))
+        out, residuals = _check_fwd_result(name, fwd(*args, **dict(options)))
+        return out, (residuals, tuple(_type_marker(a, s) for a, s in zip(args, skip)))
 
     def op_bwd(options, saved, g):
         residuals, markers = saved
@@ -218,8 +335,10 @@ def rule(fwd, bwd, *, name=None, check=None):
         if not isinstance(cts, (tuple, list)):
             cts = (cts,)
         if len(cts) != n_in:
-            raise ValueError(f"fnbp.rule {name!r}: bwd returned {len(cts)} cotangents for {n_in} inputs "
-                             f"({', '.join(positional)}); return one per input, None for those without")
+            raise RuleError(f"fnbp.rule {name!r}: bwd returned {len(cts)} cotangents for {n_in} inputs "
+                            f"({', '.join(positional)}); return one per input, None for those without")
+        for p, ct, m in zip(positional, cts, markers):
+            _check_cotangent(f"fnbp.rule {name!r}: input {p}", ct, m)
         return tuple(as_cotangent(ct, m) for ct, m in zip(cts, markers))
 
     op.defvjp(op_fwd, op_bwd)
@@ -237,7 +356,7 @@ def rule(fwd, bwd, *, name=None, check=None):
                                                     for leaf in jax.tree_util.tree_leaves(v)):
                 raise TypeError(f"fnbp.{name}: {p} must be an array, got a Python {type(v).__name__} of numbers "
                                 f"(use jnp.asarray({p}))")
-        options = tuple((o, bound.arguments[o]) for o in option_names)
+        options = tuple((o, _static(name, o, bound.arguments[o])) for o in option_names)
         if check is not None:
             check(*values, **dict(options))
         try:
@@ -248,6 +367,7 @@ def rule(fwd, bwd, *, name=None, check=None):
         return op(options, *values)
 
     f.__name__ = f.__qualname__ = name
+    f.nondiff = nondiff
     del f.__wrapped__
     f.__signature__ = sig
     f.rule = Rule(fwd, bwd, name)

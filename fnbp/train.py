@@ -23,6 +23,7 @@ import numpy as np
 
 from . import activations, dp, extensions, graph, keys, losses, mlp, optim
 from .cnn import shift_augment
+from .data import check_shift
 from .per_example import extension_layers
 from .rules import rule_of
 from .train_checks import (NonFiniteError, NonFiniteInputError, NonFiniteLossError, NonFiniteParamsError,
@@ -293,9 +294,7 @@ def _check_recipe(cfg, m, params, x, micro_batch):
         if x.ndim != 4:
             raise ValueError(f"{_FN}: augment={cfg.augment} shifts images (batch, H, W, C); the training inputs have "
                              f"shape {tuple(x.shape)}")
-        if cfg.augment >= min(x.shape[1:3]):
-            raise ValueError(f"{_FN}: augment={cfg.augment} pixels would shift every {x.shape[1]}x{x.shape[2]} image "
-                             f"out of view; use a shift smaller than {min(x.shape[1:3])}")
+        check_shift(cfg.augment, x.shape[1:], f"{_FN}: augment")
 
 
 def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), model=None, opt_state=None, state=None,

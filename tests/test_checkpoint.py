@@ -486,3 +486,34 @@ def test_flat_dict_and_unflatten_names_round_trip_and_errors():
         ckpt.flat_dict({"k": jax.random.key(0)})
     with pytest.raises(ValueError, match=r"unflatten: the names do not match the template: missing \['conv.0.b'\]"):
         ckpt.unflatten({k: v for k, v in flat.items() if k != "conv.0.b"}, like=params)
+
+
+@pytest.mark.parametrize("field, value", [("step", -1), ("epoch", -3), ("step", np.int64(-2))])
+def test_save_refuses_what_load_refuses(tmp_path, field, value):
+    """save(step=-1) used to write a file that load refused; both now run the one validator (_check_meta)."""
+    params, state = _simple(1)
+    path = tmp_path / "c.npz"
+    kw = {"step": 1, "epoch": 0, field: value}
+    with pytest.raises(ckpt.CheckpointError, match=rf"fnbp.checkpoint.save: .*c\.npz: refusing to write a checkpoint "
+                                                   rf"that fnbp.checkpoint.load would refuse .*\n  {field} must be a "
+                                                   rf"non-negative integer, got {int(value)}"):
+        ckpt.save(path, params=params, opt_state=state, key=None, **kw)
+    assert os.listdir(tmp_path) == []
+
+
+def test_os_errors_name_the_checkpoint_not_a_temporary_file(tmp_path, monkeypatch):
+    params, state = _simple(1)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"fnbp.checkpoint.save: .*adir is a directory; a checkpoint is a "
+                                                r"file path") as ei:
+        ckpt.save(tmp_path / "adir", params=params, opt_state=state, step=0, epoch=0, key=None)
+    assert ei.value.filename == str(tmp_path / "adir") and ".tmp" not in str(ei.value)
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device", src, None, dst)
+    monkeypatch.setattr(os, "replace", disk_full)
+    path = tmp_path / "c.npz"
+    with pytest.raises(OSError, match=r"cannot write .*c\.npz: No space left on device") as ei:
+        ckpt.save(path, params=params, opt_state=state, step=0, epoch=0, key=None)
+    assert ei.value.filename == str(path) and ".tmp" not in str(ei.value) and ei.value.errno == 28
+    assert sorted(os.listdir(tmp_path)) == ["adir"]                 # the temporary file is gone

@@ -1,7 +1,9 @@
 """The fnbp command line, run as a user would (subprocess)."""
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -305,7 +307,7 @@ def _to_pre_wave2(path, drop=("model", "augment", "dp_clip", "dp_noise", "dp_del
         for k in ("settings", "optimizer"):
             meta["extra"].pop(k)
         for k in drop:
-            meta["extra"]["args"].pop(k)
+            meta["extra"]["args"].pop(k, None)
     _rewrite(path, change)
 
 
@@ -321,8 +323,8 @@ def test_resume_from_a_pre_wave2_checkpoint_continues_bit_identically(capsys, tm
     for d in ("new", "old"):
         rc, so, err = _main(capsys, *argv, "--epochs", "2", "--out", str(tmp_path / d), "--resume")
         assert rc == 0, err
-        assert ("written by an older fnbp without --model, --augment, --dp-clip, --dp-noise, --dp-delta: read as "
-                "--model mlp --augment 0" in so) == (d == "old"), so
+        assert ("written by an older fnbp without --model, --augment, --dp-clip: read as "    # (--dp-noise and
+                "--model mlp --augment 0" in so) == (d == "old"), so                       # --dp-delta: no --dp-clip)
     new, old = (checkpoint.load(tmp_path / d / "checkpoint.npz") for d in ("new", "old"))
     assert new["epoch"] == old["epoch"] == 2 and new["args"]["model"] == old["args"]["model"] == "mlp"
     for tree in ("params", "opt_state", "batch_stats"):
@@ -337,3 +339,182 @@ def test_resume_from_a_pre_wave2_checkpoint_continues_bit_identically(capsys, tm
 def jax_leaves(tree):
     import jax
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+# --- issue #30: no run loses another's files, nothing silently ignored, Ctrl-C finishes cleanly ------------------
+def test_a_fresh_run_refuses_an_out_holding_another_run(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))
+    assert rc == 0, err
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.npz", "history.json", "curves.png")}
+    rc, _, err = _main(capsys, *XOR[:2], "and", *XOR[3:], "--epochs", "1", "--quiet", "--out", str(out))
+    assert rc == 2 and f"--out {out} already holds another run (a checkpoint of epoch 1: --data xor --model mlp)" in err
+    assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert {n: (out / n).read_bytes() for n in before} == before                  # untouched
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out), "--resume", "--overwrite")
+    assert rc == 2 and "--overwrite replaces the run in --out, --resume continues it" in err
+    rc, so, err = _main(capsys, *XOR[:2], "and", *XOR[3:], "--epochs", "1", "--quiet", "--out", str(out),
+                        "--overwrite")
+    assert rc == 0 and f"--overwrite: removed {out / 'checkpoint.npz'}" in so, err
+    assert checkpoint.load(out / "checkpoint.npz")["args"]["data"] == "and"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "history.json"]   # no lock left
+
+
+def test_an_out_locked_by_another_fnbp_train_is_refused_naming_its_pid(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = cli.cli_train._lock(out)                  # as another fnbp train holds it (flock: per open file)
+    try:
+        rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))
+    finally:
+        cli.cli_train._unlock(lock)
+    assert rc == 2 and f"--out {out} is in use by another fnbp train (pid {os.getpid()} on " in err, err
+    assert not (out / "checkpoint.npz").exists()
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))        # released: it runs
+    assert rc == 0, err
+
+
+def test_a_checkpoint_path_that_is_a_directory_is_refused_before_training(capsys, tmp_path):
+    (tmp_path / "run" / "checkpoint.npz").mkdir(parents=True)
+    rc, out, err = _main(capsys, *XOR, "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert rc == 1 and f"cannot write {tmp_path / 'run' / 'checkpoint.npz'}: it exists and is not a file" in err
+    assert "compiling" not in out and ".tmp" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "lenet", "--activation", "tanh"], "--activation applies to --model mlp only"),
+    (["--model", "lenet", "--init", "he"], "--init applies to --model mlp only"),
+    (["--slope", "0.2"], "--slope applies to --model mlp --activation leaky_relu only, and this run has --model mlp "
+                         "--activation relu"),
+    (["--model", "lenet", "--slope", "0.2"], "--slope applies to --model mlp --activation leaky_relu only"),
+    (["--lr-schedule", "constant", "--lr-decay", "0.1"], "--lr-decay applies to --lr-schedule inverse or exponential"),
+    (["--dp-noise", "1"], "--dp-noise needs --dp-clip > 0 (DP-SGD), and this run has no --dp-clip"),
+    (["--dp-delta", "1e-3"], "--dp-delta needs --dp-clip > 0 (DP-SGD), and this run has no --dp-clip"),
+])
+def test_flags_that_do_not_apply_are_refused_by_name(capsys, tmp_path, argv, message):
+    rc, _, err = _main(capsys, "train", "--data", "digits", "--epochs", "1", *argv, "--out", str(tmp_path / "o"))
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_flags_that_do_not_apply_are_not_recorded(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))       # constant schedule, relu
+    assert rc == 0, err
+    args = checkpoint.load(out / "checkpoint.npz")["args"]
+    assert args["activation"] == "relu" and args["init"] == "glorot"
+    assert not {"slope", "lr_decay", "dp_noise", "dp_delta"} & set(args), args
+    settings = json.loads((out / "history.json").read_text())["settings"][0]["args"]
+    assert not {"slope", "lr_decay", "dp_noise", "dp_delta"} & set(settings)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "2", "--quiet", "--out", str(out), "--resume")
+    assert rc == 0, err
+
+
+def test_augment_larger_than_the_image_is_refused(capsys, tmp_path):
+    rc, _, err = _main(capsys, "train", "--data", "digits", "--model", "lenet", "--augment", "5", "--out",
+                       str(tmp_path / "o"))
+    assert rc == 2 and "--augment must be an integer in [0, 4] for 8x8 images" in err and "got 5" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dp_clip_without_noise_reports_infinite_epsilon_instead_of_crashing(capsys, tmp_path):
+    out = tmp_path / "dp"
+    rc, so, err = _main(capsys, "train", "--data", "digits", "--layers", "64,8,10", "--epochs", "1", "--batch-size",
+                        "256", "--dp-clip", "1", "--out", str(out))
+    assert rc == 0 and "Traceback" not in err, err
+    assert "--dp-clip 1 without --dp-noise: per-example clipping only, no noise, so no privacy guarantee" in so
+    assert "epsilon infinite (no noise)" in so
+    assert json.loads((out / "history.json").read_text())["history"][0]["epsilon"] is None
+    assert checkpoint.load(out / "checkpoint.npz")["extra"]["history"][0]["epsilon"] is None
+
+
+def test_ctrl_c_writes_history_up_to_the_last_checkpoint_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
+    """KeyboardInterrupt (as Ctrl-C raises it) in epoch 3: history and curves of epochs 1-2, exit 130; the
+    SIGINT handler is the caller's again afterwards."""
+    from fnbp import train as training
+    real_train = training.train
+
+    def interrupted_in_epoch_3(*a, on_epoch, **kw):
+        def on(result):
+            on_epoch(result)
+            if result.epoch == 2:
+                raise KeyboardInterrupt
+        return real_train(*a, on_epoch=on, **kw)
+    monkeypatch.setattr(training, "train", interrupted_in_epoch_3)
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "5", "--quiet", "--out", str(out))
+    assert rc == 130 and "Traceback" not in err and signal.getsignal(signal.SIGINT) is handler
+    assert (f"interrupted at epoch 3, step 4; last checkpoint epoch 2 ({out / 'checkpoint.npz'}); resume with "
+            f"--resume") in err, err
+    saved = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1, 2] and saved["interrupted"] is True
+    assert (out / "curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "history.json"]
+    monkeypatch.setattr(training, "train", real_train)
+    rc, _, err = _main(capsys, *XOR, "--epochs", "3", "--quiet", "--out", str(out), "--resume")
+    assert rc == 0, err
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())["history"]] == [1, 2, 3]
+
+
+def _popen(*args, cwd=ROOT):
+    """fnbp in a subprocess with SIGINT at its default (a child inherits an ignored SIGINT, and Python then
+    installs no KeyboardInterrupt handler)."""
+    return subprocess.Popen([sys.executable, "-m", "fnbp", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_on_one_out_exactly_one_succeeds_and_no_file_is_lost(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--layers", "64,16,10", "--epochs", "6", "--quiet", "--out", str(out)]
+    procs = [_popen(*argv, "--seed", str(seed)) for seed in (1, 2)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], (codes, results)
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    err = results[loser][1]
+    assert (f"is in use by another fnbp train (pid {procs[winner].pid} on " in err
+            or "already holds another run" in err) and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "history.json"]
+    stored = checkpoint.load(out / "checkpoint.npz")
+    assert stored["epoch"] == 6 and stored["args"]["seed"] == winner + 1           # the winner's whole run
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history["history"]] == list(range(1, 7))
+    assert history["settings"][0]["args"]["seed"] == winner + 1
+
+
+@pytest.mark.slow
+def test_sigint_during_training_finishes_cleanly(tmp_path):
+    """A real Ctrl-C (SIGINT to the process) after epoch 2: no traceback, exit 130, history up to the checkpoint."""
+    out = tmp_path / "run"
+    p = _popen("train", "--data", "digits", "--layers", "64,32,10", "--batch-size", "4", "--epochs", "20000",
+               "--out", str(out))                  # (20000 epochs take minutes: an ignored SIGINT times out)
+    try:
+        seen = []
+        deadline = time.monotonic() + 240
+        for line in p.stdout:                       # one line per epoch (stderr is not a terminal)
+            seen.append(line)
+            if line.startswith("epoch   2") or time.monotonic() > deadline:
+                break
+        p.send_signal(signal.SIGINT)
+        so, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert any(line.startswith("epoch   2") for line in seen), seen
+    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    k = checkpoint.read_metadata(out / "checkpoint.npz")["epoch"]
+    step = checkpoint.read_metadata(out / "checkpoint.npz")["step"]
+    assert k >= 2 and (f"interrupted at epoch {k + 1}, step {step}; last checkpoint epoch {k} "
+                       f"({out / 'checkpoint.npz'}); resume with --resume") in err, err
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())["history"]] == list(range(1, k + 1))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "history.json"]

@@ -194,11 +194,12 @@ def test_named_errors(fn):
         fn(W, b, np.zeros((2, 2, 8, 3)), padding="VALID")
     with pytest.raises(ValueError, match=rf"{name}: kernel of size 5 is larger than the padded input \(2 \+ 1 \+ 1"):
         fn(np.zeros((4, 3, 5, 5)), b, np.zeros((2, 2, 8, 3)), padding=1)
-    for stride in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match=rf"{name}: stride must be an int >= 1, got {stride!r}"):
+    for stride, shown in ((0, "0"), (-1, "-1"), (1.5, "float 1.5"), (True, "the bool True"), (2.0, "float 2.0"),
+                          (np.float32(2), "float 2.0"), ("2", "str '2'")):
+        with pytest.raises(ValueError, match=rf"{name}: stride must be an integer >= 1.*, got {shown}$"):
             fn(W, b, x, stride=stride)
-    for padding in ("same-ish", -1, 1.0, None):
-        with pytest.raises(ValueError, match=rf"{name}: padding must be 'SAME', 'VALID' or an int >= 0, got"):
+    for padding in ("same-ish", -1, 1.0, None, np.float64(1)):
+        with pytest.raises(ValueError, match=rf"{name}: padding must be 'SAME', 'VALID' or an integer >= 0.*, got"):
             fn(W, b, x, padding=padding)
     with pytest.raises(ValueError, match=rf"{name}: b must have shape \(C_out,\) = \(4,\)"):
         fn(W, np.zeros(3), x)
@@ -213,3 +214,18 @@ def test_nan_in_the_input_propagates():
     x[0, 1, 1, 0] = np.nan
     a = np.asarray(jax.jit(_bind(conv.conv2d, 1, "VALID"))(np.ones((1, 1, 2, 2)), np.zeros(1), x))[0, ..., 0]
     assert np.isnan(a[:2, :2]).all() and np.isfinite(a[2:, :]).all()
+
+
+@pytest.mark.parametrize("fn", [conv.conv2d, conv.conv2d_naive])
+def test_integer_like_scalars_are_accepted_as_ints(fn):
+    """numpy and JAX integer scalars are integers (operator.index accepts them): the same result as a Python int,
+    under jit too (the options are static)."""
+    W, b, x = rng.standard_normal((2, 3, 3, 3)), rng.standard_normal(2), rng.standard_normal((2, 7, 7, 3))
+    want = np.asarray(fn(W, b, x, stride=2, padding=1))
+    for like in (np.int64, np.int32, np.uint8, jnp.int32):
+        two, one = like(2), like(1)               # made outside jit: concrete (inside jit a jnp scalar is traced)
+        got = fn(W, b, x, stride=two, padding=one)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda W, b, x: fn(W, b, x, stride=two))(W, b, x)),
+                                      np.asarray(fn(W, b, x, stride=2)))
+    assert conv.conv_output_size(7, 3, np.int64(2), np.int16(1)) == 4

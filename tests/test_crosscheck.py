@@ -176,3 +176,25 @@ def test_a_trained_student_rule_checks_and_its_wrong_version_is_caught():
     assert fnbp.check(fnbp.rule(softplus_fwd, softplus_bwd), ref, A).ok
     bad = fnbp.check(fnbp.rule(softplus_fwd, softplus_bad_bwd), ref, A)
     assert not bad.ok and bad.worst is not None
+
+
+def test_check_refuses_to_pass_vacuously_when_there_is_nothing_to_differentiate():
+    """A rule whose only inputs are integers used to report 'ok on 0 coordinates'; it checked nothing."""
+    count = fnbp.rule(lambda labels: (jnp.sum(labels).astype(jnp.float32), None), lambda _, g: (None,), name="count")
+    with pytest.raises(ValueError, match=r"fnbp.check: count has no floating-point input with any entries "
+                                         r"\(labels: int\d+\[3\]\).*it would check nothing"):
+        fnbp.check(count, lambda labels: jnp.sum(labels).astype(jnp.float32), np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"fnbp.check: relu has no floating-point input with any entries "
+                                         r"\(a: float64\[0\]\)"):
+        fnbp.check(fnbp.relu, reference.relu, np.zeros(0))
+
+
+def test_check_names_a_mis_shaped_reference_and_a_failing_one():
+    a = np.linspace(-1, 1, 6).reshape(2, 3)
+    with pytest.raises(ValueError, match=r"fnbp.check: relu's reference returns shape \(3,\) but relu returns shape "
+                                         r"\(2, 3\)"):
+        fnbp.check(fnbp.relu, lambda a: reference.relu(a)[0], a)
+    with pytest.raises(ValueError, match=r"fnbp.check: relu: calling the reference on the inputs failed: TypeError"):
+        fnbp.check(fnbp.relu, lambda a: jnp.dot(a, a), a)
+    with pytest.raises(ValueError, match=r"fnbp.check: pair: fn must return one array"):
+        fnbp.check(lambda a: (fnbp.relu(a), a), lambda a: (a, a), a, name="pair")

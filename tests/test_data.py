@@ -287,3 +287,20 @@ def test_toy_known_values_and_load_dispatch(tmp_path):
     assert data.load("digits", seed=2).x_train.shape == (1438, 64)
     _write_mnist(tmp_path, "t10k", *_fake(50))
     assert data.load("mnist", path=tmp_path).x_test.shape == (10, 12)
+
+
+def test_check_shift_bounds_a_shift_by_the_image_it_moves():
+    """--augment / cnn.Config(augment=...) larger than the image blanked every image; the bound is half the side."""
+    from fnbp.data import check_shift
+    assert check_shift(4, (8, 8)) == 4 and check_shift(np.int64(14), (28, 28, 1)) == 14 and check_shift(0, (1, 1)) == 0
+    assert check_shift(3, (28, 6)) == 3                                  # the shorter side bounds it
+    for shift, shape, message in [(5, (8, 8), r"an integer in \[0, 4\] for 8x8 images .* got 5"),
+                                  (1000, (28, 28, 1), r"an integer in \[0, 14\] for 28x28 images .* got 1000"),
+                                  (4, (28, 6), r"an integer in \[0, 3\] for 28x6 images .* got 4"),
+                                  (-1, (8, 8), r"an integer in \[0, 4\] .* got -1"),
+                                  (2.0, (8, 8), r"an integer >= 0 \(pixels\), got float 2.0"),
+                                  (True, (8, 8), r"an integer >= 0 \(pixels\), got the bool True")]:
+        with pytest.raises(ValueError, match=r"^fnbp.cnn.Config: augment must be " + message):
+            check_shift(shift, shape, "fnbp.cnn.Config: augment")
+    with pytest.raises(ValueError, match=r"check_shift: image_shape must be one image's"):
+        check_shift(1, (10, 8, 8, 1))

@@ -63,15 +63,12 @@ ELEMENTWISE = {"relu": (fnbp.relu, reference.relu), "sigmoid": (fnbp.sigmoid, re
                "tanh": (fnbp.tanh, reference.tanh), "leaky_relu": (fnbp.leaky_relu, reference.leaky_relu),
                "identity": (fnbp.identity, reference.identity), "step": (fnbp.step, reference.step),
                "sign": (fnbp.sign, reference.sign)}
-KNOWN = {}   # bugs found by this fuzz and not yet fixed: name -> reason (strict xfail); all fixed so far
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[n])) if n in KNOWN else n
-    for n in ELEMENTWISE])
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
 @FUZZ
 @given(a=arrays())
-@example(a=np.array([[np.nan]], np.float32))          # the exact inputs of the known bugs (KNOWN)
+@example(a=np.array([[np.nan]], np.float32))          # inputs of bugs this fuzz found (fixed)
 @example(a=np.array([[0]], np.int32))
 @example(a=np.array([0, 0, 0, -1], np.int32))
 def test_activation_is_a_named_error_or_the_reference(name, a):
@@ -181,3 +178,61 @@ def test_optimizer_factory_is_a_named_error_or_a_finite_step(name, lr):
             assert leaf.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(leaf)))
 
     _named_error_or(f"fnbp.optim.{name}", lambda: getattr(optim, name)(lr), check)
+
+
+# --- fnbp.rule with drawn malformed fwd/bwd pairs: a named RuleError or the correct gradient ---------------------
+FWD_KINDS = ["pair", "list_pair", "bare", "triple", "single_tuple"]
+BWD_KINDS = ["ok", "list", "too_few", "too_many", "bare", "wrong_shape", "int", "bool", "complex", "none_for_a",
+             "none_for_b", "python_float", "tree"]
+
+
+def _fuzz_pair(fwd_kind, bwd_kind):
+    """f(a, b) = a (.) b, its fwd returning ``fwd_kind`` and its bwd ``bwd_kind`` (see FWD_KINDS, BWD_KINDS)."""
+    def mul_fwd(a, b):
+        out, res = a * b, (a, b)
+        return {"pair": (out, res), "list_pair": [out, res], "bare": out, "triple": (out, res, None),
+                "single_tuple": (out,)}[fwd_kind]
+
+    def mul_bwd(res, g):
+        a, b = res
+        ga, gb = g * b, g * a
+        return {"ok": (ga, gb), "list": [ga, gb], "too_few": (ga,), "too_many": (ga, gb, gb), "bare": ga,
+                "wrong_shape": (jnp.sum(ga, axis=0), gb), "int": (ga.astype(jnp.int32), gb),
+                "bool": (ga, gb > 0), "complex": (ga.astype(jnp.complex64), gb), "none_for_a": (None, gb),
+                "none_for_b": (ga, None), "python_float": (ga, 1.0), "tree": ({"a": ga}, gb)}[bwd_kind]
+    return mul_fwd, mul_bwd
+
+
+def _rule_outcome(fwd_kind, bwd_kind, nondiff, a, b):
+    """A named error, or the gradient of sum(w (.) f(a, b)) checked against the hand-derived one."""
+    fwd, bwd = _fuzz_pair(fwd_kind, bwd_kind)
+    f = fnbp.rule(fwd, bwd, name="fuzzed", nondiff=nondiff)
+    w = np.linspace(-1, 1, a.size).reshape(a.shape).astype(a.dtype)
+    try:
+        value = f(a, b)
+        ga, gb = jax.grad(lambda a, b: jnp.sum(w * f(a, b)), argnums=(0, 1))(a, b)
+    except (ValueError, TypeError) as e:
+        assert "fnbp.rule 'fuzzed'" in str(e) and isinstance(e, fnbp.rules.RuleError), f"unnamed {type(e).__name__}: {e}"
+        return "named error"
+    np.testing.assert_allclose(value, a * b, rtol=1e-6)
+    np.testing.assert_allclose(ga, w * b, rtol=1e-6)
+    np.testing.assert_allclose(gb, np.zeros_like(b) if nondiff else w * a, rtol=1e-6)
+    assert ga.dtype == a.dtype and gb.dtype == b.dtype
+    return "correct"
+
+
+WELL_FORMED = {("pair", "ok"), ("pair", "list"), ("list_pair", "ok"), ("list_pair", "list")}
+
+
+@settings(FUZZ, max_examples=150)
+@given(fwd_kind=st.sampled_from(FWD_KINDS), bwd_kind=st.sampled_from(BWD_KINDS), nondiff=st.sampled_from([(), ("b",)]),
+       shape=st.sampled_from([(2, 3), (3,), (1, 4)]), dtype=st.sampled_from(["float32", "float64"]))
+def test_rule_with_malformed_fwd_bwd_is_a_named_error_or_the_correct_gradient(fwd_kind, bwd_kind, nondiff, shape,
+                                                                              dtype):
+    with jax.enable_x64(dtype == "float64"):
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+        outcome = _rule_outcome(fwd_kind, bwd_kind, nondiff, a, b)
+    well_formed = (fwd_kind, bwd_kind) in WELL_FORMED or (nondiff and fwd_kind in ("pair", "list_pair")
+                                                          and bwd_kind in ("none_for_b", "python_float", "bool"))
+    assert outcome == ("correct" if well_formed else "named error"), (fwd_kind, bwd_kind, nondiff, outcome)

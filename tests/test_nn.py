@@ -351,7 +351,7 @@ def test_train_refuses_what_the_model_cannot_do():
                                          r"model="):
         fnbp.train.train(params, fnbp.optim.sgd(0.1), ds, key=jax.random.key(0), epochs=1, model=bn,
                          cfg=fnbp.train.Config(dropout=0.5), progress=False)
-    with pytest.raises(ValueError, match=r"fnbp\.train: augment=8 pixels would shift every 8x8 image out of view"):
+    with pytest.raises(ValueError, match=r"fnbp\.train: augment must be an integer in \[0, 4\] for 8x8 images"):
         fnbp.train.train(params, fnbp.optim.sgd(0.1), ds, key=jax.random.key(0), epochs=1, model=bn,
                          cfg=fnbp.train.Config(augment=8), progress=False)
 

@@ -292,3 +292,37 @@ def test_cli_reports_bad_multi_process_flags_without_traceback(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: fnbp train: --coordinator, --num-processes and --process-id go together")
     assert "Traceback" not in err
+
+
+def test_coordinator_probes_name_the_address_and_respect_the_timeout():
+    """What fnbp train runs before jax.distributed.initialize (which aborts the process instead of raising)."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                       # closed once the block ends: nobody listens there
+    t0 = time.monotonic()
+    with pytest.raises(parallel.CoordinatorError, match=rf"no coordinator at 127.0.0.1:{port} after 0.5 s \(process 1 "
+                                                        rf"of 2\).*--coordinator-timeout"):
+        parallel.wait_for_coordinator(f"127.0.0.1:{port}", 0.5, 1, 2, poll=0.1)
+    assert time.monotonic() - t0 < 5
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert parallel.wait_for_coordinator(address, 5) < 5                     # reachable: returns at once
+        with pytest.raises(parallel.CoordinatorError, match=rf"process 0 cannot start the coordinator at {address}: "
+                                                            rf"port \d+ cannot be opened \(it is already in use\)"):
+            parallel.check_coordinator_port(address)
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ValueError, match="fnbp.parallel.initialize: timeout must be a number of seconds > 0"):
+            parallel.initialize("127.0.0.1:1", 2, 1, timeout=bad)
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "inf", "ten"])
+def test_coordinator_timeout_flag_is_checked(capsys, text):
+    from fnbp import cli
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["train", "--coordinator-timeout", text])
+    assert ei.value.code == 2 and "argument --coordinator-timeout: --coordinator-timeout must be a number of seconds" \
+        in capsys.readouterr().err

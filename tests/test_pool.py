@@ -93,18 +93,35 @@ def test_pool_named_errors(fn):
     name = "fnbp." + fn.__name__
     with pytest.raises(ValueError, match=rf"{name}: the pooling window \(3\) is larger than the input \(2 pixels\)"):
         fn(np.zeros((1, 2, 5, 1)), window=3)
-    for stride in (0, -2, 1.5):
-        with pytest.raises(ValueError, match=rf"{name}: stride must be an int >= 1, got {stride!r}"):
+    for stride, shown in ((0, "0"), (-2, "-2"), (1.5, "float 1.5"), (2.0, "float 2.0"), (False, "the bool False")):
+        with pytest.raises(ValueError, match=rf"{name}: stride must be an integer >= 1.*, got {shown}$"):
             fn(np.zeros((1, 4, 4, 1)), stride=stride)
-    with pytest.raises(ValueError, match=rf"{name}: window must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=rf"{name}: window must be an integer >= 1, got 0"):
         fn(np.zeros((1, 4, 4, 1)), window=0)
+    with pytest.raises(ValueError, match=rf"{name}: window must be an integer >= 1.*, got ndarray of dtype int64"):
+        fn(np.zeros((1, 4, 4, 1)), window=np.array([2, 2]))
     with pytest.raises(ValueError, match=rf"{name}: x must have shape \(batch, H, W, C\)"):
         fn(np.zeros((4, 4, 1)))
+
+
+@pytest.mark.parametrize("fn", [pool.max_pool, pool.avg_pool])
+def test_pool_integer_like_scalars_are_ints(fn):
+    x = rng.standard_normal((2, 6, 6, 3))
+    want = np.asarray(fn(x, window=3, stride=2))
+    for like in (np.int64, np.int8, jnp.int32):
+        three, two = like(3), like(2)             # made outside the trace (inside it a jnp scalar is traced)
+        np.testing.assert_array_equal(np.asarray(fn(x, window=three, stride=two)), want)
+        g = jax.grad(lambda x: jnp.sum(fn(x, window=three, stride=two) ** 2))(x)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.grad(
+            lambda x: jnp.sum(fn(x, window=3, stride=2) ** 2))(x)))
 
 
 def test_other_named_errors():
     with pytest.raises(ValueError, match="fnbp.global_avg_pool: x must have shape"):
         pool.global_avg_pool(np.zeros((2, 3)))
+    for shape in ((2, 0, 3, 4), (2, 3, 0, 4), (1, 0, 0, 1)):          # no pixels: the mean would be NaN
+        with pytest.raises(ValueError, match=r"fnbp.global_avg_pool: x has no pixels to average .* H and W must be"):
+            pool.global_avg_pool(np.zeros(shape))
     with pytest.raises(ValueError, match="fnbp.flatten: x must have a batch axis"):
         pool.flatten(np.zeros(3))
     with pytest.raises(ValueError, match=r"fnbp.batch_norm_channels: gamma must have shape \(3,\)"):

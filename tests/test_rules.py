@@ -169,3 +169,96 @@ def test_mlp_sizes_and_activation_of_the_wrong_kind_are_named_errors():
     with pytest.raises(TypeError, match="an activation must be a function such as fnbp.relu, got 'relu' "
                                         "\\(use fnbp.activations.ACTIVATIONS\\['relu'\\]\\)"):
         fnbp.mlp.apply(params, np.ones((2, 4), np.float32), activation="relu")
+
+
+# --- malformed rules: named errors at trace time (issue #30, item 4) -------------------------------------------
+RuleError = fnbp.rules.RuleError
+
+
+def _mul_rule(bwd, **kw):
+    return fnbp.rule(lambda a, b: (a * b, (a, b)), bwd, name="mul", **kw)
+
+
+def test_fwd_returning_a_bare_array_is_refused_not_sliced():
+    """The issue's exact rule: fwd returns a*2 instead of (a*2, residuals); it used to return (a*2)[0]."""
+    doubled = fnbp.rule(lambda a: a * 2, lambda r, g: (2 * g,), name="doubled")
+    a = jnp.arange(6.0).reshape(2, 3)
+    for call in (lambda: doubled(a), lambda: jax.jit(doubled)(a), lambda: jax.grad(lambda a: doubled(a).sum())(a)):
+        with pytest.raises(RuleError, match=r"fnbp.rule 'doubled': fwd must return the pair \(out, residuals\), "
+                                            r"got \w+ float\d+\[2, 3\]"):
+            call()
+    triple = fnbp.rule(lambda a: (a, a, a), lambda r, g: (g,), name="triple")
+    with pytest.raises(RuleError, match="fnbp.rule 'triple': fwd must return the pair .*got a tuple of 3"):
+        triple(a)
+
+
+@pytest.mark.parametrize("bwd, message", [
+    (lambda res, g: (g * res[1],), r"bwd returned 1 cotangents for 2 inputs \(a, b\)"),
+    (lambda res, g: (g * res[1], g * res[0], g), r"bwd returned 3 cotangents for 2 inputs"),
+    (lambda res, g: (jnp.sum(g * res[1], axis=0), g * res[0]), r"input a: the cotangent has shape \(3,\) but the "
+                                                                r"input has shape \(2, 3\)"),
+    (lambda res, g: ((g * res[1]).astype(jnp.int32), g * res[0]), r"input a: the cotangent has dtype int32 but the "
+                                                                  r"input is float\d+; a non-float cotangent"),
+    (lambda res, g: (g * res[1], (g * res[0]).astype(jnp.complex64)), r"input b: .* dtype complex64 .* a complex "
+                                                                       r"cotangent is not cast silently"),
+    (lambda res, g: (g * res[1], g > 0), r"input b: the cotangent has dtype bool"),
+    (lambda res, g: (g * res[1], None), r"input b: bwd returned None for a float input of shape \(2, 3\); .*"
+                                        r"nondiff"),
+    (lambda res, g: (g * res[1], "x"), r"input b: the cotangent must be an array, got str"),
+])
+def test_malformed_cotangents_are_named_errors(bwd, message):
+    mul = _mul_rule(bwd)
+    a, b = jnp.ones((2, 3)), jnp.full((2, 3), 2.0)
+    with pytest.raises(RuleError, match="fnbp.rule 'mul': " + message):
+        jax.grad(lambda a, b: jnp.sum(mul(a, b)))(a, b)
+    with pytest.raises(ValueError):                # RuleError is a ValueError and a TypeError
+        jax.jit(jax.grad(lambda a, b: jnp.sum(mul(a, b))))(a, b)
+
+
+def test_nondiff_declares_float_inputs_without_a_cotangent():
+    scale = fnbp.rule(lambda x, s: (x * s, s), lambda s, g: (g * s, None), name="scale", nondiff=("s",))
+    g_x, g_s = jax.grad(lambda x, s: jnp.sum(scale(x, s)), argnums=(0, 1))(jnp.ones(3), 2.5)
+    np.testing.assert_array_equal(g_x, np.full(3, 2.5)) and np.testing.assert_array_equal(g_s, 0.0)
+    assert scale.nondiff == ("s",)
+    with pytest.raises(TypeError, match=r"fnbp.rule: scale's nondiff names 'slope', which are not positional "
+                                        r"inputs of fwd \(x, s\)"):
+        fnbp.rule(lambda x, s: (x * s, s), lambda s, g: (g * s, None), name="scale", nondiff=("slope",))
+    # fnbp's own rules with hyperparameter inputs declare them
+    assert fnbp.leaky_relu.nondiff == ("slope",) and fnbp.regularization._dropout.nondiff == ("p", "key")
+    assert fnbp.feedback.dense_fa.nondiff == ("B",) and fnbp.feedback.sign_ste.nondiff == ("window",)
+
+
+def test_pytree_input_cotangent_structure_is_checked():
+    total = fnbp.rule(lambda p: (p["w"].sum() + p["b"].sum(), p), lambda p, g: ({"w": g * jnp.ones_like(p["w"])},),
+                      name="total")
+    with pytest.raises(RuleError, match="fnbp.rule 'total': input p: the cotangent must have the input's structure"):
+        jax.grad(total)({"w": jnp.ones(2), "b": jnp.ones(3)})
+
+
+def test_numpy_and_jax_scalar_options_are_static_python_numbers():
+    seen = []
+
+    def pow_fwd(a, *, k=2):
+        seen.append(type(k))
+        return a ** k, a
+
+    power = fnbp.rule(pow_fwd, lambda a, g, *, k: (g * k * a ** (k - 1),), name="power")
+    for k in (np.int64(3), jnp.int32(3), np.uint8(3)):
+        assert float(jax.jit(jax.grad(lambda a: power(a, k=k)))(2.0)) == 12.0
+    assert set(seen) == {int}
+    with pytest.raises(TypeError, match="fnbp.power: option k must be a static value, got a traced int32"):
+        jax.jit(lambda a, k: power(a, k=k))(2.0, jnp.int32(3))
+
+
+def test_check_cotangents_gives_the_walker_the_same_checks():
+    """fnbp.rules.check_cotangents: what op_bwd checks, for code that calls rule.bwd directly."""
+    check = fnbp.rules.check_cotangents
+    a, b = jnp.ones((2, 3)), jnp.full((2, 3), 2.0)
+    assert len(check(fnbp.ops.mul, (a, b), (a, b))) == 2
+    with pytest.raises(RuleError, match=r"fnbp.rule 'mul': input v: the cotangent has shape \(3,\)"):
+        check(fnbp.ops.mul, (a, b), (a, b[0]))
+    with pytest.raises(RuleError, match=r"fnbp.rule 'mul': bwd returned 1 cotangents for 2 inputs"):
+        check(fnbp.ops.mul, (a, b), a)
+    assert check(fnbp.leaky_relu, (a, 0.1), (a, None))[1] is None                 # slope: declared nondiff
+    with pytest.raises(TypeError, match="was not made by fnbp.rule"):
+        check(jnp.tanh, (a,), (a,))
