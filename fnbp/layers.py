@@ -14,6 +14,7 @@ through this matrix-form rule.
 import jax.numpy as jnp
 from jax import lax
 
+from .check_cases import register as register_check
 from .rules import out_sharding, rule
 
 __all__ = ["dense", "dense_forward", "dense_backward", "check_dense_shapes", "NARROW_GRAD_W"]
@@ -106,3 +107,4 @@ def dense_backward(residuals, delta):
 
 
 dense = rule(dense_forward, dense_backward, name="dense", check=check_dense_shapes)
+register_check(dense, "dense", "dense")

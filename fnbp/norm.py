@@ -22,6 +22,7 @@ stores the biased one, as Keras/Flax do).
 import jax
 import jax.numpy as jnp
 
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["batch_norm", "batch_norm_train", "batch_norm_eval", "init_batch_norm_state"]
@@ -66,6 +67,7 @@ def _check_batch_norm(x, gamma, beta, *, eps):
 
 
 batch_norm = rule(_batch_norm_fwd, _batch_norm_bwd, name="batch_norm", check=_check_batch_norm)
+register_check(batch_norm, "batch_norm", "batch_norm", batch_only=True)
 
 
 def init_batch_norm_state(n, dtype=jnp.float32):

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from . import activations, graph, losses, mlp, regularization
+from .check_cases import register as register_check
 from .mlp import uses_layer_alpha, layer_activations
 from .rules import rule
 
@@ -77,6 +78,7 @@ def _dropout_per_example_bwd(res, grad_y):
 
 
 dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example")
+register_check(dropout_per_example, "dropout_per_example", "dropout_rows", argnums=(0,), batch_only=True)
 
 
 def _fold_in_each(keys, k):

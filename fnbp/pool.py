@@ -14,6 +14,7 @@ from jax import lax
 
 from . import norm
 from .conv import col2im
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["max_pool", "avg_pool", "flatten", "global_avg_pool", "batch_norm_channels",
@@ -79,6 +80,7 @@ def _max_pool_bwd(res, grad_h, *, window, stride):
 
 
 max_pool = rule(_max_pool_fwd, _max_pool_bwd, name="max_pool", check=_check_pool)
+register_check(max_pool, "max_pool", "maps", variants=({"window": 2},), batch_only=True)
 
 
 def _avg_pool_fwd(x, *, window=2, stride=None):
@@ -103,6 +105,7 @@ def _avg_pool_bwd(x_shape, grad_h, *, window, stride):
 
 avg_pool = rule(_avg_pool_fwd, _avg_pool_bwd, name="avg_pool",
                 check=lambda x, **o: _check_pool(x, name="fnbp.avg_pool", **o))
+register_check(avg_pool, "avg_pool", "maps", variants=({"window": 3, "stride": 2},), batch_only=True)
 
 
 def _flatten_fwd(x):
@@ -125,6 +128,7 @@ def _check_batched(name):
 
 
 flatten = rule(_flatten_fwd, _flatten_bwd, name="flatten", check=_check_batched("fnbp.flatten"))
+register_check(flatten, "flatten", "maps", batch_only=True)
 
 
 def _global_avg_pool_fwd(x):
@@ -146,6 +150,7 @@ def _check_maps(x):
 
 
 global_avg_pool = rule(_global_avg_pool_fwd, _global_avg_pool_bwd, name="global_avg_pool", check=_check_maps)
+register_check(global_avg_pool, "global_avg_pool", "maps", batch_only=True)
 
 
 # --- batch norm per channel ----------------------------------------------------
@@ -181,6 +186,7 @@ def _check_bn_channels(x, gamma, beta, *, eps):
 
 batch_norm_channels = rule(_batch_norm_channels_fwd, _batch_norm_channels_bwd, name="batch_norm_channels",
                            check=_check_bn_channels)
+register_check(batch_norm_channels, "batch_norm_channels", "maps_bn", batch_only=True)
 
 
 def batch_norm_channels_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5, unbiased_running_var=True):

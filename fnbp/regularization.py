@@ -15,6 +15,7 @@ J = L + lambda Omega (notes 003), is ``fnbp.losses.l2_penalty``.
 import jax
 import jax.numpy as jnp
 
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["dropout"]
@@ -42,6 +43,7 @@ def _dropout_bwd(res, grad_y):
 
 
 _dropout = rule(_dropout_fwd, _dropout_bwd, name="dropout")
+register_check(_dropout, "dropout", "dropout", argnums=(0,))  # p and key fixed
 
 
 def dropout(x, p, key, *, train=True):
