@@ -454,12 +454,3 @@ def test_skip_connection_init():
     leaves = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(params)])
     assert leaves.dtype == np.float64 and np.all(np.abs(leaves) <= 1) and np.all(leaves != 0)
 
-
-# ------------------------------------------------------------------ the notes' chain rule on log(xy)
-@pytest.mark.parametrize("x,y", [(2.0, 3.0), (0.5, 7.0), (1e-3, 40.0)])
-def test_chain_rule_log_xy(x, y):
-    """Notes 000: v = xy, w = log v, z = w  =>  dz/dx = dz/dw * dw/dv * dv/dx = 1 * (1/v) * y = 1/x."""
-    v = x * y
-    dz_dx = 1.0 * (1.0 / v) * y
-    assert math.isclose(dz_dx, 1.0 / x, rel_tol=1e-15)
-    assert math.isclose(float(jax.grad(lambda x, y: jnp.log(x * y))(x, y)), 1.0 / x, rel_tol=1e-15)

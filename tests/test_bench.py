@@ -385,8 +385,12 @@ def test_quick_run_train_step_ratios_are_finite_and_positive(quick_run):
         assert row["hlo_dots"]["n_dots"] >= 1 and math.isfinite(row["final_loss"])
         assert row["examples_per_s"] == pytest.approx(TINY_B / (row["ms_median"] / 1e3))
         assert row["gflops"] == pytest.approx(s["flops"] / (row["ms_median"] / 1e3) / 1e9)
-    assert v["peer_jax"]["ratio_to_peer"] == pytest.approx(1.0)
-    assert v["torch_eager"] == {"label": v["torch_eager"]["label"], "skipped": "--no-torch"}
+    peer = v["peer_jax"]
+    for name in ("fnbp_autodiff", "fnbp_backprop"):           # each ratio: the row's own median over the peer's
+        assert v[name]["ratio_to_peer"] == pytest.approx(v[name]["ms_median"] / peer["ms_median"], rel=1e-9)
+        assert v[name]["ratio_to_peer_cpu"] == pytest.approx(v[name]["cpu_ms_median"] / peer["cpu_ms_median"],
+                                                             rel=1e-9)
+    assert v["torch_eager"] == {"label": "PyTorch eager (CPU) + torch.optim.Adam", "skipped": "--no-torch"}
     d = s["diagnostics"]
     assert _pos(d["gemms_only"]["cpu_ms_median"]) and _pos(d["adam_only"]["cpu_ms_median"])
     # the report's claim: autodiff through the rules and the explicit loop are one XLA program
