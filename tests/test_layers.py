@@ -218,6 +218,9 @@ def test_dense_jit_and_vmap_match_plain_call(lead):
             assert max_rel(x[k], y) <= 1e-12
 
 
+# =========================================================================================================
+# TO MOVE (issue #29 -> the lead, issue #25): per-example gradients (vmap of jax.grad through the rules) belong
+# in tests/test_per_example.py, which the lead is rewriting; kept here, unchanged, until that file lands.
 # --- per-example gradients of a small net through our rules ------------------------------
 def _net_loss(mods, params, x, label, reduction="mean"):
     dense, relu, sce = mods
