@@ -91,6 +91,7 @@ def new_rows():
     return {r.name: r for r in checklist.check_all(rules=new)}
 
 
+@pytest.mark.slow
 def test_the_rows_added_in_wave_3_pass(new_rows):
     assert len(new_rows) == 8 + 2 * 8   # 8 batch-only rows; add, mul, log, bn_eval, dense_fa x2, 2 STEs: also one example
     for r in new_rows.values():

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import pkgutil
 
+pytestmark = pytest.mark.slow          # builds the site (mkdocs subprocess) and runs the pages' blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 # every public module of the package has an API page (a new module without one fails here)
 MODULES = sorted(m.name for m in pkgutil.iter_modules([str(ROOT / "fnbp")])

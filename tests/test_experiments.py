@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow          # runs the experiment scripts (--quick)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -177,7 +179,6 @@ def test_batch_size_quick(tmp_path):
 
 
 # ----------------------------------------------------------------------------- entry points
-@pytest.mark.slow
 @pytest.mark.parametrize("form", ["path", "module"])
 def test_entry_points(form, tmp_path):
     """``python experiments/NAME.py`` works from any directory, ``python -m experiments.NAME`` from the root:

@@ -19,6 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fnbp  # noqa: E402
+
+pytestmark = pytest.mark.slow          # runs the DP-SGD and feedback experiments (--quick)
 from experiments import dp_sgd, feedback  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow          # executes the notebooks
+
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
 

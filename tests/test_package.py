@@ -6,6 +6,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import fnbp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "fnbp"
@@ -175,6 +177,7 @@ def test_no_module_is_shadowed_by_a_name_of_the_package():
             assert getattr(package, info.name, module) is module, f"{package.__name__}.{info.name}"
 
 
+@pytest.mark.slow
 def test_importing_fnbp_imports_no_optional_export_library():
     """safetensors and orbax are for the export recipes (docs/checkpoints.md), not run-time dependencies."""
     code = ("import importlib, pkgutil, sys, fnbp\n"

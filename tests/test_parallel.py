@@ -43,6 +43,8 @@ jax.config.update("jax_enable_x64", dtype == "float64")
 from fnbp import data as fdata, mlp, optim, parallel
 from fnbp.train import Config, make_epoch, train
 
+pytestmark = pytest.mark.slow          # 8-device subprocesses, float64 LeNets
+
 N, B = 1280, 64                                       # 20 steps of a global batch of 64
 dt = jnp.dtype(dtype)
 ds = fdata.load_digits(seed=0, dtype=np.dtype(dtype))

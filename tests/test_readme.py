@@ -69,6 +69,7 @@ def first_example(tmp_path_factory):
     return lines[0], dict(line.split(" ", 1) for line in lines[1:])
 
 
+@pytest.mark.slow
 def test_first_example_runs_and_backprop_equals_grad(first_example):
     printed, extra = first_example
     assert printed in ("True", "False")                        # what the block prints: fnbp.check(...).ok
@@ -76,10 +77,12 @@ def test_first_example_runs_and_backprop_equals_grad(first_example):
     assert extra["SHAPES"] == "[(32, 64), (10, 32)]"           # W (n_out, n_in), as the comment says
 
 
+@pytest.mark.slow
 def test_first_example_prints_true(first_example):
     assert first_example[0] == "True"
 
 
+@pytest.mark.slow
 def test_training_example_prints_its_accuracy(tmp_path):
     code = _python_blocks()[1]
     out = _run(code, tmp_path)
