@@ -440,7 +440,6 @@ def _same_leaves(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
 
 
-@pytest.mark.slow
 def test_docs_export_recipes_to_safetensors_and_orbax_read_back_bit_identical(tmp_path, monkeypatch, capsys):
     from pathlib import Path
     page = (Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()

@@ -290,7 +290,9 @@ def test_lenet_trains_from_the_command_line_and_refuses_layers(capsys, tmp_path)
     assert (args["dropout"], args["augment"], args["standardize"], args["l2"], args["lr_schedule"]) == (
         0.25, 1, False, 0.0, "constant")
     assert (args["batch_size"], args["lr"]) == (16, 3e-3)
-    assert history["history"][0]["test_accuracy"] > 0.3                   # chance is 0.1
+    # measured (1 epoch, this setting, --seed 0/1/2): 0.638 / 0.694 / 0.552 (one epoch of a LeNet varies a lot
+    # with the seed; this test runs seed 0); threshold = the lowest of the three - 5 points (chance is 0.1)
+    assert history["history"][0]["test_accuracy"] > 0.50
     meta = checkpoint.read_metadata(out / "checkpoint.npz")
     assert meta["epoch"] == 1 and meta["extra"]["args"]["model"] == "lenet"
     # resume checks the model: the same directory with --model mlp is refused
