@@ -168,7 +168,7 @@ def dropout(x, p, key):
 
 def dropout_per_example(h, p, keys):
     """Row n of h (B, n_units) through :func:`dropout` with keys[n].  Reference for
-    ``fnbp.per_example.dropout_per_example``."""
+    ``fnbp.regularization.dropout_per_example``."""
     return jax.vmap(lambda h_n, key_n: dropout(h_n, p, key_n))(h, keys)
 
 
