@@ -2,7 +2,6 @@
 interpreter, outside the source tree) and prints what the README says, every rule it maps exists, and its
 links and paths work on a package index page (no relative links; every named path is in the sdist)."""
 import importlib
-import importlib.util
 import os
 import re
 import subprocess
@@ -82,12 +81,10 @@ def test_first_example_prints_true(first_example):
 
 @pytest.mark.slow
 def test_cnn_example_trains(tmp_path):
-    if importlib.util.find_spec("fnbp.nn") is None:
-        pytest.skip("fnbp.nn (issue #25) has not landed on this branch yet")
     out = _run(_python_blocks()[2], tmp_path)
     m = re.fullmatch(r"test accuracy ([\d.]+)%\n", out)
     assert m, out
-    assert float(m.group(1)) >= 80.0                             # chance is 10 %
+    assert float(m.group(1)) >= 90.0          # measured 92.8 % (the block as pasted, fixed keys); chance is 10 %
 
 
 def test_readme_links_and_paths_work_on_a_package_index_page():
