@@ -19,8 +19,13 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules([str(ROOT / "fnbp")])
                  if not m.name.startswith("_") and m.name not in ("cli", "cli_train", "bench"))
 
 
+LOCAL_MATHJAX = Path("/usr/share/javascript/mathjax")      # Debian's libjs-mathjax, where installed
+
+
 def _env():
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1", PYTHONPATH=str(ROOT))
+    if (LOCAL_MATHJAX / "MathJax.js").is_file():
+        env["FNBP_DOCS_MATHJAX"] = str(LOCAL_MATHJAX)          # offline: typeset math from the local copy
     return env
 
 
@@ -87,7 +92,13 @@ def test_screenshots_of_the_site_in_headless_chromium(site, tmp_path):
         assert shot.is_file() and shot.stat().st_size > 20_000, (page, proc.stderr[-2000:])
         from matplotlib import image
         pixels = image.imread(shot)
-        assert pixels.shape[:2] == (1600, 1280) and len({tuple(p) for p in pixels[::40, ::40].reshape(-1, pixels.shape[-1])}) > 5
+        assert pixels.shape[:2] == (1600, 1280)
+        assert len({tuple(p) for p in pixels[::40, ::40].reshape(-1, pixels.shape[-1])}) > 5      # not blank
+    if (LOCAL_MATHJAX / "MathJax.js").is_file():        # the math is typeset (MathJax ran), not left as TeX
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                              "--dump-dom", (site / "equations" / "index.html").as_uri()], capture_output=True,
+                             text=True, timeout=180).stdout
+        assert dom.count('class="MathJax') >= 50, dom[:2000]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -104,3 +104,25 @@ def on_files(files, config):
         index.append(f"| [{TITLES.get(name, name)}]({name}.md) | {headline if isinstance(headline, str) else ''} |")
     files.append(File.generated(config, "results/index.md", content="\n".join(index) + "\n"))
     return files
+
+
+CDN_MATHJAX = '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
+
+
+def on_post_build(config):
+    """With FNBP_DOCS_MATHJAX set to a local MathJax 2 directory (Debian's libjs-mathjax:
+    /usr/share/javascript/mathjax), the pages load it instead of the CDN's MathJax 3: an offline build
+    (the screenshot test) then shows typeset math too."""
+    import os
+    local = os.environ.get("FNBP_DOCS_MATHJAX")
+    if not local or not os.path.isfile(os.path.join(local, "MathJax.js")):
+        return
+    site = pathlib.Path(config["site_dir"])
+    link = site / "javascripts" / "mathjax2"
+    if not link.exists():
+        link.symlink_to(pathlib.Path(local).resolve(), target_is_directory=True)
+    for html in site.rglob("*.html"):
+        text = html.read_text()
+        if CDN_MATHJAX in text:
+            rel = os.path.relpath(link / "MathJax.js", html.parent)
+            html.write_text(text.replace(CDN_MATHJAX, f'<script src="{rel}?config=TeX-AMS-MML_HTMLorMML"></script>'))
