@@ -81,6 +81,7 @@ def test_dense_vjp_vs_reference_autodiff_and_finite_differences():
     assert_within_tolerances(results)
 
 
+@pytest.mark.slow          # hypothesis: 15 drawn shapes, ~40 s under load
 @settings(max_examples=15, deadline=None)
 @given(batch=st.one_of(st.none(), st.integers(1, 16)), n_out=st.integers(1, 32), n_in=st.integers(1, 32),
        seed=st.integers(0, 2**31 - 1))
