@@ -16,6 +16,7 @@ pre-activation gives a NaN output (as ``jax.nn.relu`` does), never a silent 0.
 import jax.numpy as jnp
 from jax import lax
 
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
@@ -42,6 +43,7 @@ def _identity_bwd(_, grad_h):
 
 
 identity = rule(_identity_fwd, _identity_bwd, check=_floating("identity"))
+register_check(identity, "identity", "activation")
 
 
 def _sigmoid_fwd(a):
@@ -59,6 +61,7 @@ def _sigmoid_bwd(h, grad_h):
 
 
 sigmoid = rule(_sigmoid_fwd, _sigmoid_bwd, check=_floating("sigmoid"))
+register_check(sigmoid, "sigmoid", "activation")
 
 
 def _tanh_fwd(a):
@@ -72,6 +75,7 @@ def _tanh_bwd(h, grad_h):
 
 
 tanh = rule(_tanh_fwd, _tanh_bwd, check=_floating("tanh"))
+register_check(tanh, "tanh", "activation")
 
 
 def _relu_fwd(a):
@@ -88,6 +92,7 @@ def _relu_bwd(mask, grad_h):
 
 
 relu = rule(_relu_fwd, _relu_bwd, check=_floating("relu"))
+register_check(relu, "relu", "activation")
 
 
 def _leaky_relu_fwd(a, slope=0.01):
@@ -108,6 +113,7 @@ def _leaky_relu_bwd(res, grad_h):
 
 leaky_relu = rule(_leaky_relu_fwd, _leaky_relu_bwd, check=_floating("leaky_relu"),
                   nondiff=("slope",))
+register_check(leaky_relu, "leaky_relu", "activation", variants=({"slope": 0.1},))
 
 
 def sum_to_shape(x, shape):
@@ -150,6 +156,7 @@ def _check_prelu(a, alpha):
 
 
 prelu = rule(_prelu_fwd, _prelu_bwd, check=_check_prelu)
+register_check(prelu, "prelu", "prelu")
 
 
 def _zero_bwd(_, grad_h):
@@ -168,6 +175,7 @@ def _step_fwd(a):
 
 
 step = rule(_step_fwd, _zero_bwd, check=_floating("step"))
+register_check(step, "step", "activation")
 
 
 def _sign_fwd(a):
@@ -180,6 +188,7 @@ def _sign_fwd(a):
 
 
 sign = rule(_sign_fwd, _zero_bwd, check=_floating("sign"))
+register_check(sign, "sign", "activation")
 
 
 def _softmax_fwd(a):
@@ -202,6 +211,7 @@ def _softmax_bwd(p, grad_h):
 
 
 softmax = rule(_softmax_fwd, _softmax_bwd, check=_floating("softmax"))
+register_check(softmax, "softmax", "activation")
 
 
 ACTIVATIONS = {

@@ -1,16 +1,19 @@
 """Every rule of fnbp with inputs for ``fnbp.check``: what ``fnbp check`` runs.
 
-``CASES`` lists (name, rule, reference, kind); ``check_all`` checks each for one
-example and for a batch, ``format_table`` prints the result.  Inputs are drawn at
-random in float64 (pre-activations and residuals pushed away from 0 by 0.1, so no
-case sits on a kink; ``fnbp.check`` would report and skip such coordinates anyway).
+The rows are registered beside each rule's definition (:mod:`fnbp.check_cases`: the rule, the
+name of its plain-jnp reference in :mod:`fnbp.reference`, the kind of inputs); importing the
+modules below registers them.  This module draws the inputs of each kind: ``check_all`` checks
+each row for one example and for a batch, ``format_table`` prints the result.  Inputs are drawn
+at random in float64 (pre-activations and residuals pushed away from 0 by 0.1, so no case sits on
+a kink; ``fnbp.check`` would report and skip such coordinates anyway).
 """
 import functools
 
 import jax
 import numpy as np
 
-from . import activations, layers, losses, norm, reference, regularization
+from . import (activations, check_cases, conv, feedback, layers, losses, norm, ops,  # noqa: F401  (registering)
+               per_example, pool, reference, regularization)
 from .crosscheck import check_many
 
 __all__ = ["CASES", "case_names", "check_all", "format_row", "format_table"]
@@ -46,40 +49,63 @@ def _inputs(kind, rng, batch):
     if kind == "batch_norm":
         return (normal((batch or 5, n_out)) * 2 + 1, 1 + 0.2 * normal((n_out,)), normal((n_out,)))
     if kind == "dropout":
-        return (normal(lead + (n_out,)), jax.random.PRNGKey(int(rng.integers(2**31))))
+        return (normal(lead + (n_out,)), 0.3, jax.random.PRNGKey(int(rng.integers(2**31))))
     if kind == "params":
         params = [{"W": normal((n_out, n_in)), "b": normal((n_out,))},
                   {"W": normal((2, n_out)), "b": normal((2,))}]
         return (params, np.float64(0.3))
-    raise ValueError(kind)
+    if kind == "dropout_rows":
+        return (normal((batch, n_out)), 0.3, jax.random.split(jax.random.PRNGKey(int(rng.integers(2**31))), batch))
+    if kind == "pair":                # v broadcast along the batch (add/mul sum its cotangent back)
+        return (normal(lead + (n_out,)), normal((n_out,)))
+    if kind == "positive":
+        return (np.exp(normal(lead + (n_out,))),)
+    if kind == "bn_eval":
+        return (normal(lead + (n_out,)), 1 + 0.2 * normal((n_out,)), normal((n_out,)), normal((n_out,)),
+                1 + np.abs(normal((n_out,))))
+    if kind == "dense_fa":
+        return (normal((n_out, n_in)), normal((n_out,)), normal(lead + (n_in,)), normal((n_out, n_in)))
+    if kind == "conv":
+        return (normal((3, 2, 3, 3)), normal((3,)), normal((batch, 6, 5, 2)))
+    if kind == "maps":
+        return (normal((batch, 6, 6, 2)),)
+    if kind == "maps_bn":
+        return (normal((batch, 4, 3, 2)) * 2 + 1, 1 + 0.2 * normal((2,)), normal((2,)))
+    raise ValueError(f"fnbp.checklist: no inputs of kind {kind!r}")
 
 
-def _cases():
-    cases = [("dense", layers.dense, reference.dense, "dense")]
-    for act in ["identity", "sigmoid", "tanh", "relu", "step", "sign", "softmax"]:
-        cases.append((act, getattr(activations, act), getattr(reference, act), "activation"))
-    cases.append(("leaky_relu", functools.partial(activations.leaky_relu, slope=0.1),
-                  functools.partial(reference.leaky_relu, slope=0.1), "activation"))
-    cases.append(("prelu", activations.prelu, reference.prelu, "prelu"))
-    for loss, kind in [("half_sse", "regression"), ("sse", "regression"), ("mse", "regression"),
-                       ("mae", "regression"), ("cross_entropy", "probabilities"),
-                       ("softmax_cross_entropy", "labels")]:
-        for reduction in ("mean", "sum"):
-            cases.append((f"{loss}[{reduction}]", functools.partial(getattr(losses, loss), reduction=reduction),
-                          functools.partial(getattr(reference, loss), reduction=reduction), kind))
-    cases.append(("l2_penalty", losses.l2_penalty, reference.l2_penalty, "params"))
-    cases.append(("batch_norm", norm.batch_norm, reference.batch_norm, "batch_norm"))
-    cases.append(("dropout", lambda x, key: regularization.dropout(x, 0.3, key), lambda x, key: reference.dropout(x, 0.3, key),
-                  "dropout"))
-    return cases
+def _checked(case, args):
+    """(fn, ref, args) as ``check_many`` takes them: options bound, fixed inputs closed over, and for a
+    surrogate row fn's value replaced by the reference's (its backward kept)."""
+    ref = getattr(reference, case.reference) if isinstance(case.reference, str) else case.reference
+    fn = case.fn
+    if case.options:
+        fn, ref = functools.partial(fn, **case.options), functools.partial(ref, **case.options)
+    if case.surrogate:
+        plain_fn = fn
+
+        def fn(*a):
+            out = plain_fn(*a)
+            return out + jax.lax.stop_gradient(ref(*a) - out)
+    if case.argnums is None:
+        return fn, ref, args
+
+    def closed(f):
+        def g(*checked):
+            full = list(args)
+            for i, v in zip(case.argnums, checked):
+                full[i] = v
+            return f(*full)
+        return g
+    return closed(fn), closed(ref), tuple(args[i] for i in case.argnums)
 
 
-CASES = _cases()
+CASES = check_cases.CASES
 
 
 def case_names():
     """The registered rules' names (what ``fnbp check --rule`` accepts)."""
-    return [name for name, *_ in CASES]
+    return [case.name for case in CASES]
 
 
 def check_all(seed=0, batch_sizes=(None, 7), rules=None, on_result=None, chunk=8):
@@ -94,17 +120,18 @@ def check_all(seed=0, batch_sizes=(None, 7), rules=None, on_result=None, chunk=8
             raise ValueError(f"fnbp check: unknown rule(s) {', '.join(unknown)}; the rules are "
                              f"{', '.join(case_names())}")
     todo = []
-    for n, (name, rule, ref, kind) in enumerate(CASES):
-        if rules is not None and name not in rules:
+    for n, case in enumerate(CASES):
+        if rules is not None and case.name not in rules:
             continue
         for batch in batch_sizes:
-            if kind in ("params", "batch_norm") and batch is None:
+            if case.batch_only and batch is None:
                 continue
-            if kind == "params" and batch is not None and batch != batch_sizes[-1]:
+            if case.inputs == "params" and batch != batch_sizes[-1]:
                 continue
-            label = f"{name} ({'params' if kind == 'params' else 'one example' if batch is None else f'batch {batch}'})"
-            args = _inputs(kind, np.random.default_rng([seed, n, batch or 0]), batch)
-            todo.append((rule, ref, args, label, jax.random.PRNGKey(1000 * seed + n)))
+            label = (f"{case.name} ({'params' if case.inputs == 'params' else 'one example' if batch is None else f'batch {batch}'})")
+            args = _inputs(case.inputs, np.random.default_rng([seed, n, batch or 0]), batch)
+            fn, ref, args = _checked(case, args)
+            todo.append((fn, ref, args, label, jax.random.PRNGKey(1000 * seed + n)))
     results = []
     for start in range(0, len(todo), chunk):              # one compiled program per chunk of checks
         for result in check_many(todo[start:start + chunk]):

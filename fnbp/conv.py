@@ -43,7 +43,10 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import extensions
+from .check_cases import register as register_check
 from .rules import out_sharding, rule
+
+_CONV_CHECKS = ({"stride": 1, "padding": "SAME"}, {"stride": 2, "padding": 1})   # fnbp check's rows
 
 __all__ = ["conv2d", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im", "check_conv_shapes",
            "conv_fan_in", "as_count"]
@@ -216,6 +219,7 @@ def _rows_like(like_W):
 
 
 conv2d = rule(_conv2d_fwd, _conv2d_bwd, name="conv2d", check=check_conv_shapes)
+register_check(conv2d, "conv2d", "conv", variants=_CONV_CHECKS, batch_only=True)
 
 
 def _conv2d_rows(args, options, delta):
@@ -277,6 +281,7 @@ def _conv2d_naive_bwd(residuals, delta, *, stride, padding):
 
 conv2d_naive = rule(_conv2d_naive_fwd, _conv2d_naive_bwd, name="conv2d_naive",
                     check=lambda W, b, x, **o: check_conv_shapes(W, b, x, name="fnbp.conv2d_naive", **o))
+register_check(conv2d_naive, "conv2d", "conv", variants=_CONV_CHECKS, batch_only=True)
 
 
 def conv_fan_in(W_shape):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from . import activations, graph, losses, mlp
+from .check_cases import register as register_check
 from .graph import Input
 from .layers import check_dense_shapes, dense, dense_backward, dense_forward
 from .mlp import check_params
@@ -62,6 +63,9 @@ def _check_dense_fa(W, b, h_prev, B):
 
 dense_fa = rule(_dense_fa_fwd, _dense_fa_bwd, name="dense_fa", check=_check_dense_fa,
                 nondiff=("B",))
+register_check(dense_fa, "dense_fa", "dense_fa", argnums=(0, 1))  # grad_W, grad_b: the true ones
+register_check(dense_fa, "dense_fa_feedback", "dense_fa", argnums=(2,), surrogate=True,  # grad_h = B^T delta
+               name="dense_fa[grad_h]")
 
 
 # --- straight-through estimators ------------------------------------------------------
@@ -91,6 +95,7 @@ def _sign_ste_fwd(a, window=1.0):
 
 sign_ste = rule(_sign_ste_fwd, _window_bwd, name="sign_ste", check=_check_window("sign_ste"),
                 nondiff=("window",))
+register_check(sign_ste, "hardtanh", "activation", surrogate=True)  # backward = clip's derivative
 
 
 def _step_ste_fwd(a, window=0.5):
@@ -105,6 +110,7 @@ def _step_ste_fwd(a, window=0.5):
 
 step_ste = rule(_step_ste_fwd, _window_bwd, name="step_ste", check=_check_window("step_ste"),
                 nondiff=("window",))
+register_check(step_ste, "hard_sigmoid", "activation", surrogate=True)
 
 
 # --- networks with feedback alignment -------------------------------------------------

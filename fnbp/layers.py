@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import extensions
+from .check_cases import register as register_check
 from .rules import out_sharding, rule
 
 __all__ = ["dense", "dense_forward", "dense_backward", "weight_gradient", "check_dense_shapes", "NARROW_GRAD_W"]
@@ -112,6 +113,7 @@ def dense_backward(residuals, delta):
 
 
 dense = rule(dense_forward, dense_backward, name="dense", check=check_dense_shapes)
+register_check(dense, "dense", "dense")
 
 
 def _dense_rows(args, options, delta):

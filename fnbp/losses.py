@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import extensions
+from .check_cases import register as register_check
 from .rules import rule
+
+_REDUCTIONS = ({"reduction": "mean"}, {"reduction": "sum"})   # fnbp check: one row each
 
 __all__ = ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
            "LOSSES", "LossSpec", "loss_spec", "reduce"]
@@ -92,6 +95,7 @@ def _half_sse_bwd(r, g, *, reduction):
 
 
 half_sse = rule(_half_sse_fwd, _half_sse_bwd, check=_checker("half_sse"))
+register_check(half_sse, "half_sse", "regression", variants=_REDUCTIONS)
 
 
 # --- (y - d)^2 ---------------------------------------------------------------
@@ -108,6 +112,7 @@ def _sse_bwd(r, g, *, reduction):
 
 
 sse = rule(_sse_fwd, _sse_bwd, check=_checker("sse"))
+register_check(sse, "sse", "regression", variants=_REDUCTIONS)
 
 
 # --- mean squared error --------------------------------------------------------
@@ -128,6 +133,7 @@ def _mse_bwd(r, g, *, reduction):
 
 
 mse = rule(_mse_fwd, _mse_bwd, check=_checker("mse"))
+register_check(mse, "mse", "regression", variants=_REDUCTIONS)
 
 
 # --- mean absolute error -------------------------------------------------------
@@ -144,6 +150,7 @@ def _mae_bwd(r, g, *, reduction):
 
 
 mae = rule(_mae_fwd, _mae_bwd, check=_checker("mae"))
+register_check(mae, "mae", "regression", variants=_REDUCTIONS)
 
 
 # --- cross-entropy on probabilities ------------------------------------------
@@ -169,6 +176,7 @@ def _cross_entropy_bwd(res, g, *, reduction):
 
 
 cross_entropy = rule(_cross_entropy_fwd, _cross_entropy_bwd, check=_checker("cross_entropy"))
+register_check(cross_entropy, "cross_entropy", "probabilities", variants=_REDUCTIONS)
 
 
 # --- softmax cross-entropy on logits -----------------------------------------
@@ -228,6 +236,7 @@ def _check_softmax_cross_entropy_inputs(logits, labels, *, reduction="mean"):
 
 softmax_cross_entropy = rule(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd,
                              check=_check_softmax_cross_entropy_inputs)
+register_check(softmax_cross_entropy, "softmax_cross_entropy", "labels", variants=_REDUCTIONS)
 
 
 def _concrete(x):
@@ -268,6 +277,7 @@ def _l2_penalty_bwd(res, g):
 
 
 l2_penalty = rule(_l2_penalty_fwd, _l2_penalty_bwd)
+register_check(l2_penalty, "l2_penalty", "params", batch_only=True)
 extensions.register_batch_level(l2_penalty)       # lambda Omega(theta): no example in it
 
 

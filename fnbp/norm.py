@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from . import extensions
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["batch_norm", "batch_norm_train", "batch_norm_eval", "init_batch_norm_state", "running_statistics"]
@@ -74,6 +75,7 @@ def _check_batch_norm(x, gamma, beta, *, eps):
 
 
 batch_norm = rule(_batch_norm_fwd, _batch_norm_bwd, name="batch_norm", check=_check_batch_norm)
+register_check(batch_norm, "batch_norm", "batch_norm", batch_only=True)
 COUPLES = ("batch norm couples the examples of a batch (each example's normalised value depends on the batch "
            "mean and variance), so an example has no gradient of its own; use a network without batch norm")
 extensions.register_coupling(batch_norm, COUPLES)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from . import norm
 from .activations import sum_to_shape
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["add", "mul", "log", "batch_norm_eval", "running_statistics"]
@@ -24,6 +25,7 @@ def _add_bwd(shapes, grad_z):
 
 
 add = rule(_add_fwd, _add_bwd)
+register_check(add, "add", "pair")
 
 
 def _mul_fwd(u, v):
@@ -37,6 +39,7 @@ def _mul_bwd(res, grad_z):
 
 
 mul = rule(_mul_fwd, _mul_bwd)
+register_check(mul, "mul", "pair")
 
 
 def _log_fwd(v):
@@ -49,6 +52,7 @@ def _log_bwd(v, grad_w):
 
 
 log = rule(_log_fwd, _log_bwd)
+register_check(log, "log", "positive")
 
 
 def _batch_norm_eval_fwd(x, gamma, beta, mean, var, *, eps=1e-5):
@@ -72,6 +76,7 @@ def _batch_norm_eval_bwd(res, grad_y, *, eps):
 
 
 batch_norm_eval = rule(_batch_norm_eval_fwd, _batch_norm_eval_bwd)
+register_check(batch_norm_eval, "batch_norm_eval", "bn_eval", name="ops.batch_norm_eval")
 
 
 def running_statistics(x, running, *, momentum=0.1, unbiased_running_var=True):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import extensions, norm
+from .check_cases import register as register_check
 from .conv import as_count, col2im
 from .rules import rule
 
@@ -78,6 +79,7 @@ def _max_pool_bwd(res, grad_h, *, window, stride):
 
 
 max_pool = rule(_max_pool_fwd, _max_pool_bwd, name="max_pool", check=_check_pool)
+register_check(max_pool, "max_pool", "maps", variants=({"window": 2},), batch_only=True)
 
 
 def _avg_pool_fwd(x, *, window=2, stride=None):
@@ -102,6 +104,7 @@ def _avg_pool_bwd(x_shape, grad_h, *, window, stride):
 
 avg_pool = rule(_avg_pool_fwd, _avg_pool_bwd, name="avg_pool",
                 check=lambda x, **o: _check_pool(x, name="fnbp.avg_pool", **o))
+register_check(avg_pool, "avg_pool", "maps", variants=({"window": 3, "stride": 2},), batch_only=True)
 
 
 def _flatten_fwd(x):
@@ -124,6 +127,7 @@ def _check_batched(name):
 
 
 flatten = rule(_flatten_fwd, _flatten_bwd, name="flatten", check=_check_batched("fnbp.flatten"))
+register_check(flatten, "flatten", "maps", batch_only=True)
 
 
 def _global_avg_pool_fwd(x):
@@ -148,6 +152,7 @@ def _check_maps(x):
 
 
 global_avg_pool = rule(_global_avg_pool_fwd, _global_avg_pool_bwd, name="global_avg_pool", check=_check_maps)
+register_check(global_avg_pool, "global_avg_pool", "maps", batch_only=True)
 
 
 # --- batch norm per channel ----------------------------------------------------
@@ -183,6 +188,7 @@ def _check_bn_channels(x, gamma, beta, *, eps):
 
 batch_norm_channels = rule(_batch_norm_channels_fwd, _batch_norm_channels_bwd, name="batch_norm_channels",
                            check=_check_bn_channels)
+register_check(batch_norm_channels, "batch_norm_channels", "maps_bn", batch_only=True)
 extensions.register_coupling(batch_norm_channels, norm.COUPLES)
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 __all__ = ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
            "batch_norm", "dropout", "conv2d", "max_pool", "avg_pool", "flatten", "global_avg_pool",
-           "batch_norm_channels", "lenet_logits"]
+           "batch_norm_channels", "lenet_logits", "add", "mul", "log", "batch_norm_eval", "dropout_per_example",
+           "dense_fa", "dense_fa_feedback", "hardtanh", "hard_sigmoid"]
 
 
 def dense(W, b, h):
@@ -163,6 +164,57 @@ def dropout(x, p, key):
     """
     keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
     return jnp.where(keep, x / (1.0 - p), 0.0)
+
+
+def dropout_per_example(h, p, keys):
+    """Row n of h (B, n_units) through :func:`dropout` with keys[n].  Reference for
+    ``fnbp.regularization.dropout_per_example``."""
+    return jax.vmap(lambda h_n, key_n: dropout(h_n, p, key_n))(h, keys)
+
+
+# --- the walker's elementary ops (fnbp.ops) ----------------------------------------
+def add(u, v):
+    """u + v with broadcasting.  Reference for :func:`fnbp.ops.add`."""
+    return u + v
+
+
+def mul(u, v):
+    """u * v with broadcasting.  Reference for :func:`fnbp.ops.mul`."""
+    return u * v
+
+
+def log(v):
+    """log v.  Reference for :func:`fnbp.ops.log`."""
+    return jnp.log(v)
+
+
+def batch_norm_eval(x, gamma, beta, mean, var, *, eps=1e-5):
+    """gamma (x - mean) / sqrt(var + eps) + beta with given statistics.  Reference for
+    :func:`fnbp.ops.batch_norm_eval`."""
+    return gamma * (x - mean) / jnp.sqrt(var + eps) + beta
+
+
+# --- rules whose backward is not their forward's derivative (fnbp.feedback) --------
+def dense_fa(W, b, h, B):
+    """W h + b; B unused.  Reference for the W and b cotangents of :func:`fnbp.feedback.dense_fa`
+    (the true ones)."""
+    return dense(W, b, h)
+
+
+def dense_fa_feedback(W, b, h, B):
+    """B h + b: the surrogate forward whose derivative with respect to h, B^T delta, is
+    :func:`fnbp.feedback.dense_fa`'s grad_h."""
+    return dense(B, b, h)
+
+
+def hardtanh(a):
+    """clip(a, -1, 1): the surrogate of :func:`fnbp.feedback.sign_ste` (window 1)."""
+    return jnp.clip(a, -1.0, 1.0)
+
+
+def hard_sigmoid(a):
+    """clip(a + 1/2, 0, 1): the surrogate of :func:`fnbp.feedback.step_ste` (window 1/2)."""
+    return jnp.clip(a + 0.5, 0.0, 1.0)
 
 
 # --- convolutional layers (lax's own ops, differentiated by JAX) ----------------

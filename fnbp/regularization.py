@@ -15,6 +15,7 @@ J = L + lambda Omega (notes 003), is ``fnbp.losses.l2_penalty``.
 import jax
 import jax.numpy as jnp
 
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["dropout", "dropout_per_example"]
@@ -42,6 +43,7 @@ def _dropout_bwd(res, grad_y):
 
 
 _dropout = rule(_dropout_fwd, _dropout_bwd, name="dropout", nondiff=("p", "key"))
+register_check(_dropout, "dropout", "dropout", argnums=(0,))  # p and key fixed
 
 
 def dropout(x, p, key, *, train=True):
@@ -80,3 +82,4 @@ def _dropout_per_example_bwd(res, grad_y):
 
 
 dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example")
+register_check(dropout_per_example, "dropout_per_example", "dropout_rows", argnums=(0,), batch_only=True)

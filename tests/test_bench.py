@@ -356,6 +356,7 @@ def _pos(x):
 TIMED = ("ms_median", "ms_q1", "ms_q3", "ms_min", "ms_max", "cpu_ms_median", "n_samples")
 
 
+@pytest.mark.slow
 def test_quick_run_header(quick_run):
     r, _, _ = quick_run
     assert r["schema"] == 1 and r["quick"] is True and r["command"].startswith("fnbp bench --quick")
@@ -369,6 +370,7 @@ def test_quick_run_header(quick_run):
     assert _pos(g["rate_gflops"]) and _pos(g["rate_gflop_per_cpu_s"])
 
 
+@pytest.mark.slow
 def test_quick_run_train_step_ratios_are_finite_and_positive(quick_run):
     r, _, _ = quick_run
     (s,) = r["train_step"]
@@ -385,8 +387,12 @@ def test_quick_run_train_step_ratios_are_finite_and_positive(quick_run):
         assert row["hlo_dots"]["n_dots"] >= 1 and math.isfinite(row["final_loss"])
         assert row["examples_per_s"] == pytest.approx(TINY_B / (row["ms_median"] / 1e3))
         assert row["gflops"] == pytest.approx(s["flops"] / (row["ms_median"] / 1e3) / 1e9)
-    assert v["peer_jax"]["ratio_to_peer"] == pytest.approx(1.0)
-    assert v["torch_eager"] == {"label": v["torch_eager"]["label"], "skipped": "--no-torch"}
+    peer = v["peer_jax"]
+    for name in ("fnbp_autodiff", "fnbp_backprop"):           # each ratio: the row's own median over the peer's
+        assert v[name]["ratio_to_peer"] == pytest.approx(v[name]["ms_median"] / peer["ms_median"], rel=1e-9)
+        assert v[name]["ratio_to_peer_cpu"] == pytest.approx(v[name]["cpu_ms_median"] / peer["cpu_ms_median"],
+                                                             rel=1e-9)
+    assert v["torch_eager"] == {"label": "PyTorch eager (CPU) + torch.optim.Adam", "skipped": "--no-torch"}
     d = s["diagnostics"]
     assert _pos(d["gemms_only"]["cpu_ms_median"]) and _pos(d["adam_only"]["cpu_ms_median"])
     # the report's claim: autodiff through the rules and the explicit loop are one XLA program
@@ -396,6 +402,7 @@ def test_quick_run_train_step_ratios_are_finite_and_positive(quick_run):
     assert all(isinstance(t["met"], bool) and math.isfinite(t["value"]) for t in r["targets"])
 
 
+@pytest.mark.slow
 def test_quick_run_other_cases(quick_run):
     r, _, _ = quick_run
     lay = r["grad_w_layouts"]
@@ -423,6 +430,7 @@ def test_quick_run_other_cases(quick_run):
     assert row["multi_process"]["all_reduces"] >= 1 and row["one_device"]["all_reduces"] == 0
 
 
+@pytest.mark.slow
 def test_quick_run_lenet(quick_run):
     """The LeNet case of the quick run: every variant timed, the FLOPs, the ratios and the targets
     computed from the medians, and the reference really is JAX's convolution (fnbp's is not)."""
@@ -453,6 +461,7 @@ def test_quick_run_lenet(quick_run):
     assert "LeNet step, B = 8" in stdout and "target fnbp_scan / lax_jit <= 0.6" in stdout
 
 
+@pytest.mark.slow
 def test_quick_run_markdown_is_the_renderer_of_its_json(quick_run):
     r, md, stdout = quick_run
     assert md == report.render_markdown(r)
@@ -464,6 +473,7 @@ def test_quick_run_markdown_is_the_renderer_of_its_json(quick_run):
     assert "fnbp autodiff" in stdout and "peer (jax+optax)" in stdout
 
 
+@pytest.mark.slow
 def test_bench_cli_rejects_an_unknown_case_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fnbp", "bench", "--cases", "gemm,nope"], cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
@@ -471,6 +481,7 @@ def test_bench_cli_rejects_an_unknown_case_without_traceback(tmp_path):
     assert "--cases" in proc.stderr and "'nope'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_experiments_script_writes_to_experiments_results_by_default(capsys):
     sys.path.insert(0, str(ROOT))
     try:
@@ -482,6 +493,7 @@ def test_experiments_script_writes_to_experiments_results_by_default(capsys):
     assert str(ROOT / "experiments" / "results" / "bench.json") in re.sub(r"\n\s*", "", capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_torch_step_runs_and_learns():
     """The PyTorch variant on a tiny network (skipped when torch is not installed: it is optional)."""
     pytest.importorskip("torch")
@@ -498,6 +510,7 @@ def test_torch_step_runs_and_learns():
     assert math.isfinite(first) and float(step.last_loss) < first
 
 
+@pytest.mark.slow
 def test_torch_lenet_matches_fnbp_and_learns():
     """The PyTorch LeNet computes fnbp's logits from the same weights, and its steps lower the loss
     (skipped when torch is not installed: it is optional)."""

@@ -463,31 +463,6 @@ def test_docs_export_recipes_to_safetensors_and_orbax_read_back_bit_identical(tm
     _same_leaves({k: back[k] for k in original}, original)
 
 
-def test_flat_dict_and_unflatten_names_round_trip_and_errors():
-    from fnbp import optim
-    params = {"conv": [{"W": jnp.ones((2, 1, 3, 3)), "b": jnp.zeros(2)}], "dense": [{"W": jnp.eye(3)}] * 2}
-    flat = ckpt.flat_dict(params)
-    assert sorted(flat) == ["conv.0.W", "conv.0.b", "dense.0.W", "dense.1.W"]
-    assert all(isinstance(v, np.ndarray) for v in flat.values())
-    back = ckpt.unflatten(flat)
-    assert isinstance(back["conv"], list) and isinstance(back["dense"], list) and len(back["dense"]) == 2
-    _same_leaves(back, params)
-    state = optim.adam(1e-3).init(params)                          # a NamedTuple: its fields name the leaves
-    assert "s.conv.0.W" in ckpt.flat_dict(state)
-    again = ckpt.unflatten(ckpt.flat_dict(state), like=state)
-    assert type(again) is type(state)
-    _same_leaves(again, state)
-    assert ckpt.unflatten({"a.10": np.zeros(1), "a.2": np.ones(1)}) == {"a": {"10": np.zeros(1), "2": np.ones(1)}}
-    with pytest.raises(ValueError, match=r"flat_dict: the key 'a\.b' .* contains the separator"):
-        ckpt.flat_dict({"a.b": jnp.zeros(1)})
-    with pytest.raises(ValueError, match="bare leaf"):
-        ckpt.flat_dict(jnp.zeros(2))
-    with pytest.raises(TypeError, match="typed PRNG key"):
-        ckpt.flat_dict({"k": jax.random.key(0)})
-    with pytest.raises(ValueError, match=r"unflatten: the names do not match the template: missing \['conv.0.b'\]"):
-        ckpt.unflatten({k: v for k, v in flat.items() if k != "conv.0.b"}, like=params)
-
-
 @pytest.mark.parametrize("field, value", [("step", -1), ("epoch", -3), ("step", np.int64(-2))])
 def test_save_refuses_what_load_refuses(tmp_path, field, value):
     """save(step=-1) used to write a file that load refused; both now run the one validator (_check_meta)."""

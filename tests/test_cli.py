@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,7 @@ def _params(path):
         return {k: f[k] for k in f.files if k.startswith("params") or k.startswith("opt_state")}
 
 
+@pytest.mark.slow
 def test_help_is_complete():
     top = fnbp("--help")
     assert top.returncode == 0 and all(c in top.stdout for c in ("train", "check", "bench"))
@@ -31,6 +33,7 @@ def test_help_is_complete():
     assert fnbp("check", "--help").returncode == 0
 
 
+@pytest.mark.slow
 def test_resume_through_the_command_line_is_bit_identical(tmp_path):
     common = ["train", "--data", "digits", "--layers", "64,16,10", "--batch-size", "128", "--quiet", "--seed", "5"]
     straight = fnbp(*common, "--epochs", "2", "--out", str(tmp_path / "a"))
@@ -50,6 +53,7 @@ def test_resume_through_the_command_line_is_bit_identical(tmp_path):
     assert "final test accuracy" in straight.stdout
 
 
+@pytest.mark.slow
 def test_wrong_layers_fail_before_training(tmp_path):
     r = fnbp("train", "--layers", "63,32,11", "--out", str(tmp_path / "x"))
     assert r.returncode == 2
@@ -58,6 +62,7 @@ def test_wrong_layers_fail_before_training(tmp_path):
     assert not (tmp_path / "x").exists()          # nothing was trained or written
 
 
+@pytest.mark.slow
 def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     common = ["train", "--layers", "64,16,10", "--quiet", "--out", str(out), "--lr-schedule", "constant"]
@@ -70,6 +75,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     assert (out / "checkpoint.npz").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_xor_trains_from_the_command_line(tmp_path):
     r = fnbp("train", "--data", "xor", "--layers", "2,8,2", "--batch-size", "full", "--lr", "0.05",
              "--lr-schedule", "constant", "--l2", "0", "--epochs", "300", "--quiet", "--out", str(tmp_path))
@@ -79,8 +85,6 @@ def test_xor_trains_from_the_command_line(tmp_path):
 
 # --- in-process: argument checks, resume rules, filesystem failures (small toy runs, one compile each) ---
 import os  # noqa: E402
-
-import pytest  # noqa: E402
 
 from fnbp import checkpoint, cli  # noqa: E402
 
@@ -135,6 +139,7 @@ def test_batching_errors_name_the_flag_before_training(capsys, tmp_path, argv, m
     assert rc == 2 and message in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_default_out_is_per_dataset_and_lines_per_epoch_without_a_terminal(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.umask(0o022)
@@ -154,6 +159,7 @@ def test_default_out_is_per_dataset_and_lines_per_epoch_without_a_terminal(capsy
     assert stored["args"]["data"] == "xor" and stored["batch_stats"] == [{}, {}]
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_and_history_keeps_old_settings(capsys, tmp_path):
     out = str(tmp_path / "run")
     rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", out, "--optimizer", "adagrad")
@@ -178,6 +184,7 @@ def test_resume_refuses_changed_settings_and_history_keeps_old_settings(capsys, 
     assert "args" not in saved
 
 
+@pytest.mark.slow
 def test_resume_from_nan_weights_with_l2_0_fails_naming_the_file(capsys, tmp_path):
     out = tmp_path / "run"
     rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out), "--l2", "0")
@@ -192,6 +199,7 @@ def test_resume_from_nan_weights_with_l2_0_fails_naming_the_file(capsys, tmp_pat
     assert str(path) in err and "params[0]['W']" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_tampered_history_in_the_checkpoint_is_refused(capsys, tmp_path):
     out = tmp_path / "run"
     rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))
@@ -203,6 +211,7 @@ def test_tampered_history_in_the_checkpoint_is_refused(capsys, tmp_path):
         assert rc == 2 and str(path) in err and "history" in err, (bad, err)
 
 
+@pytest.mark.slow
 def test_filesystem_failures_are_one_line_and_keep_the_last_checkpoint(capsys, tmp_path, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -258,6 +267,7 @@ def _idx(path, array, code):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
+@pytest.mark.slow
 def test_mnist_t10k_fallback_split_is_announced(capsys, tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 5)
@@ -269,6 +279,7 @@ def test_mnist_t10k_fallback_split_is_announced(capsys, tmp_path):
     assert "only the t10k files were found; split its 50 examples 40/10 into train/test" in out
 
 
+@pytest.mark.slow
 def test_lenet_trains_from_the_command_line_and_refuses_layers(capsys, tmp_path):
     out = tmp_path / "lenet"
     rc, text, err = _main(capsys, "train", "--data", "digits", "--model", "lenet", "--epochs", "1", "--quiet",
@@ -281,7 +292,9 @@ def test_lenet_trains_from_the_command_line_and_refuses_layers(capsys, tmp_path)
     assert (args["dropout"], args["augment"], args["standardize"], args["l2"], args["lr_schedule"]) == (
         0.25, 1, False, 0.0, "constant")
     assert (args["batch_size"], args["lr"]) == (16, 3e-3)
-    assert history["history"][0]["test_accuracy"] > 0.3                   # chance is 0.1
+    # measured (1 epoch, this setting, --seed 0/1/2): 0.638 / 0.694 / 0.552 (one epoch of a LeNet varies a lot
+    # with the seed; this test runs seed 0); threshold = the lowest of the three - 5 points (chance is 0.1)
+    assert history["history"][0]["test_accuracy"] > 0.50
     meta = checkpoint.read_metadata(out / "checkpoint.npz")
     assert meta["epoch"] == 1 and meta["extra"]["args"]["model"] == "lenet"
     # resume checks the model: the same directory with --model mlp is refused
@@ -311,6 +324,7 @@ def _to_pre_wave2(path, drop=("model", "augment", "dp_clip", "dp_noise", "dp_del
     _rewrite(path, change)
 
 
+@pytest.mark.slow
 def test_resume_from_a_pre_wave2_checkpoint_continues_bit_identically(capsys, tmp_path):
     import shutil
     argv = [*XOR, "--batch-norm", "--quiet"]

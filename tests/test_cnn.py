@@ -97,11 +97,13 @@ def test_trains_in_fnbps_epoch_loop_deterministically():
             means.append(float(np.mean(step_losses)))
         return p, s, means
     p, s, means = run(jax.random.key(5))
-    assert means[-1] < 0.6 * means[0], means                  # it learns (measured: 2.1 -> 0.6)
+    # measured (init key k, run key k + 5, k = 0, 1, 2; this test is k = 0): last/first epoch mean loss
+    # 0.572 / 0.581 / 0.603, test accuracy 0.869 / 0.864 / 0.822 -> thresholds: 0.65 (worst + 0.05), 0.80
+    assert means[-1] < 0.65 * means[0], means
     assert np.all(np.isfinite(means))
     assert np.any(np.asarray(s["conv"][0]["mean"]) != 0)      # running statistics were updated
     _, acc = jax.jit(lambda p, s: train.evaluate(cfg, p, s, xt, yt, model=model))(p, s)
-    assert float(acc) > 0.3                                   # far above chance (0.1); measured ~0.8
+    assert float(acc) > 0.80                                  # (lowest of 3 seeds - 2 points; chance 0.1)
     p2, _, means2 = run(jax.random.key(5))                    # same key, same run
     assert means2 == means
     assert np.array_equal(p2["conv"][0]["W"], p["conv"][0]["W"])

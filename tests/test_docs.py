@@ -11,14 +11,21 @@ from pathlib import Path
 import pytest
 import pkgutil
 
+pytestmark = pytest.mark.slow          # builds the site (mkdocs subprocess) and runs the pages' blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 # every public module of the package has an API page (a new module without one fails here)
 MODULES = sorted(m.name for m in pkgutil.iter_modules([str(ROOT / "fnbp")])
                  if not m.name.startswith("_") and m.name not in ("cli", "cli_train", "bench"))
 
 
+LOCAL_MATHJAX = Path("/usr/share/javascript/mathjax")      # Debian's libjs-mathjax, where installed
+
+
 def _env():
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1", PYTHONPATH=str(ROOT))
+    if (LOCAL_MATHJAX / "MathJax.js").is_file():
+        env["FNBP_DOCS_MATHJAX"] = str(LOCAL_MATHJAX)          # offline: typeset math from the local copy
     return env
 
 
@@ -26,7 +33,7 @@ def _env():
 def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
-                           "-d", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                           "-d", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -38,11 +45,60 @@ def _public(module):
 
 def test_mkdocs_build_strict_and_every_page_exists(site):
     for page in ["index.html", "equations/index.html", "conventions/index.html", "transforms/index.html",
-                 "notebooks/index.html", "multihost/index.html", "checkpoints/index.html"]:
+                 "notebooks/index.html", "multihost/index.html", "checkpoints/index.html", "guide/index.html",
+                 "results/index.html", "results/cnn/index.html", "notebooks/tutorial/index.html"]:
         assert (site / page).is_file(), page
-    # the equations page is the README's table, included
+    # the equations page is a page of its own: typeset math, each function linked to its API entry
     eq = (site / "equations" / "index.html").read_text()
-    assert "fnbp.layers.dense_backward" in eq and "fnbp.losses.softmax_cross_entropy" in eq
+    assert eq.count('class="arithmatex"') >= 50 and "\\nabla_{W_k} E" in eq
+    for name, page in [("fnbp.layers.dense_backward", "layers"), ("fnbp.conv.conv2d", "conv"),
+                       ("fnbp.pool.batch_norm_channels", "pool"), ("fnbp.feedback.step_ste", "feedback")]:
+        assert f'href="../api/{page}/#{name}"' in eq, name
+
+
+def test_results_pages_read_the_figures_from_the_json(site):
+    """The CNN page's per-seed accuracies are those of experiments/results/cnn.json, and its plots are on the site."""
+    import json
+    data = json.loads((ROOT / "experiments" / "results" / "cnn.json").read_text())
+    html = (site / "results" / "cnn" / "index.html").read_text()
+    main = data["results"]["main: shifts ±2 + dropout 0.25"]
+    assert f"{100 * main['mean']:.2f}" in html
+    assert " / ".join(f"{100 * a:.2f}" for a in main["accuracies"]) in html
+    assert 'src="../cnn_curves.png"' in html and (site / "results" / "cnn_curves.png").is_file()
+    index = (site / "results" / "index.html").read_text()
+    for name in ["worked_examples", "optimizers", "mnist_mlp", "cnn", "dp_sgd", "feedback", "bench"]:
+        assert f'href="{name}/"' in index, name
+
+
+def test_notebooks_are_rendered_with_their_outputs(site):
+    tutorial = (site / "notebooks" / "tutorial" / "index.html").read_text()
+    assert "softplus rule ok: True" in tutorial and "final test accuracy" in tutorial     # executed at build
+    cnn = (site / "notebooks" / "cnn" / "index.html").read_text()
+    assert "data:image/png;base64" in cnn                                              # the filters plot
+
+
+def test_screenshots_of_the_site_in_headless_chromium(site, tmp_path):
+    """Where Debian's chromium is installed: the home, equations, results and notebook pages render to
+    non-blank screenshots (PNG files of the expected size, with more than one colour)."""
+    import shutil
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    for page in ["index.html", "equations/index.html", "results/cnn/index.html", "notebooks/tutorial/index.html"]:
+        shot = tmp_path / (page.replace("/", "_") + ".png")
+        proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                               "--window-size=1280,1600", (site / page).as_uri()], capture_output=True, text=True,
+                              timeout=120)
+        assert shot.is_file() and shot.stat().st_size > 20_000, (page, proc.stderr[-2000:])
+        from matplotlib import image
+        pixels = image.imread(shot)
+        assert pixels.shape[:2] == (1600, 1280)
+        assert len({tuple(p) for p in pixels[::40, ::40].reshape(-1, pixels.shape[-1])}) > 5      # not blank
+    if (LOCAL_MATHJAX / "MathJax.js").is_file():        # the math is typeset (MathJax ran), not left as TeX
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                              "--dump-dom", (site / "equations" / "index.html").as_uri()], capture_output=True,
+                             text=True, timeout=180).stdout
+        assert dom.count('class="MathJax') >= 50, dom[:2000]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -89,10 +145,10 @@ def test_transforms_page_claims_hold(tmp_path):
 
 
 def test_index_example_is_the_readme_example():
-    """The home page's example is line for line part of the README's first block, which
+    """The home page's example is line for line part of the README's explicit-loop block, which
     tests/test_readme.py runs as pasted (so it is not run a second time here)."""
     (code, _), = _blocks((ROOT / "docs" / "index.md").read_text())
-    readme_block = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    readme_block = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
     readme_lines = set(readme_block.splitlines())
     assert "fnbp.backprop(" in code
     for line in code.splitlines():

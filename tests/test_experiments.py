@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow          # runs the experiment scripts (--quick)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -177,16 +179,19 @@ def test_batch_size_quick(tmp_path):
 
 
 # ----------------------------------------------------------------------------- entry points
-@pytest.mark.parametrize("argv", [
-    [sys.executable, str(ROOT / "experiments" / "worked_examples.py"), "--help"],
-    [sys.executable, "-m", "experiments.batch_size", "--help"],
-])
-def test_entry_points(argv, tmp_path):
-    """``python experiments/NAME.py`` works from any directory; ``python -m experiments.NAME`` from the root."""
-    cwd = tmp_path if argv[1] != "-m" else ROOT
-    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "--quick" in out.stdout and "--out" in out.stdout
+@pytest.mark.parametrize("form", ["path", "module"])
+def test_entry_points(form, tmp_path):
+    """``python experiments/NAME.py`` works from any directory, ``python -m experiments.NAME`` from the root:
+    each runs the worked examples for real (every row asserted by the script) into ``--out``."""
+    out = tmp_path / "results"
+    script = [str(ROOT / "experiments" / "worked_examples.py")] if form == "path" else ["-m", "experiments.worked_examples"]
+    proc = subprocess.run([sys.executable, *script, "--out", str(out)], cwd=tmp_path if form == "path" else ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _load(out, "worked_examples")
+    assert result["n_ok"] == result["n_rows"] >= 70
+    assert result["headline"] in proc.stdout and "[FAIL]" not in proc.stdout
+    assert (out / "worked_examples.md").read_text().count("\n|") >= 70       # the table of every row
 
 
 def test_common_helpers(tmp_path):

@@ -19,6 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fnbp  # noqa: E402
+
+pytestmark = pytest.mark.slow          # runs the DP-SGD and feedback experiments (--quick)
 from experiments import dp_sgd, feedback  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -51,7 +53,9 @@ def test_dp_sgd_epsilon_and_accuracy(dp):
     assert math.isclose(eps[-1], expected, rel_tol=1e-9)
     assert by_sigma[0.0]["epsilon"] == "inf"                                             # clipping only
     for s in res["summary"]:
-        assert 0.3 < s["final_accuracy_mean"] <= 1.0          # chance is 0.1
+        # measured (--quick, --seed 0 / 1): sigma 1: 0.680 / 0.616, clipping only: 0.699 / 0.630 (2 epochs: noisy);
+        # threshold = the lowest - 6 points (chance is 0.1)
+        assert 0.55 < s["final_accuracy_mean"] <= 1.0
     for h in res["runs"]["1.0"][0]["history"]:
         assert 0.0 <= h["clipped_fraction"] <= 1.0 and h["median_norm"] > 0
     md = (out / "dp_sgd.md").read_text()
@@ -100,7 +104,8 @@ def test_feedback_sign_without_ste_moves_no_hidden_weight(fbres):
             else:
                 assert all(c > 0 for c in change[:-1]), m
     assert res["summary"]["sign, no STE"]["hidden_weights_moved"] == [False]
-    assert res["summary"]["backprop (relu)"]["final_accuracy_mean"] > 0.3
+    # measured (--quick, --seed 0 / 1 / 2): 0.886 / 0.922 / 0.936; this test runs seed 0: the lowest - 3 points
+    assert res["summary"]["backprop (relu)"]["final_accuracy_mean"] > 0.85
 
 
 def test_feedback_alignment_angle_falls_below_90(fbres):

@@ -281,16 +281,7 @@ def test_inference_batch_norm_rule_equals_autodiff_of_reference():
 
 
 # ------------------------------------------------------------------ student rules, plain functions
-def softplus_fwd(a):
-    """g(a) = log(1 + e^a).  Backward: delta = grad_h E (.) sigmoid(a)."""
-    return jnp.logaddexp(a, 0.0), a
-
-
-def softplus_bwd(a, grad_h):
-    return (grad_h * jax.nn.sigmoid(a),)
-
-
-softplus = fnbp.rule(softplus_fwd, softplus_bwd)
+from student_rules import softplus   # noqa: E402  (the student rule shared with tests/test_rules.py)
 
 
 def test_student_rule_in_backprop_and_apply_and_plain_functions():

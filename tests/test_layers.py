@@ -81,6 +81,7 @@ def test_dense_vjp_vs_reference_autodiff_and_finite_differences():
     assert_within_tolerances(results)
 
 
+@pytest.mark.slow          # hypothesis: 15 drawn shapes, ~40 s under load
 @settings(max_examples=15, deadline=None)
 @given(batch=st.one_of(st.none(), st.integers(1, 16)), n_out=st.integers(1, 32), n_in=st.integers(1, 32),
        seed=st.integers(0, 2**31 - 1))
@@ -218,6 +219,9 @@ def test_dense_jit_and_vmap_match_plain_call(lead):
             assert max_rel(x[k], y) <= 1e-12
 
 
+# =========================================================================================================
+# TO MOVE (issue #29 -> the lead, issue #25): per-example gradients (vmap of jax.grad through the rules) belong
+# in tests/test_per_example.py, which the lead is rewriting; kept here, unchanged, until that file lands.
 # --- per-example gradients of a small net through our rules ------------------------------
 def _net_loss(mods, params, x, label, reduction="mean"):
     dense, relu, sce = mods

@@ -115,6 +115,7 @@ def test_one_hot_targets_for_cross_entropy(reduction, checked):
     assert_within_tolerances([res for _, res in checked["one-hot", reduction]])
 
 
+@pytest.mark.slow          # hypothesis-drawn shapes, ~40 s under load
 @settings(max_examples=15, deadline=None)
 @given(name=st.sampled_from(sorted(NP)), reduction=st.sampled_from(REDUCTIONS),
        batch=st.one_of(st.none(), st.integers(1, 16)), n=st.integers(1, 32), seed=st.integers(0, 2**31 - 1))

@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow          # multi-process runs (subprocesses)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 420

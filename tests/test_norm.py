@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fnbp
-from fnbp import crosscheck, mlp, norm, reference, regularization
+from fnbp import crosscheck, mlp, norm, pool, reference, regularization
 
 EPS = 1e-5
 
@@ -363,3 +363,22 @@ def test_apply_stateful_validation():
         mlp.apply_stateful(params, mlp.init_state(params), x, train=True, bn_position="middle")
     with pytest.raises(ValueError, match="key"):
         mlp.apply_stateful(params, mlp.init_state(params), x, train=True, dropout=0.5)
+
+
+# --- per-channel batch norm (fnbp.pool.batch_norm_channels*, moved from tests/test_pool.py) ---------------
+def test_batch_norm_channels_running_statistics_per_channel():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 3, 2)) * np.array([1.0, 3.0]) + np.array([0.0, 5.0])
+    state = {"mean": np.zeros(2), "var": np.ones(2)}
+    y, new = pool.batch_norm_channels_train(x, np.ones(2), np.zeros(2), state, momentum=0.5)
+    flat = x.reshape(-1, 2)
+    np.testing.assert_allclose(new["mean"], 0.5 * flat.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(new["var"], 0.5 + 0.5 * flat.var(axis=0, ddof=1), rtol=1e-12)   # PyTorch's
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2).mean(axis=0), 0.0, atol=1e-12)
+    y_eval = pool.batch_norm_channels_eval(x, np.ones(2), np.zeros(2), new)
+    np.testing.assert_allclose(y_eval, (x - new["mean"]) / np.sqrt(new["var"] + 1e-5), rtol=1e-12)
+
+
+def test_batch_norm_channels_named_errors():
+    with pytest.raises(ValueError, match=r"fnbp.batch_norm_channels: gamma must have shape \(3,\)"):
+        pool.batch_norm_channels(np.zeros((2, 2, 2, 3)), np.ones(2), np.zeros(3))

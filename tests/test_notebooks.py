@@ -10,6 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow          # executes the notebooks
+
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
 
@@ -50,7 +52,8 @@ def test_tutorial(tmp_path, monkeypatch):
     losses = [float(loss) for _, loss, _ in epochs]
     assert losses[-1] < 0.5 * losses[0]                           # it learns
     final = float(re.search(r"final test accuracy ([\d.]+)%", out).group(1))
-    assert final >= 90.0, out                                     # ~96 % measured; wide margin
+    # measured (the notebook's fixed seeds): 96 % (wave 2), 95.5 % (docs build, 2026-12-07); min - 2 points
+    assert final >= 93.5, out
 
 
 def test_optimizers(tmp_path, monkeypatch):
@@ -120,7 +123,8 @@ def test_cnn(tmp_path, monkeypatch):
     assert [int(e) for e, _, _ in epochs] == [1, 2, 3, 4]
     assert float(epochs[-1][1]) < 0.5 * float(epochs[0][1])                  # it learns
     final = float(re.search(r"final test accuracy ([\d.]+)%", out).group(1))
-    assert final >= 80.0, out                                                # 91.6 % measured; wide margin
+    # measured (fixed seeds): 91.6 % (wave 2) and 91.6 % (docs build, 2026-12-07); measured - 2 points
+    assert final >= 89.5, out
     assert "feature maps: (1, 8, 8, 8)" in out
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 1                                                  # filters and feature maps

@@ -145,6 +145,7 @@ def runs():
     return out
 
 
+@pytest.mark.slow          # 8-device subprocesses (float64 LeNets)
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_eight_devices_match_one_device(runs, dtype):
     """Adam, 20 steps: the 8-device parameters equal the 1-device ones (float32 1e-5, float64 1e-12
@@ -161,6 +162,7 @@ def test_eight_devices_match_one_device(runs, dtype):
     assert plain["loss_rel"] <= TOL[dtype], plain
 
 
+@pytest.mark.slow          # 8-device subprocesses (float64 LeNets)
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_batch_norm_statistics_are_global(runs, dtype):
     """With batch norm, train(..., mesh=8 devices) gives the 1-device running statistics and
@@ -172,6 +174,7 @@ def test_batch_norm_statistics_are_global(runs, dtype):
     assert bn["rel"] <= TOL[dtype], bn
 
 
+@pytest.mark.slow          # 8-device subprocesses (float64 LeNets)
 def test_indivisible_batch_fails_before_training(runs):
     """Global batch 100 on 8 devices: ValueError from place(), before any epoch, naming both numbers
     and the nearest valid batch sizes; more devices than exist is a ValueError too."""
@@ -208,6 +211,7 @@ EXPECTED_MODELS = {f"dense+{a}" for a in ("identity", "sigmoid", "tanh", "relu",
 CONV_MODELS = {"lenet+batch_norm", "conv_stride2+avg_pool"}      # float64 only (the costly compiles)
 
 
+@pytest.mark.slow          # 8-device subprocesses (float64 LeNets)
 @pytest.mark.parametrize("mode", RULES_MODES)
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_every_rule_on_user_meshes(rules_on_meshes, dtype, mode):

@@ -1,6 +1,7 @@
 """The README: its set-up commands are exactly what CI runs, every python block runs as pasted (in a fresh
 interpreter, outside the source tree) and prints what the README says, every rule it maps exists, and its
 links and paths work on a package index page (no relative links; every named path is in the sdist)."""
+import importlib
 import os
 import re
 import subprocess
@@ -39,27 +40,23 @@ def test_ci_runs_the_readme_commands():
     assert "fnbp train" in ci[0] and "pytest" in ci[1]
 
 
-def test_readme_maps_every_rule_to_a_function():
-    import fnbp
-    for name in ["dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax"]:
-        assert f"`fnbp.{name}`" in README, name
-        assert callable(getattr(fnbp, name))
-    for name in ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty"]:
-        assert f"`fnbp.losses.{name}`" in README, name
-        assert callable(getattr(fnbp.losses, name))
-
-
-def test_readme_has_exactly_the_two_python_examples():
+def test_readme_has_exactly_the_three_python_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 2, "a new python block in the README needs its own test here"
+    assert len(blocks) == 3, "a new python block in the README needs its own test here"
     for code in blocks:
         assert code.lstrip().startswith("import jax"), "each block must run as pasted into a fresh interpreter"
+    assert len(README.splitlines()) <= 120                      # read in five minutes (issue #29)
+
+
+@pytest.mark.slow
+def test_own_rule_example_prints_true_then_false(tmp_path):
+    assert _run(_python_blocks()[0], tmp_path) == "True\nFalse\n"
 
 
 @pytest.fixture(scope="module")
 def first_example(tmp_path_factory):
     """Block 1 as pasted, then (after it) lines that report what the test compares."""
-    code = _python_blocks()[0]
+    code = _python_blocks()[1]
     extra = ("\nimport numpy as _np\n"
              "print('MAXDIFF', max(float(_np.max(_np.abs(a - b))) for a, b in "
              "zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads2))))\n"
@@ -69,6 +66,7 @@ def first_example(tmp_path_factory):
     return lines[0], dict(line.split(" ", 1) for line in lines[1:])
 
 
+@pytest.mark.slow
 def test_first_example_runs_and_backprop_equals_grad(first_example):
     printed, extra = first_example
     assert printed in ("True", "False")                        # what the block prints: fnbp.check(...).ok
@@ -76,21 +74,25 @@ def test_first_example_runs_and_backprop_equals_grad(first_example):
     assert extra["SHAPES"] == "[(32, 64), (10, 32)]"           # W (n_out, n_in), as the comment says
 
 
+@pytest.mark.slow
 def test_first_example_prints_true(first_example):
     assert first_example[0] == "True"
 
 
-def test_training_example_prints_its_accuracy(tmp_path):
-    code = _python_blocks()[1]
-    out = _run(code, tmp_path)
+@pytest.mark.slow
+def test_cnn_example_trains(tmp_path):
+    out = _run(_python_blocks()[2], tmp_path)
     m = re.fullmatch(r"test accuracy ([\d.]+)%\n", out)
     assert m, out
-    assert float(m.group(1)) >= 94.0                             # README: 97.49 % at seed 0; 96.4-97.5 % over seeds
+    assert float(m.group(1)) >= 90.0          # measured 92.8 % (the block as pasted, fixed keys); chance is 10 %
 
 
 def test_readme_links_and_paths_work_on_a_package_index_page():
     # no relative links: they break on a package index page
-    for target in re.findall(r"\]\(([^)]+)\)", README):
+    for image, target in re.findall(r"(!?)\[[^]]*\]\(([^)]+)\)", README):
+        if image:                                                 # the one picture: a file of the sdist
+            assert (ROOT / target).is_file() and target.startswith("experiments/results/"), target
+            continue
         assert target.startswith(("http://", "https://")), f"relative link {target!r}: state the path in text"
     # every path the README names exists, and MANIFEST.in ships it in the sdist
     manifest = (ROOT / "MANIFEST.in").read_text()
@@ -106,26 +108,45 @@ def test_readme_names_the_lecture_notes():
         assert topic in README.split("## Set-up")[0], topic
 
 
-def test_equations_table_names_existing_functions():
-    """Every function the equations table names (`fnbp.x`, `fnbp.mod.x`, and the `_<name>` rules in
-    parentheses, looked up in the row's module) exists."""
-    import importlib
+# --- the equations page (docs/equations.md, its own page since issue #29) ----------------------------------
+EQUATIONS = (ROOT / "docs" / "equations.md").read_text()
+
+
+def _rule_functions():
+    """'fnbp.module.name' of every public rule function the package defines."""
+    import pkgutil
 
     import fnbp
-    table = README.split("[start:equations]")[1].split("[end:equations]")[0]
-    for row in table.splitlines():
-        if not row.startswith("|") or "---" in row:
+    from fnbp.rules import rule_of
+    names = set()
+    for info in pkgutil.walk_packages(fnbp.__path__, "fnbp."):
+        if info.name.endswith("__main__"):
             continue
-        cell = row.split("|")[2]
-        dotted = re.findall(r"`(fnbp(?:\.\w+)+)`", cell)
-        for name in dotted:
-            obj = fnbp
-            for part in name.split(".")[1:]:
-                assert hasattr(obj, part), name
-                obj = getattr(obj, part)
-        privates = re.findall(r"`(_\w+)`", cell)
-        if privates:
-            module = importlib.import_module(dotted[0].rsplit(".", 1)[0] if dotted[0].count(".") > 1
-                                             else "fnbp.activations")
-            for name in privates:
-                assert hasattr(module, name), (name, module.__name__)
+        module = importlib.import_module(info.name)
+        for attr, value in vars(module).items():
+            r = rule_of(value) if callable(value) else None
+            if r is not None and not attr.startswith("_") and r.fwd.__module__ == module.__name__:
+                names.add(f"{info.name}.{attr}")
+    return names | {"fnbp.regularization.dropout"}               # the public wrapper of the private rule
+
+
+def test_equations_page_covers_every_rule():
+    missing = sorted(n for n in _rule_functions() if f"[{n}]" not in EQUATIONS)
+    assert not missing, f"docs/equations.md has no row linking {missing}"
+
+
+def test_equations_page_names_existing_functions():
+    """Every `fnbp.x.y` the page names (in code spans or API links) exists."""
+    for name in set(re.findall(r"fnbp(?:\.[A-Za-z_]\w*)+", EQUATIONS)):
+        module, obj = None, None
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):                          # the longest importable prefix
+            try:
+                module = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                continue
+        obj = module
+        for part in parts[i:]:
+            assert hasattr(obj, part), name
+            obj = getattr(obj, part)

@@ -13,20 +13,9 @@ import pytest
 
 import fnbp
 from fnbp import reference
+from student_rules import softplus, softplus_fwd, softplus_bwd   # noqa: F401  (the shared student rule)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def softplus_fwd(a):
-    """softplus g(a) = log(1 + e^a).  Backward: delta = grad_h E (.) sigmoid(a)."""
-    return jnp.logaddexp(a, 0.0), a
-
-
-def softplus_bwd(a, grad_h):
-    return (grad_h * jax.nn.sigmoid(a),)
-
-
-softplus = fnbp.rule(softplus_fwd, softplus_bwd)
 
 
 def test_rule_object_name_doc_and_signature():
@@ -116,6 +105,7 @@ def test_no_private_jax_api_in_the_package():
         assert not re.search(r"\.rule\.(fun|nondiff_argnums)\b", code), path
 
 
+@pytest.mark.slow
 def test_student_rule_trains_through_fnbp_train():
     ds = fnbp.data.load_digits(standardize=True)
     k_init, k_train = jax.random.split(jax.random.PRNGKey(0))
@@ -123,7 +113,9 @@ def test_student_rule_trains_through_fnbp_train():
     cfg = fnbp.train.Config(activation=softplus)
     result = fnbp.train.train(params, fnbp.optim.adam(3e-3), ds, key=k_train, epochs=3, batch_size=32, cfg=cfg,
                               progress=False)
-    assert result.history[-1]["test_accuracy"] >= 0.80           # 10 classes: chance is 0.10
+    # measured (seeds 0-4 of PRNGKey(seed), this setting): 0.922 0.930 0.916 0.919 0.908, mean 0.919;
+    # threshold = mean - 2 points (chance is 0.10; 'does not learn' and 'learns clearly worse' both fail)
+    assert result.history[-1]["test_accuracy"] >= 0.90
     # the wrong version is caught by fnbp.check
     bad = fnbp.rule(softplus_fwd, lambda a, g: (g * jax.nn.sigmoid(-a),))
     assert fnbp.check(softplus, lambda a: jnp.logaddexp(a, 0.0), ds.x_train[:4, :8]).ok
