@@ -64,7 +64,7 @@ def fan_out(seed=0):
     from fnbp import graph
     params = fnbp.skip.skip_connection_init(jax.random.key(seed), 2, 3, 2, 1, dtype=jnp.float64)
     x, d = jnp.array([0.5, -1.0]), jnp.array([0.3])
-    net = graph.objective(fnbp.skip.skip_connection_network(activation=fnbp.tanh), fnbp.losses.half_sse)
+    net = fnbp.objective.objective(fnbp.skip.skip_connection_network(activation=fnbp.tanh), fnbp.losses.half_sse)
     E, tape = graph.forward(net, params, {"x": x, "d": d})
     tr = graph.trace(tape, graph.backward(tape))
     from_a2, from_skip = tr.nodes["a2"].grad_inputs[2], tr.nodes["skip"].grad_inputs[2]

@@ -16,7 +16,7 @@ straight-through estimators).
 """
 from . import (activations, checkpoint, cnn, conv, data, graph, layers, losses, mlp, norm, ops, optim, parallel,
                perceptron, pool, reference, regularization, rules, skip, train)
-from . import dp, feedback, per_example
+from . import dp, extensions, feedback, keys, nn, objective, per_example
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .mlp import backprop
 from .crosscheck import check
@@ -33,4 +33,5 @@ __all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leak
            "batch_norm", "dropout", "conv2d", "max_pool", "avg_pool", "flatten", "global_avg_pool",
            "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
-           "parallel", "perceptron", "graph", "ops", "skip", "conv", "pool", "cnn", "per_example", "dp", "feedback"]
+           "parallel", "perceptron", "graph", "ops", "skip", "conv", "pool", "cnn", "per_example", "dp", "feedback",
+           "nn", "keys", "extensions", "objective"]

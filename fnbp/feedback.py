@@ -32,6 +32,7 @@ from .check_cases import register as register_check
 from .graph import Input
 from .layers import check_dense_shapes, dense, dense_backward, dense_forward
 from .mlp import check_params
+from .objective import objective
 from .rules import rule
 
 __all__ = ["dense_fa", "sign_ste", "step_ste", "init_feedback", "network", "apply", "backprop", "angle"]
@@ -169,7 +170,7 @@ def backprop(params, feedback, x, d, *, activation=activations.relu, output=acti
     who = "fnbp.feedback.backprop"
     check_params(params, x, name=who)
     _check_feedback(params, feedback, who)
-    net = graph.objective(network(params, activation=activation, output=output, who=who),
+    net = objective(network(params, activation=activation, output=output, who=who),
                           losses.loss_spec(loss, name=who))
     E, tape = graph.forward(net, params, _inputs(feedback, x=x, d=d), who=who)
     return E, graph.backward(tape, who=who).params

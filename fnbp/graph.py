@@ -36,11 +36,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import losses, ops
 from .rules import rule_of
 
 __all__ = ["Out", "Input", "Param", "State", "Const", "Node", "Graph", "node", "make", "apply", "forward",
-           "backward", "accumulate", "value_and_grad", "objective", "Tape", "Gradients", "NodeTrace", "Trace", "trace", "key_name"]
+           "backward", "accumulate", "value_and_grad", "Tape", "Gradients", "NodeTrace", "Trace", "trace", "key_name"]
 
 
 class Out(NamedTuple):
@@ -337,20 +336,6 @@ def key_name(ref):
         return ref[0]
     kind = "params" if isinstance(ref, Param) else "state"
     return kind + "".join(f"[{k!r}]" for k in ref.path)
-
-
-def objective(net, loss, *, l2=False):
-    """The network with its training objective appended: node "E" = L(y; d) (y the network's
-    output, d the input "d"), or with ``l2``: "L" = L(y; d), "penalty" = lambda Omega(params)
-    (lambda the input "l2", Omega over every leaf named "W") and "E" = L + penalty.
-    ``loss`` is a loss spec (``fnbp.losses.loss_spec``) or anything it parses."""
-    spec = loss if isinstance(loss, losses.LossSpec) else losses.loss_spec(loss, name="fnbp.graph.objective")
-    options = {"reduction": spec.reduction} if spec.takes_reduction else {}
-    data = "L" if l2 else "E"
-    nodes = list(net.nodes) + [node(data, spec.fn, Out(net.output), Input("d"), **options)]
-    if l2:
-        nodes += [node("penalty", losses.l2_penalty, Param(), Input("l2")), node("E", ops.add, "L", "penalty")]
-    return make(nodes, "E", net.state_updates)
 
 
 def value_and_grad(net, params, inputs, state=None, *, explicit=True, g=None, who="fnbp.graph.value_and_grad"):

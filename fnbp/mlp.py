@@ -22,6 +22,7 @@ import numpy as np
 from . import activations, graph, losses, norm, ops, regularization
 from .graph import Const, Input, Param, State
 from .layers import dense
+from .objective import objective
 
 __all__ = ["Network", "init", "init_state", "apply", "apply_stateful", "backprop", "network", "num_params",
            "layer_activations", "check_params", "INITS"]
@@ -362,7 +363,7 @@ def backprop(params, x, d, *, model=None, activation=activations.relu, output=ac
                       bn_position=bn_position, running=False, who=who)
     if key is None and any(n.aux and n.op is jax.random.fold_in for n in net.nodes):
         raise ValueError(f"{who}: dropout needs an explicit jax.random key (key=)")
-    net = graph.objective(net, spec, l2=has_l2(l2))
+    net = objective(net, spec, l2=has_l2(l2))
     E, tape = graph.forward(net, params, {"x": x, "d": d, "key": key, "l2": l2}, state, who=who)
     grads = graph.backward(tape, who=who)
     out = (E, grads.params) + ((tape.new_state,) if state is not None else ())

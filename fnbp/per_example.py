@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from . import activations, extensions, graph, keys, losses, mlp, regularization
 from .layers import weight_gradient
+from .objective import objective
 from .rules import rule_of
 
 __all__ = ["METHODS", "LayerRows", "network", "extension_layers", "walk", "norm_method", "rows_grads", "rows_batch_l2", "rows_norms",
@@ -171,7 +172,7 @@ def walk(params, x, d, *, model=None, loss=losses.half_sse, l2=0.0, key=None, ar
         raise ValueError(f"{name}: x must be a mini-batch (batch, ...), got shape {jnp.shape(x)}")
     B = jnp.shape(x)[0]
     with_l2 = mlp.has_l2(l2)
-    net = graph.objective(_per_example_masks(net), spec._replace(reduction="sum"), l2=with_l2)
+    net = objective(_per_example_masks(net), spec._replace(reduction="sum"), l2=with_l2)
     if key is None and any(n.aux and n.op is _fold_in_each for n in net.nodes):
         raise ValueError(f"{name}: the model's dropout needs an explicit jax.random key (key=...)")
     keys_ = None if key is None else keys.per_example(key, B)

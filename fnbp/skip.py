@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from . import activations, graph, losses, ops
 from .graph import Input, Param
 from .layers import dense
+from .objective import objective
 
 __all__ = ["skip_connection_init", "skip_connection_network", "skip_connection", "skip_connection_backprop",
            "SKIP_LAYERS"]
@@ -64,7 +65,7 @@ def skip_connection_backprop(params, x, d, *, activation=activations.relu, loss=
     ``fnbp.graph.Trace`` with ``trace=True``: its grad_table holds the summed grad_{h1} E).
     """
     who = "fnbp.skip.skip_connection_backprop"
-    net = graph.objective(skip_connection_network(activation=activation), losses.loss_spec(loss, name=who))
+    net = objective(skip_connection_network(activation=activation), losses.loss_spec(loss, name=who))
     E, tape = graph.forward(net, params, {"x": x, "d": d}, who=who)
     grads = graph.backward(tape, who=who)
     return (E, grads.params, graph.trace(tape, grads)) if trace else (E, grads.params)

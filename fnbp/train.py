@@ -25,6 +25,7 @@ from . import activations, dp, extensions, graph, keys, losses, mlp, optim
 from .cnn import shift_augment
 from .data import check_shift
 from .per_example import extension_layers
+from .objective import objective
 from .rules import rule_of
 from .train_checks import (NonFiniteError, NonFiniteInputError, NonFiniteLossError, NonFiniteParamsError,
                            check_labels, _FN, _check_data, _check_finite_tree, _check_hyperparameters)
@@ -41,7 +42,7 @@ class Config:
     loss: a loss spec (``fnbp.losses.loss_spec``): one of ``fnbp.losses`` (``reduction='mean'``
       unless a ``functools.partial`` says 'sum'), a rule of your own, or -- with grad="autodiff"
       only -- any function L(y, d) -> scalar (e.g. an optax loss with ``.mean()``).
-    l2: lambda of the L2 penalty on the weights (one node of the objective, ``fnbp.graph.objective``, under
+    l2: lambda of the L2 penalty on the weights (one node of the objective, ``fnbp.objective``, under
       DP-SGD too).
     grad: ``"autodiff"`` -- ``jax.value_and_grad`` through ``fnbp.graph.apply`` (the custom_vjp
       rules), or ``"backprop"`` -- the explicit walker ``fnbp.graph.forward``/``backward``; both
@@ -130,7 +131,7 @@ def _accuracy(y, d):
 def make_step(cfg: Config, opt, *, model=None, accumulate=1):
     """One optimizer step ``(params, opt_state, state), (x, d, key) -> (new carry, E)``.
 
-    The objective E = L(y; d) + lambda Omega is one graph (``fnbp.graph.objective`` on ``model``'s graph, or the
+    The objective E = L(y; d) + lambda Omega is one graph (``fnbp.objective`` on ``model``'s graph, or the
     MLP's without a model), differentiated by the explicit walker or by autodiff (``cfg.grad``), or under DP-SGD
     clipped per example (``fnbp.dp.clipped_objective``, the same L2 node).  With ``accumulate = m > 1`` the
     mini-batch is split into m equal micro-batches whose objectives are combined as the loss combines examples
@@ -154,7 +155,7 @@ def make_step(cfg: Config, opt, *, model=None, accumulate=1):
             E, grads, _ = dp.clipped_objective(params, x, d, clip=cfg.dp_clip, model=m, loss=spec, l2=l2_each,
                                                key=key, name="fnbp.train (DP-SGD)")
             return (E, state), grads
-        net = graph.objective(m.graph(params, train=True), spec, l2=with_l2)
+        net = objective(m.graph(params, train=True), spec, l2=with_l2)
         inputs = {"x": x, "d": d, "key": key, "l2": l2_each}
         return graph.value_and_grad(net, params, inputs, state, explicit=cfg.grad == "backprop", who="fnbp.train")
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fnbp import cnn, losses, optim, train
+from fnbp.objective import objective
 from fnbp import reference as R
 from vjp_oracle import compile_fast, max_rel
 
@@ -66,7 +67,7 @@ def test_explicit_walker_and_autodiff_give_the_same_gradients():
               "key": jax.random.key(7)}
 
     def both(params, inputs):
-        net = graph.objective(model.graph(params, train=True), losses.softmax_cross_entropy)
+        net = objective(model.graph(params, train=True), losses.softmax_cross_entropy)
         return [graph.value_and_grad(net, params, inputs, cnn.init_state(params), explicit=e) for e in (True, False)]
     explicit, autodiff = compile_fast(both, params, inputs)
     for a, b in zip(jax.tree_util.tree_leaves(explicit), jax.tree_util.tree_leaves(autodiff)):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import fnbp
 from fnbp import graph, losses, mlp, ops, optim
+from fnbp.objective import objective
 from fnbp import reference as ref
 from fnbp import train as T
 from fnbp.graph import Const, Input, Param
@@ -171,11 +172,11 @@ def check_dag(spec, seed):
                   for k, s in layer.items()} for n, layer in shapes.items()}
     x, d = rng.normal(size=(BATCH, WIDTH)), rng.normal(size=(BATCH, WIDTH))
     keys = {f"key{i}": jax.random.fold_in(jax.random.key(7), i) for i in range(len(spec))}
-    objective = graph.objective(net, losses.half_sse)
+    net_E = objective(net, losses.half_sse)
 
     @fast_jit
     def both(params, x, d):
-        (E, _), g = graph.value_and_grad(objective, params, {"x": x, "d": d, **keys})
+        (E, _), g = graph.value_and_grad(net_E, params, {"x": x, "d": d, **keys})
         E_ref, g_ref = jax.value_and_grad(lambda p: ref.half_sse(reference_dag(spec, p, x, keys), d))(params)
         return E, g, E_ref, g_ref
 
@@ -220,11 +221,11 @@ def test_batch_norm_and_dropout_explicit_equals_autodiff(bn_position):
     def both(params, x, d):
         E, g = fnbp.backprop(params, x, d, loss=loss, dropout=0.3, key=key, bn_position=bn_position, l2=0.01)
 
-        def objective(p):
+        def J(p):
             y, _ = mlp.apply_stateful(p, mlp.init_state(p), x, train=True, key=key, dropout=0.3,
                                       bn_position=bn_position)
             return loss(y, d) + losses.l2_penalty(p, 0.01)
-        return E, g, *jax.value_and_grad(objective)(params)
+        return E, g, *jax.value_and_grad(J)(params)
 
     E, g, E_ad, g_ad = both(params, x, d)
     assert rel_err(E, E_ad) <= 1e-12
@@ -301,7 +302,7 @@ def test_student_rule_in_backprop_and_apply_and_plain_functions():
     with pytest.raises(ValueError, match=r"node 'E': '<lambda>' has no hand-written rule"):
         fnbp.backprop(params, x, d, activation=softplus, loss=optax_like)
     cfg = T.Config(activation=jax.nn.softplus, loss=optax_like)
-    (E, _), g = graph.value_and_grad(graph.objective(cfg.mlp().graph(params, train=True), cfg.loss), params,
+    (E, _), g = graph.value_and_grad(objective(cfg.mlp().graph(params, train=True), cfg.loss), params,
                                      {"x": x, "d": d}, explicit=False)
     assert rel_err(E, E_ref) <= 1e-12 and tree_rel_err(g, g_ref) <= 1e-12
 

@@ -137,7 +137,7 @@ def _all_quantities(params, x, d, *, arch):
     for method in ("gram", "direct", "auto"):
         out[f"norms_{method}"] = per_example.grad_norms(params, x, d, method=method, **kw)
         out[f"l2_{method}"] = per_example.batch_l2(params, x, d, method=method, **kw)
-    net = fnbp.graph.objective(arch if isinstance(arch, fnbp.graph.Graph) else fnbp.cnn.network(params, arch=arch),
+    net = fnbp.objective.objective(arch if isinstance(arch, fnbp.graph.Graph) else fnbp.cnn.network(params, arch=arch),
                                functools.partial(CE, reduction="sum"))
     out["batch_grad"] = fnbp.graph.value_and_grad(net, params, {"x": x, "d": d})[1]     # the ordinary walk
     return out

@@ -163,7 +163,7 @@ def lenet_programs(arch):
         return fnbp.dp.add_noise(sums, key, clip=CLIP, noise_multiplier=SIGMA, batch_size=x.shape[0])
 
     def plain_step(p, x, d):
-        net = fnbp.graph.objective(fnbp.cnn.network(p, arch=arch, train=True), CE)
+        net = fnbp.objective.objective(fnbp.cnn.network(p, arch=arch, train=True), CE)
         return fnbp.graph.value_and_grad(net, p, {"x": x, "d": d})[1]          # the walker's batch gradient
 
     return {

@@ -12,10 +12,9 @@ Layers: ``fnbp.nn.layers``; the combinator and the layer protocol: ``fnbp.nn.mod
 """
 from .layers import (INITS, Activation, AvgPool, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool,
                      Identity, LeakyRelu, MaxPool, PReLU, Relu, Residual, Sigmoid, Sign, Softmax, Step, Tanh)
+from .describe import from_description
 from .model import Builder, Layer, Model, serial
 from .presets import lenet, mlp
-
-from_description = Model.from_description
 
 __all__ = ["Layer", "Builder", "Model", "serial", "from_description", "Dense", "Conv2D", "MaxPool", "AvgPool",
            "Flatten", "GlobalAvgPool", "BatchNorm", "Dropout", "Activation", "PReLU", "Residual", "Relu", "Tanh",

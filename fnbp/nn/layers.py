@@ -31,7 +31,7 @@ from ..conv import conv2d, conv_output_size
 from ..graph import Const
 from ..layers import dense
 from ..pool import pool_output_size
-from .model import Layer, build_layers, init_layers, layer_from_description, who
+from .model import Layer, build_layers, init_layers, who
 
 __all__ = ["Dense", "Conv2D", "MaxPool", "AvgPool", "Flatten", "GlobalAvgPool", "BatchNorm", "Dropout", "Activation",
            "PReLU", "Residual", "Relu", "Tanh", "Sigmoid", "Identity", "Softmax", "LeakyRelu", "Step", "Sign", "INITS"]
@@ -348,10 +348,6 @@ class Residual(Layer):
 
     def describe(self):
         return {"type": "Residual", "layers": [layer.describe() for layer in self.layers]}
-
-    @classmethod
-    def _from(cls, desc):
-        return cls(*(layer_from_description(d) for d in desc["layers"]))
 
 
 def Relu():

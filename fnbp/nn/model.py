@@ -22,7 +22,6 @@ as JSON (``describe``/``from_description``), which checkpoints record.
 """
 import dataclasses
 import importlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 from .. import graph
 from ..graph import Input
 
-__all__ = ["Layer", "Builder", "Model", "serial", "init_layers", "build_layers", "describe_layer", "layer_from_description", "who"]
+__all__ = ["Layer", "Builder", "Model", "serial", "init_layers", "build_layers", "describe_layer", "who"]
 
 
 class Layer:
@@ -236,12 +235,6 @@ class Model:
         """The model as JSON (checkpoints record it; ``from_description`` rebuilds it)."""
         return {"serial": [layer.describe() for layer in self.layers]}
 
-    @staticmethod
-    def from_description(desc):
-        """The model ``describe`` wrote."""
-        if not isinstance(desc, dict) or not isinstance(desc.get("serial"), list):
-            raise ValueError(f"fnbp.nn.Model.from_description: expected {{'serial': [layer, ...]}}, got {desc!r:.120}")
-        return Model(tuple(layer_from_description(d) for d in desc["serial"]))
 
 
 def serial(*layers):
@@ -291,40 +284,3 @@ def describe_layer(layer):
             v = list(v)
         out[f.name] = v
     return out
-
-
-def layer_from_description(desc):
-    """The layer ``describe_layer`` wrote (raises ValueError for a function that cannot be imported)."""
-    import functools
-    from . import layers as builtin
-    kind = desc["type"]
-    if ":" in kind:
-        module, name = kind.split(":", 1)
-        cls = getattr(importlib.import_module(module), name)
-    else:
-        cls = getattr(builtin, kind, None)
-        if cls is None:
-            raise ValueError(f"fnbp.nn: unknown layer type {kind!r} in a model description")
-    if hasattr(cls, "_from"):
-        return cls._from(desc)
-    fields = {}
-    for k, v in desc.items():
-        if k == "type":
-            continue
-        if isinstance(v, dict) and "type" in v:
-            v = layer_from_description(v)
-        elif isinstance(v, list) and v and all(isinstance(u, dict) and "type" in u for u in v):
-            v = tuple(layer_from_description(u) for u in v)
-        elif isinstance(v, dict) and "function" in v:
-            if v["function"] is None:
-                raise ValueError(f"fnbp.nn: the model's {kind}.{k} is a function that cannot be imported by name "
-                                 f"(a lambda or a local function); rebuild the model in code")
-            module, name = v["function"].split(":", 1)
-            fn: Any = importlib.import_module(module)
-            for part in name.split("."):
-                fn = getattr(fn, part)
-            v = functools.partial(fn, **v["options"]) if v["options"] else fn
-        elif isinstance(v, list):
-            v = tuple(v)
-        fields[k] = v
-    return cls(**fields)

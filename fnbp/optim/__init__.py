@@ -64,11 +64,11 @@ optax it carries optax's name.
 * ``delta_bar_delta`` has no optax twin.
 """
 from ._base import (LookaheadTransformation, Schedule, ScalarOrSchedule, apply_updates, bias_correction,
-                    gradient_point, leafwise_optimizer, update_moment)
+                    leafwise_optimizer, update_moment)
 from .adaptive import (AdaDeltaState, AdaGradState, AdamState, DeltaBarDeltaState, RMSPropState, adadelta, adagrad,
                        adam, delta_bar_delta, rmsprop)
-from .gradient_descent import (CountState, EmaMomentumState, MomentumState, NesterovState, ema_momentum, lookahead_params,
-                       momentum, nesterov, sgd, simplified_nesterov)
+from .gradient_descent import (CountState, EmaMomentumState, MomentumState, NesterovState, ema_momentum, gradient_point,
+                               lookahead_params, momentum, nesterov, sgd, simplified_nesterov)
 from .schedules import constant, exponential_decay, inverse_decay
 
 __all__ = [

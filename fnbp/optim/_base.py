@@ -178,22 +178,6 @@ def leafwise_optimizer(name: str, state_type, leaf_update, learning_rate: Scalar
     return LookaheadTransformation(init, update, lookahead)
 
 
-def gradient_point(opt, params, state):
-    """θ̃, the point where optimizer ``opt`` needs the gradient: ``opt.lookahead(params, state)``
-    for a :class:`LookaheadTransformation` (θ + β·v for :func:`nesterov`, θ for the others).
-
-    A transformation without ``lookahead`` (any optax one, or ``optax.chain`` / ``optax.masked``
-    wrapped around ours) gets θ, unless its state holds a :class:`NesterovState`: then the
-    look-ahead θ + β·v is read from that state, so a chained nesterov is not silently
-    evaluated at θ.
-    """
-    look = getattr(opt, "lookahead", None)
-    if look is not None:
-        return look(params, state)
-    from .gradient_descent import lookahead_params  # the state-reading form, for wrappers that hide the method
-    return lookahead_params(params, state)
-
-
 def apply_updates(params, updates):
     """θ ← θ + Δθ leaf by leaf, keeping each parameter's dtype (as ``optax.apply_updates``).
 

@@ -159,3 +159,18 @@ def simplified_nesterov(learning_rate: ScalarOrSchedule, beta=0.9) -> LookaheadT
 
     return leafwise_optimizer("simplified_nesterov", MomentumState, leaf, learning_rate,
                               {"beta": ("beta", beta, UNIT)})
+
+
+def gradient_point(opt, params, state):
+    """θ̃, the point where optimizer ``opt`` needs the gradient: ``opt.lookahead(params, state)``
+    for a :class:`LookaheadTransformation` (θ + β·v for :func:`nesterov`, θ for the others).
+
+    A transformation without ``lookahead`` (any optax one, or ``optax.chain`` / ``optax.masked``
+    wrapped around ours) gets θ, unless its state holds a :class:`NesterovState`: then the
+    look-ahead θ + β·v is read from that state, so a chained nesterov is not silently
+    evaluated at θ.
+    """
+    look = getattr(opt, "lookahead", None)
+    if look is not None:
+        return look(params, state)
+    return lookahead_params(params, state)          # the state-reading form, for wrappers that hide the method
