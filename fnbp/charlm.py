@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from . import layers, losses, rnn
 from .embedding import embedding
 
-__all__ = ["CELLS", "init", "zero_state", "apply", "loss", "detach"]
+__all__ = ["CELLS", "init", "zero_state", "apply", "loss", "detach", "make_train_step", "evaluate", "sample"]
 
 CELLS = {"elman": 1, "lstm": 4, "gru": 3}     # gate blocks k: W_x (k H, d), W_h (k H, H)
 
@@ -81,3 +81,52 @@ def loss(params, ids, targets, state, cell="lstm"):
 def detach(state):
     """The state with its gradient cut (``lax.stop_gradient``): the carry between truncated-BPTT chunks."""
     return jax.tree_util.tree_map(jax.lax.stop_gradient, state)
+
+
+def make_train_step(opt, cell="lstm"):
+    """A jit-compiled truncated-BPTT step ``step(params, opt_state, state, x, y) -> (params, opt_state,
+    state, loss, grad_norm)`` for an optax-style ``opt`` (e.g. ``optax.chain(fnbp.optim.clip_by_global_norm(1),
+    fnbp.optim.adam(2e-3))``): the gradient of the chunk's mean loss, starting from ``state`` (already
+    detached), and the chunk's final state detached for the next chunk.  ``grad_norm`` is before clipping."""
+    from .optim import apply_updates, global_norm
+
+    def step(params, opt_state, state, x, y):
+        (E, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y, state, cell)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return apply_updates(params, updates), opt_state, detach(new_state), E, global_norm(grads)
+    return jax.jit(step)
+
+
+def evaluate(params, ids, batch_size, seq_len, cell="lstm"):
+    """Mean loss in nats per character over a stream of ids, read as ``fnbp.text.sequential_batches``
+    chunks with the state carried from chunk to chunk (every prediction sees the whole past of its row)."""
+    from .text import sequential_batches
+
+    @jax.jit
+    def chunk(params, state, x, y):
+        E, state = loss(params, x, y, state, cell)
+        return E, state
+    state, total, n = zero_state(params, batch_size, cell), 0.0, 0
+    for x, y in sequential_batches(ids, batch_size, seq_len):
+        E, state = chunk(params, state, x, y)
+        total, n = total + float(E), n + 1
+    return total / n
+
+
+def sample(params, key, prompt_ids, length, *, temperature=1.0, cell="lstm"):
+    """``length`` symbol ids drawn after the prompt (a non-empty sequence of ids), one at a time from
+    softmax(logits / temperature), the state carried; every draw from the ``jax.random`` key ``key``."""
+    if not temperature > 0:
+        raise ValueError(f"fnbp.charlm.sample: temperature must be > 0, got {temperature!r}")
+    prompt = jnp.asarray(prompt_ids, jnp.int32).reshape(1, -1)
+    if prompt.shape[1] < 1:
+        raise ValueError("fnbp.charlm.sample: the prompt must have at least one symbol")
+    logits, state = apply(params, prompt, zero_state(params, 1, cell), cell)
+
+    def draw(carry, key):
+        last_logits, state = carry
+        nxt = jax.random.categorical(key, last_logits / temperature).astype(jnp.int32)
+        logits, state = apply(params, nxt.reshape(1, 1), state, cell)
+        return (logits[0, -1], state), nxt
+    _, out = jax.lax.scan(draw, (logits[0, -1], state), jax.random.split(key, length))
+    return out
