@@ -1,10 +1,57 @@
-"""``fnbp train --model mlp|lenet``: the model's flags, its data layout and its parameters and ``Config``."""
+"""``fnbp train --model NAME``: one registry of models, their flags, data layout, parameters and recipe.
+
+``--model`` takes a name of ``REGISTRY`` (mlp, lenet) or ``package.module:function`` for a user's own factory,
+called as ``function(input_shape, n_classes)`` and returning an ``fnbp.nn`` model (images arrive as (H, W, 1)).
+"""
+import importlib
 import math
+import re
 
 from ._cli_args import _int_arg
 
-MODELS = ("mlp", "lenet")
 DEFAULT_LAYERS = [64, 32, 10]          # --layers of an MLP when not given
+
+
+def _lenet(input_shape, n_classes, args):
+    from . import nn
+    return nn.lenet(input_shape, n_classes=n_classes, batch_norm=args.batch_norm, dropout=args.dropout)
+
+
+REGISTRY = {"mlp": None, "lenet": _lenet}
+"""--model names -> factory(input_shape, n_classes, args) (mlp: fnbp.mlp's parameters and cfg's MLP)."""
+MODELS = tuple(REGISTRY)
+IMAGE_MODELS = ("lenet",)              # models that take images (N, H, W, 1); a user's factory does too
+
+
+def model_arg(text):
+    """--model: a registry name or ``package.module:function``."""
+    import argparse
+    if text in REGISTRY or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"--model: expected one of {', '.join(MODELS)} or package.module:function "
+                                     f"(your own factory), got {text!r}")
+
+
+def is_user(name):
+    return ":" in name
+
+
+def user_factory(name, usage_error):
+    """The function ``package.module:function`` names, or a named usage error."""
+    module, fn = name.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise usage_error(f"fnbp train: --model {name}: cannot import it ({type(e).__name__}: {e}); the module must "
+                          f"be importable from the current directory or PYTHONPATH") from None
+    if not callable(factory):
+        raise usage_error(f"fnbp train: --model {name}: {fn} is not a function")
+    return factory
+
+
+def out_name(name):
+    """The model's part of --out's default runs/<data>-<model>."""
+    return re.sub(r"[^\w-]+", "-", name)
 
 # Training flags whose default depends on the model: an MLP on standardised features with the
 # notes' recipe, a LeNet on raw [0, 1] pixels (per-pixel standardisation would make the zeros that
@@ -43,8 +90,10 @@ def default_help(name):
 
 
 def fill_defaults(args):
-    """Give every model-dependent flag left unset (``UNSET``) the model's default, in place."""
-    defaults = {**MODEL_DEFAULTS[args.model], **DATA_DEFAULTS.get((args.model, args.data), {})}
+    """Give every model-dependent flag left unset (``UNSET``) the model's default, in place (a user's model
+    gets the LeNet's recipe)."""
+    kind = "lenet" if is_user(args.model) else args.model
+    defaults = {**MODEL_DEFAULTS[kind], **DATA_DEFAULTS.get((kind, args.data), {})}
     for name, value in defaults.items():
         if getattr(args, name) is UNSET:
             setattr(args, name, value)
@@ -53,44 +102,79 @@ def fill_defaults(args):
 
 def add_arguments(t):
     """Register --model and --augment on the ``fnbp train`` parser ``t``."""
-    t.add_argument("--model", choices=MODELS, default="mlp",
+    t.add_argument("--model", type=model_arg, default="mlp",
                    help="mlp: dense layers (--layers); lenet: convolutions and max-pooling on the images "
-                        "(fnbp.cnn.lenet: 8x8x1 digits, 28x28x1 mnist)")
+                        "(fnbp.nn.lenet: 8x8x1 digits, 28x28x1 mnist); package.module:function: your own "
+                        "fnbp.nn model, function(input_shape, n_classes) (images arrive as (H, W, 1))")
     t.add_argument("--augment", type=_int_arg("--augment", 0), default=UNSET,
                    help="lenet: largest random shift of each training image, in pixels (0 = none; default: "
                         f"{MODEL_DEFAULTS['lenet']['augment']} on mnist, {DATA_DEFAULTS['lenet', 'digits']['augment']} on digits)")
 
 
+def _refuse(args, usage_error, flags):
+    """Refuse, by name, flags set away from their defaults that the chosen model does not use."""
+    defaults = {"layers": None, "activation": "relu", "init": "glorot", "slope": 0.01, "batch_norm": False,
+                "dropout": 0.0}
+    for name in flags:
+        if getattr(args, name) != defaults[name]:
+            flag = "--" + name.replace("_", "-")
+            raise usage_error(f"fnbp train: {flag} does not apply to --model {args.model} (it sets "
+                              f"{'an MLP' if name in ('layers', 'activation', 'init', 'slope') else 'a built-in model'}"
+                              f"'s layers); drop {flag}")
+
+
 def prepare(args, ds, check_layers, usage_error):
     """Check the model's flags against the data; return the dataset in the model's layout.
-    An MLP gets ``args.layers`` (default 64,32,10) checked; a LeNet gets images (N, H, W, 1)."""
+    An MLP gets ``args.layers`` (default 64,32,10) checked; an image model gets images (N, H, W, 1)."""
     if args.model == "mlp":
         if args.augment:
-            raise usage_error("fnbp train: --augment applies to --model lenet only (shifts of images)")
+            raise usage_error("fnbp train: --augment applies to image models (--model lenet or your own) only")
         args.layers = list(DEFAULT_LAYERS) if args.layers is None else args.layers
         check_layers(args.layers, ds)
         return ds
     if args.layers is not None:
-        raise usage_error("fnbp train: --layers sets an MLP's widths; --model lenet has its own architecture "
-                          "(fnbp.cnn.lenet), drop --layers")
-    if args.dp_clip:
-        raise usage_error("fnbp train: --dp-clip (DP-SGD) runs on --model mlp only")
+        raise usage_error(f"fnbp train: --layers sets an MLP's widths; --model {args.model} has its own "
+                          "architecture, drop --layers")
+    _refuse(args, usage_error, ("activation", "init", "slope") + (("batch_norm", "dropout")
+                                                                    if is_user(args.model) else ()))
     if args.data not in ("digits", "mnist"):
-        raise usage_error(f"fnbp train: --model lenet needs images (--data digits or mnist), got --data {args.data}")
+        raise usage_error(f"fnbp train: --model {args.model} needs images (--data digits or mnist), got --data "
+                          f"{args.data}")
     side = math.isqrt(ds.x_train.shape[1])
     if side * side != ds.x_train.shape[1]:
-        raise usage_error(f"fnbp train: --model lenet: {ds.x_train.shape[1]} features are not a square image")
+        raise usage_error(f"fnbp train: --model {args.model}: {ds.x_train.shape[1]} features are not a square image")
+    if args.augment and args.augment >= side:
+        raise usage_error(f"fnbp train: --augment {args.augment} would shift every {side}x{side} image out of view; "
+                          f"use fewer than {side} pixels")
     return ds._replace(x_train=ds.x_train.reshape(-1, side, side, 1), x_test=ds.x_test.reshape(-1, side, side, 1))
 
 
-def build(args, key, ds, activation, training):
-    """(params, cfg): initial parameters and the ``train.Config`` (or ``cnn.Config``) of the run."""
-    common = dict(l2=args.l2, grad=args.grad, dropout=args.dropout)
+def build(args, key, ds, activation, training, usage_error=ValueError):
+    """(params, cfg, model): initial parameters, the ``train.Config`` recipe and the model (None: cfg's MLP)."""
+    recipe = dict(l2=args.l2, grad=args.grad, dp_clip=args.dp_clip, dp_noise=args.dp_noise)
     if args.model == "mlp":
         from . import mlp
         params = mlp.init(key, args.layers, init=args.init, batch_norm=args.batch_norm,
                           prelu_alpha=0.25 if args.activation == "prelu" else None)
-        return params, training.Config(activation=activation, dp_clip=args.dp_clip, dp_noise=args.dp_noise, **common)
-    from . import cnn
-    arch = cnn.lenet(ds.x_train.shape[1:], n_classes=ds.n_classes, batch_norm=args.batch_norm)
-    return cnn.init(key, arch), cnn.Config(arch=arch, augment=args.augment, **common)
+        return params, training.Config(activation=activation, dropout=args.dropout, **recipe), None
+    shape = tuple(ds.x_train.shape[1:])
+    if is_user(args.model):
+        model = user_factory(args.model, usage_error)(shape, ds.n_classes)
+        if not (hasattr(model, "init") and hasattr(model, "graph")):
+            raise usage_error(f"fnbp train: --model {args.model} returned {type(model).__name__}, not an fnbp.nn "
+                              f"model (fnbp.nn.serial(...))")
+    else:
+        model = REGISTRY[args.model](shape, ds.n_classes, args)
+    try:
+        params, _ = model.init(key, shape)
+    except (ValueError, TypeError) as e:
+        raise usage_error(f"fnbp train: --model {args.model} on {args.data} images {shape}: {e}") from None
+    return params, training.Config(augment=args.augment, **recipe), model
+
+
+def describe(model, args, shape):
+    """What a checkpoint records of the model: its description and input shape (``fnbp.checkpoint.load_model``)."""
+    if model is None:
+        return {"kind": "mlp", "layers": list(args.layers), "activation": args.activation, "slope": args.slope,
+                "batch_norm": bool(args.batch_norm), "dropout": args.dropout}
+    return {"kind": "nn", "name": args.model, "description": model.describe(), "input_shape": list(shape)}

@@ -386,3 +386,34 @@ def load(path, *, params_like=None, opt_state_like=None, batch_stats_like=None) 
     out.update(step=meta["step"], epoch=meta["epoch"], key=key, extra=extra,
                args=extra.get("args") if isinstance(extra, dict) else None)
     return out
+
+
+def load_model(path):
+    """``(model, params, batch_stats, checkpoint)``: a checkpoint written by ``fnbp train`` reloaded into its
+    model from what the file records (``extra["model"]``: an ``fnbp.nn`` model's description and input shape,
+    or the MLP's widths and activation), without the command that made it.  ``model`` is an ``fnbp.nn`` model,
+    or the ``fnbp.mlp.Network`` of an MLP run; ``checkpoint`` is ``load``'s dict (opt_state template-free).
+    Raises ValueError naming the file when it records no model (files from before models were recorded)."""
+    import jax
+    from . import activations, mlp, nn
+    fn = "fnbp.checkpoint.load_model"
+    extra = read_metadata(path).get("extra")
+    spec = extra.get("model") if isinstance(extra, dict) else None
+    if not isinstance(spec, dict) or spec.get("kind") not in ("nn", "mlp"):
+        raise ValueError(f"{fn}: {path} records no model (extra['model']); it was not written by fnbp train, or "
+                         f"by a version before models were recorded: load it with fnbp.checkpoint.load and "
+                         f"params_like= from the model that made it")
+    if spec["kind"] == "nn":
+        model = nn.from_description(spec["description"])
+        params_like, state_like = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(spec["input_shape"])))
+    else:
+        g = activations.ACTIVATIONS[spec["activation"]]
+        if spec["activation"] == "leaky_relu":
+            import functools
+            g = functools.partial(g, slope=spec["slope"])
+        model = mlp.Network(activation=g, dropout=spec["dropout"])
+        params_like = jax.eval_shape(lambda: mlp.init(jax.random.key(0), spec["layers"], batch_norm=spec["batch_norm"],
+                                                      prelu_alpha=0.25 if spec["activation"] == "prelu" else None))
+        state_like = mlp.init_state(params_like)
+    loaded = load(path, params_like=params_like, batch_stats_like=state_like)
+    return model, loaded["params"], loaded["batch_stats"], loaded

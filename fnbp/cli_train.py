@@ -199,7 +199,7 @@ def _cmd_train(args):
     _cli_model.fill_defaults(args)
     if args.epochs < 1:
         raise UsageError(f"fnbp train: --epochs must be >= 1, got {args.epochs}")
-    out = Path(args.out if args.out is not None else f"runs/{args.data}-{args.model}")
+    out = Path(args.out if args.out is not None else f"runs/{args.data}-{_cli_model.out_name(args.model)}")
     ds = _cli_model.prepare(args, _load_data(args), _check_layers, UsageError)
     _check_batching(args, len(ds.y_train))
     if args.allow_changed and not args.resume:
@@ -210,10 +210,11 @@ def _cmd_train(args):
 
     key = jax.random.PRNGKey(args.seed)
     k_init, k_train = jax.random.split(key)
-    params, cfg = _cli_model.build(args, k_init, ds, _activation(args.activation, args.slope), training)
+    params, cfg, model = _cli_model.build(args, k_init, ds, _activation(args.activation, args.slope), training,
+                                          UsageError)
     lr = _learning_rate(args)
     opt = getattr(optim, args.optimizer)(lr)
-    opt_state, state = opt.init(params), cfg.init_state(params)
+    opt_state, state = opt.init(params), training.resolve_model(cfg, model).init_state(params)
     ckpt = out / "checkpoint.npz"
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
     run_args["out"] = str(out)
@@ -249,6 +250,7 @@ def _cmd_train(args):
             checkpoint.save(ckpt, params=result.params, opt_state=result.opt_state, batch_stats=result.state,
                             step=result.step, epoch=result.epoch, key=k_train,
                             extra={"args": run_args, "settings": segments, "optimizer": args.optimizer,
+                                   "model": _cli_model.describe(model, args, ds.x_train.shape[1:]),
                                    "history": history + result.history})
         if lines:
             h = result.history[-1]
@@ -262,7 +264,7 @@ def _cmd_train(args):
     t0 = time.perf_counter()
     try:
         result = training.train(params, opt, ds, key=k_train, epochs=args.epochs, batch_size=args.batch_size,
-                                cfg=cfg, opt_state=opt_state, state=state, accumulate=args.accumulate,
+                                cfg=cfg, model=model, opt_state=opt_state, state=state, accumulate=args.accumulate,
                                 start_epoch=start_epoch, start_step=start_step, record_learning_rate=lr,
                                 progress=False if args.quiet else None, on_epoch=on_epoch if writer else None,
                                 mesh=mesh)

@@ -14,7 +14,8 @@ Parameters are a plain pytree::
      "dense": [{"W": (n_out, n_in), "b": (n_out,)[, "gamma", "beta"]}, ...]}
 
 and the architecture's static choices (image shape, widths, kernel, padding, pooling) live in a
-hashable ``LeNet`` description, so it can sit in a jit-static ``train.Config``.
+hashable ``LeNet`` description.  This is the functional LeNet the notebooks derive by hand; to train a LeNet,
+``fnbp.nn.lenet`` composes the same network from ``fnbp.nn`` layers (``fnbp.train.train(..., model=...)``).
 """
 import dataclasses
 import math
@@ -23,15 +24,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import graph, norm, ops, regularization, train as training
+from . import graph, keys, norm, regularization
 from .graph import Const, Input, Param, State
 from .activations import relu
 from .conv import conv2d, conv_output_size
 from .layers import dense
+from .ops import batch_norm_eval
 from .pool import batch_norm_channels, flatten, max_pool, pool_output_size
 
 __all__ = ["LeNet", "lenet", "init", "init_state", "network", "apply", "apply_stateful", "shift_augment", "num_params",
-           "Config", "AUGMENT_KEY"]
+           "AUGMENT_KEY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,9 @@ class LeNet:
     def __post_init__(self):
         if len(self.image_shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in self.image_shape):
             raise ValueError(f"fnbp.cnn.LeNet: image_shape must be (H, W, C) positive ints, got {self.image_shape!r}")
+        for what, sizes in (("channels", self.channels), ("hidden", self.hidden), ("n_classes", (self.n_classes,))):
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+                raise ValueError(f"fnbp.cnn.LeNet: {what} must be positive ints, got {getattr(self, what)!r}")
         self.feature_shape()                      # raises a named error when the image is too small
 
     def feature_shape(self):
@@ -123,12 +128,6 @@ def _check_input(arch, x, name):
                          f"(channels last, as the architecture's image_shape), got shape {jnp.shape(x)}")
 
 
-def _channel_statistics(a, running, *, momentum=0.1):
-    """New running statistics per channel of feature maps a (B, H, W, C): ``ops.running_statistics``
-    on the B H W samples of each channel (PyTorch's convention, no gradient)."""
-    return ops.running_statistics(a.reshape(-1, a.shape[-1]), running, momentum=momentum)
-
-
 def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, augment=0, bn_eps=1e-5):
     """The LeNet as a ``fnbp.graph.Graph`` with input "x" (and "key" for dropout and shifts).
 
@@ -145,14 +144,15 @@ def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, 
         nodes.append(graph.node("x_shifted", shift_augment, "key_shift", Input("x"), Const(augment), aux=True))
         prev = "x_shifted"
 
-    def normalise(name, v, part, k, running_fn):
+    def normalise(name, v, part, k):
         if train:
             op = batch_norm_channels if part == "conv" else norm.batch_norm
             nodes.append(graph.node(name, op, v, Param(part, k, "gamma"), Param(part, k, "beta"), eps=bn_eps))
-            nodes.append(graph.node(f"stats_{name}", running_fn, v, State(part, k), aux=True, momentum=bn_momentum))
+            nodes.append(graph.node(f"stats_{name}", norm.running_statistics, v, State(part, k), aux=True,
+                                    momentum=bn_momentum))
             updates.append(((part, k), f"stats_{name}"))
         else:
-            nodes.append(graph.node(name, ops.batch_norm_eval, v, Param(part, k, "gamma"), Param(part, k, "beta"),
+            nodes.append(graph.node(name, batch_norm_eval, v, Param(part, k, "gamma"), Param(part, k, "beta"),
                                     State(part, k, "mean"), State(part, k, "var"), eps=bn_eps))
         return name
 
@@ -160,7 +160,7 @@ def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, 
         i = k + 1
         nodes.append(graph.node(f"conv{i}", conv2d, Param("conv", k, "W"), Param("conv", k, "b"), prev,
                                 padding=arch.padding))
-        a = normalise(f"bn{i}", f"conv{i}", "conv", k, _channel_statistics) if "gamma" in layer else f"conv{i}"
+        a = normalise(f"bn{i}", f"conv{i}", "conv", k) if "gamma" in layer else f"conv{i}"
         nodes.append(graph.node(f"relu{i}", relu, a))
         nodes.append(graph.node(f"pool{i}", max_pool, f"relu{i}", window=arch.pool))
         prev = f"pool{i}"
@@ -176,7 +176,7 @@ def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, 
         prev = f"a{i}"
         if k < last:
             if "gamma" in layer:
-                prev = normalise(f"bn_d{i}", prev, "dense", k, ops.running_statistics)
+                prev = normalise(f"bn_d{i}", prev, "dense", k)
             nodes.append(graph.node(f"h{i}", relu, prev))
             prev = f"h{i}"
     return graph.make(nodes, prev, updates)
@@ -217,43 +217,4 @@ def shift_augment(key, x, max_shift=2):
     return jax.vmap(lambda img, s: lax.dynamic_slice(img, (s[0], s[1], 0), (H, W, C)))(padded, shifts)
 
 
-AUGMENT_KEY = 1 << 20       # fold_in tag of the augmentation key (dropout masks use tags 0, 1, ...)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config(training.Config):
-    """``train.Config`` for a LeNet: what ``train.make_step`` / ``make_epoch`` / ``train`` run.
-
-    Uses ``loss``, ``l2``, ``dropout`` and ``bn_momentum`` of ``train.Config``; ``arch`` is the
-    network and ``augment`` the largest random shift (pixels) applied to each training image
-    (``shift_augment`` keyed by the step's key; 0 = none).  Both grad modes: "autodiff"
-    (``jax.grad`` through the rules) and "backprop" (the explicit walker on ``network``).
-    """
-    arch: LeNet = LeNet()
-    augment: int = 0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
-            raise ValueError(f"fnbp.cnn.Config: augment must be an int >= 0 (pixels), got {self.augment!r}")
-
-    def check_params(self, params, x=None):
-        """Raise a named ValueError when ``params`` or an input ``x`` do not fit ``arch``."""
-        if not isinstance(params, dict) or set(params) != {"conv", "dense"}:
-            raise ValueError(f"fnbp.train: a LeNet's params must be a dict with 'conv' and 'dense' "
-                             f"(fnbp.cnn.init), got {type(params).__name__}")
-        if x is not None:
-            _check_input(self.arch, x, "fnbp.train")
-
-    def init_state(self, params):
-        """Fresh running batch-norm statistics (``fnbp.cnn.init_state``)."""
-        return init_state(params)
-
-    def layers(self, params):
-        """Conv then dense layer dicts, the output layer last."""
-        return list(params["conv"]) + list(params["dense"])
-
-    def network(self, params, *, train):
-        """The LeNet as a ``fnbp.graph.Graph`` (``fnbp.cnn.network`` with this configuration)."""
-        return network(params, arch=self.arch, train=train, dropout=self.dropout if train else 0.0,
-                       bn_momentum=self.bn_momentum, augment=self.augment if train else 0)
+AUGMENT_KEY = keys.AUGMENT  # fold_in tag of the augmentation key (``fnbp.keys``)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from . import extensions
 from .rules import out_sharding, rule
 
 __all__ = ["conv2d", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im", "check_conv_shapes",
@@ -192,6 +193,25 @@ def _rows_like(like_W):
 
 
 conv2d = rule(_conv2d_fwd, _conv2d_bwd, name="conv2d", check=check_conv_shapes)
+
+
+def _conv2d_rows(args, options, delta):
+    """Per-example rows of a conv node: example n's patches P_n (S, kh kw C_in) over its S = H_out W_out
+    positions (``im2col``, ordered (i, j, c)) and its delta_n (S, C_out), so grad_W E_n = delta_n^T P_n."""
+    W, _, h_prev = args
+    C_out, _, kh, kw = W.shape
+    B = h_prev.shape[0]
+    cols = im2col(h_prev, kh, kw, stride=options["stride"], padding=options["padding"])
+    return extensions.Rows(cols.reshape(B, -1, cols.shape[-1]), delta.reshape(B, -1, C_out))
+
+
+def conv_W(mat, W_shape):
+    """(..., C_out, kh kw C_in) with columns ordered (i, j, c), as ``im2col`` -> (..., C_out, C_in, kh, kw)."""
+    C_out, C_in, kh, kw = W_shape
+    return jnp.moveaxis(mat.reshape(mat.shape[:-1] + (kh, kw, C_in)), -1, -3)
+
+
+extensions.register(conv2d, view=_conv2d_rows, to_W=conv_W)
 
 
 def _conv2d_naive_fwd(W, b, h_prev, *, stride=1, padding="SAME"):

@@ -13,7 +13,8 @@ is delta_n h_n^T, the clipped sum is ONE weighted GEMM, the same product as the 
     sum_n c_n delta_{k,n} h_{k-1,n}^T = delta_k^T diag(c) H_{k-1}     (``dense_backward`` on c (.) delta)
     sum_n c_n delta_{k,n}             = delta_k^T c
 
-For a CNN (``arch=``: a ``fnbp.cnn.LeNet`` or a ``fnbp.graph.Graph``) a conv layer's example-n gradient
+For any model (``model=``, an ``fnbp.nn`` model whose parametrised nodes have per-example extensions: dense,
+conv2d; ``fnbp.per_example``) the same holds per node.  A conv layer's example-n gradient
 is delta_n^T P_n (delta (B, S, C_out) over the S = H_out W_out positions, patches P (B, S, K)), its norm
 from the Gram matrices over positions or the per-example matrix (``method=``, see ``fnbp.per_example``),
 and the clipped sum is still ONE GEMM per layer, over the B S rows:
@@ -33,102 +34,124 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import activations, losses
-from .layers import dense_backward
-from .per_example import layer_passes, norms_from_passes
+from . import activations, keys, losses
+from .per_example import METHODS, as_params_tree, rows_clipped_sum, rows_norms, walk
 
-__all__ = ["clipped_grad_sum", "loss_and_clipped_grad_sum", "private_grad", "gaussian_noise", "GaussianNoiseState",
-           "add_noise", "gaussian", "epsilon"]
-
-
-def _check_clip(name, clip, noise_multiplier=None):
-    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0 or not math.isfinite(clip):
-        raise ValueError(f"{name}: clip must be a positive finite number (the L2 norm bound C), got {clip!r}")
-    if noise_multiplier is not None and (not isinstance(noise_multiplier, (int, float)) or
-                                         isinstance(noise_multiplier, bool) or not noise_multiplier >= 0 or
-                                         not math.isfinite(noise_multiplier)):
-        raise ValueError(f"{name}: noise_multiplier must be a finite number >= 0 (sigma: noise std = sigma C), "
-                         f"got {noise_multiplier!r}")
+__all__ = ["clipped_grad_sum", "loss_and_clipped_grad_sum", "clipped_objective", "private_grad", "gaussian_noise",
+           "GaussianNoiseState", "add_noise", "gaussian", "noise_std", "clip_factors", "epsilon"]
 
 
-def clipped_grad_sum(params, x, d, *, clip, activation=activations.relu, output=activations.identity,
-                     loss=losses.half_sse, dropout=0.0, key=None, arch=None, method="auto"):
-    """(sum_n c_n grad_theta E_n, norms): the clipped sum of the per-example gradients (params' structure)
-    and the per-example norms ||grad_theta E_n|| before clipping, (B,).
+def _number(name, what, v, *, positive):
+    """v as a float (anything float() takes: numpy and JAX scalars too), else a named error."""
+    try:
+        if isinstance(v, bool) or v is None:
+            raise TypeError
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {what} must be a number, got {v!r}") from None
+    if not math.isfinite(f) or (f <= 0 if positive else f < 0):
+        raise ValueError(f"{name}: {what} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+    return f
 
-    One forward, one backward (reduction='sum', so delta_n is example n's own), then per dense layer
-    grad_W = delta^T diag(c) H and grad_b = delta^T c through ``dense_backward`` -- no per-example gradient
-    is formed.  Arguments as ``fnbp.per_example.grads``; clip: C > 0.
 
-    ``arch`` (a ``fnbp.cnn.LeNet`` or a ``fnbp.graph.Graph``, see ``fnbp.per_example.grads``): a conv layer's
-    clipped sum is (c (.) delta)^T P, one GEMM over the B H_out W_out rows of delta and of the patches P;
-    the norms by ``method`` ("auto", "gram", "direct": ``fnbp.per_example.batch_l2``).
-    """
-    _, sums, norms = loss_and_clipped_grad_sum(params, x, d, clip=clip, activation=activation, output=output,
-                                               loss=loss, dropout=dropout, key=key, arch=arch, method=method,
-                                               name="fnbp.dp.clipped_grad_sum")
+def _check_clip(name, clip, noise_multiplier=False):
+    """C as a float > 0 (and sigma >= 0 unless ``noise_multiplier`` is False: not asked for)."""
+    clip = _number(name, "clip (the L2 norm bound C)", clip, positive=True)
+    if noise_multiplier is False:
+        return clip, None
+    return clip, _number(name, "noise_multiplier (sigma: noise std = sigma C)", noise_multiplier, positive=False)
+
+
+def clip_factors(norms, clip):
+    """c_n = min(1, C / ||g_n||) = 1 / max(1, ||g_n|| / C): 1 for a zero gradient."""
+    return 1.0 / jnp.maximum(1.0, norms / clip)
+
+
+def noise_std(clip, noise_multiplier, scale=1.0):
+    """The standard deviation of DP-SGD's noise on a gradient reduced by ``scale`` (1/B for the mean over the
+    batch, 1 for the sum): sigma C scale -- fnbp's one formula for it."""
+    return noise_multiplier * clip * scale
+
+
+def loss_and_clipped_grad_sum(params, x, d, *, clip, model=None, loss=losses.half_sse, key=None, method="auto",
+                              activation=activations.relu, output=activations.identity, dropout=0.0, arch=None,
+                              name="fnbp.dp.loss_and_clipped_grad_sum"):
+    """(E, clipped sum, norms): E = sum_n E_n, the sum of the per-example gradients each clipped to norm C
+    (params' structure), and the per-example norms before clipping, (B,).
+
+    One forward, one backward (reduction='sum', so delta_n is example n's own); per parametrised node the
+    norms come from (P, delta) (``fnbp.per_example``: ghost/Gram or direct, ``method``) and the clipped sum is
+    the ordinary weight-gradient GEMM on the reweighted rows, (c (.) delta)^T P: no second backward and no
+    per-example gradient.  Arguments as ``fnbp.per_example.grads``; clip: C > 0."""
+    clip, _ = _check_clip(name, clip)
+    if method not in METHODS:
+        raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+    E, rows, _ = walk(params, x, d, model=model, loss=loss, key=key, arch=arch, activation=activation,
+                      output=output, dropout=dropout, name=name)
+    norms = rows_norms(rows, method)
+    c = clip_factors(norms, clip)
+    sums = as_params_tree(params, rows, [rows_clipped_sum(r, c) for r in rows], jnp.zeros_like)
+    return E, sums, norms
+
+
+def clipped_grad_sum(params, x, d, *, clip, model=None, loss=losses.half_sse, key=None, method="auto",
+                     activation=activations.relu, output=activations.identity, dropout=0.0, arch=None):
+    """(sum_n c_n grad_theta E_n, norms): ``loss_and_clipped_grad_sum`` without E."""
+    _, sums, norms = loss_and_clipped_grad_sum(params, x, d, clip=clip, model=model, loss=loss, key=key,
+                                               method=method, activation=activation, output=output, dropout=dropout,
+                                               arch=arch, name="fnbp.dp.clipped_grad_sum")
     return sums, norms
 
 
-def loss_and_clipped_grad_sum(params, x, d, *, clip, activation=activations.relu, output=activations.identity,
-                              loss=losses.half_sse, dropout=0.0, key=None, arch=None, method="auto",
-                              name="fnbp.dp.loss_and_clipped_grad_sum"):
-    """(E, clipped sum, norms): ``clipped_grad_sum`` plus E = sum_n E_n, the batch's summed loss."""
-    _check_clip(name, clip)
-    if arch is not None or method != "auto":
-        return _network_clipped_sum(params, x, d, clip, activation, output, loss, dropout, key, arch, method, name)
-    E, passes = layer_passes(params, x, d, activation=activation, output=output, loss=loss, dropout=dropout,
-                             key=key, name=name)
-    norms = norms_from_passes(passes)
-    c = 1.0 / jnp.maximum(1.0, norms / clip)                 # c_n = min(1, C / ||g_n||); 1 for a zero gradient
-    sums = []
-    for layer, p in zip(params, passes):
-        weighted_delta = p.delta * c[:, None].astype(p.delta.dtype)          # diag(c) delta
-        grad_W, grad_b, _ = dense_backward((layer["W"], p.h_prev), weighted_delta)   # delta^T diag(c) H
-        sums.append({"W": grad_W, "b": grad_b})
-    return E, sums, norms
+def clipped_objective(params, x, d, *, clip, model=None, loss=losses.softmax_cross_entropy, l2=0.0, key=None,
+                      method="auto", name="fnbp.dp.clipped_objective"):
+    """(J, g, norms): the training objective J = reduce_n E_n + l2 Omega and its DP-SGD gradient before noise,
+    g = s sum_n c_n grad E_n + l2 grad Omega, with s = 1/B when the loss reduces by the mean (1 for 'sum'): the
+    examples' part clipped, the L2 penalty (one node of the same walk) added once, unclipped.  What
+    ``fnbp.train`` runs for ``dp_clip > 0``; the noise is then ``gaussian(g, key, noise_std(C, sigma, s))``."""
+    clip, _ = _check_clip(name, clip)
+    spec = losses.loss_spec(loss, name=name)
+    E, rows, penalty = walk(params, x, d, model=model, loss=spec, l2=l2, key=key, name=name)
+    norms = rows_norms(rows, method)
+    sums = as_params_tree(params, rows, [rows_clipped_sum(r, clip_factors(norms, clip)) for r in rows],
+                          jnp.zeros_like)
+    scale = example_scale(spec, jnp.shape(x)[0])
+    if penalty is None:
+        return E * scale, jax.tree_util.tree_map(lambda g: g * scale, sums), norms
+    E_penalty, grad_penalty = penalty
+    J = (E - E_penalty) * scale + E_penalty
+    return J, jax.tree_util.tree_map(lambda g, p: g * scale + p, sums, grad_penalty), norms
 
 
-def _network_clipped_sum(params, x, d, clip, activation, output, loss, dropout, key, arch, method, name):
-    """The clipped sum for a network given by ``arch`` (conv and dense layers, ``fnbp.per_example_conv``)."""
-    from . import per_example_conv as pc
-    if method not in pc.METHODS:
-        raise ValueError(f"{name}: method must be one of {pc.METHODS}, got {method!r}")
-    if arch is None:
-        raise ValueError(f"{name}: method={method!r} chooses the Gram or direct form for a network given by arch=; "
-                         "an MLP's dense layers always use ||delta_n||^2 ||h_n||^2")
-    E, passes = pc.network_passes(params, x, d, arch=arch, activation=activation, output=output, loss=loss,
-                                  dropout=dropout, key=key, name=name)
-    norms = pc.patch_norms(passes, method)
-    c = 1.0 / jnp.maximum(1.0, norms / clip)                 # c_n = min(1, C / ||g_n||)
-    sums = pc.as_params_tree(params, passes, [pc.patch_clipped_sum(p, c) for p in passes], jnp.zeros_like)
-    return E, sums, norms
+def example_scale(spec, batch_size):
+    """s: how the loss combines the examples' own losses, 1/B for reduction='mean', 1 for 'sum'."""
+    return 1.0 / batch_size if spec.reduction == "mean" else 1.0
 
 
 def gaussian(tree, key, std):
-    """tree + N(0, std^2 I), one normal draw per leaf from fold_in(key, leaf index)."""
+    """tree + N(0, std^2 I), one normal draw per leaf from ``fnbp.keys.leaf(key, leaf index)``."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    noised = [g + std * jax.random.normal(jax.random.fold_in(key, i), jnp.shape(g), jnp.result_type(g))
+    noised = [g + std * jax.random.normal(keys.leaf(key, i), jnp.shape(g), jnp.result_type(g))
               for i, g in enumerate(leaves)]
     return jax.tree_util.tree_unflatten(treedef, noised)
 
 
 def add_noise(clipped_sum, key, *, clip, noise_multiplier, batch_size):
-    """(clipped_sum + N(0, sigma^2 C^2 I)) / batch_size (noise from ``gaussian(., key, sigma C)``)."""
-    return jax.tree_util.tree_map(lambda g: g / batch_size, gaussian(clipped_sum, key, noise_multiplier * clip))
+    """(clipped_sum + N(0, sigma^2 C^2 I)) / batch_size (noise from ``gaussian(., key, noise_std(C, sigma))``)."""
+    clip, noise_multiplier = _check_clip("fnbp.dp.add_noise", clip, noise_multiplier)
+    return jax.tree_util.tree_map(lambda g: g / batch_size,
+                                  gaussian(clipped_sum, key, noise_std(clip, noise_multiplier)))
 
 
-def private_grad(params, x, d, key, *, clip, noise_multiplier, activation=activations.relu,
-                 output=activations.identity, loss=losses.half_sse, dropout=0.0, dropout_key=None, arch=None,
-                 method="auto"):
-    """(g_tilde, norms): the DP-SGD gradient 1/B (sum_n c_n grad E_n + N(0, sigma^2 C^2 I)) and the
-    per-example norms before clipping.  ``key`` draws the noise (same key, same noise); B = x.shape[0]
-    (the expected batch size of Abadi et al.'s lot).  Feed g_tilde to any optimizer (``fnbp.optim``, optax).
-    ``arch``/``method``: a CNN, as in ``clipped_grad_sum``."""
-    _check_clip("fnbp.dp.private_grad", clip, noise_multiplier)
-    _, sums, norms = loss_and_clipped_grad_sum(params, x, d, clip=clip, activation=activation, output=output,
-                                               loss=loss, dropout=dropout, key=dropout_key, arch=arch, method=method,
-                                               name="fnbp.dp.private_grad")
+def private_grad(params, x, d, key, *, clip, noise_multiplier, model=None, loss=losses.half_sse, dropout_key=None,
+                 method="auto", activation=activations.relu, output=activations.identity, dropout=0.0, arch=None):
+    """(g_tilde, norms): the DP-SGD gradient 1/B (sum_n c_n grad E_n + N(0, sigma^2 C^2 I)) and the per-example
+    norms before clipping.  ``key`` draws the noise (same key, same noise); B = x.shape[0] (the expected batch
+    size of Abadi et al.'s lot).  Feed g_tilde to any optimizer (``fnbp.optim``, optax)."""
+    clip, noise_multiplier = _check_clip("fnbp.dp.private_grad", clip, noise_multiplier)
+    _, sums, norms = loss_and_clipped_grad_sum(params, x, d, clip=clip, model=model, loss=loss, key=dropout_key,
+                                               method=method, activation=activation, output=output, dropout=dropout,
+                                               arch=arch, name="fnbp.dp.private_grad")
     return add_noise(sums, key, clip=clip, noise_multiplier=noise_multiplier, batch_size=jnp.shape(x)[0]), norms
 
 
@@ -143,7 +166,7 @@ def gaussian_noise(clip, noise_multiplier, batch_size, key) -> optax.GradientTra
     update: g_tilde = (updates + N(0, sigma^2 C^2 I)) / batch_size, noise from fold_in(key, step).
     Chain it before an optimizer: ``optax.chain(fnbp.dp.gaussian_noise(C, sigma, B, key), fnbp.optim.sgd(lr))``.
     """
-    _check_clip("fnbp.dp.gaussian_noise", clip, noise_multiplier)
+    clip, noise_multiplier = _check_clip("fnbp.dp.gaussian_noise", clip, noise_multiplier)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fnbp.dp.gaussian_noise: batch_size must be a positive integer, got {batch_size!r}")
 

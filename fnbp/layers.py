@@ -14,9 +14,10 @@ through this matrix-form rule.
 import jax.numpy as jnp
 from jax import lax
 
+from . import extensions
 from .rules import out_sharding, rule
 
-__all__ = ["dense", "dense_forward", "dense_backward", "check_dense_shapes", "NARROW_GRAD_W"]
+__all__ = ["dense", "dense_forward", "dense_backward", "weight_gradient", "check_dense_shapes", "NARROW_GRAD_W"]
 
 
 def check_dense_shapes(W, b, h, name="fnbp.dense"):
@@ -67,6 +68,17 @@ def dense_forward(W, b, h_prev):
     return a, (W, h_prev)
 
 
+def weight_gradient(delta2, h2, like_W=None):
+    """delta^T H for delta2 (B, n_out) and h2 (B, n_in): one GEMM contracting the batch axis, laid out as
+    ``NARROW_GRAD_W`` says (also the clipped sum of DP-SGD, ``fnbp.per_example``, on c (.) delta)."""
+    if delta2.shape[0] > 1 and delta2.shape[1] <= NARROW_GRAD_W:
+        # delta^T as its own (n_out, B) array; the barrier keeps XLA from folding the
+        # transpose back into the dot's dimension numbers.
+        delta_t = lax.optimization_barrier(jnp.transpose(delta2))
+        return lax.dot_general(delta_t, h2, (((1,), (0,)), ((), ())), out_sharding=like_W)
+    return lax.dot_general(delta2, h2, (((0,), (0,)), ((), ())), out_sharding=like_W)
+
+
 def dense_backward(residuals, delta):
     """Backward of a = W h + b, given delta = grad_a E of shape (..., n_out).
 
@@ -92,13 +104,7 @@ def dense_backward(residuals, delta):
     # On a mesh with Explicit axes both products contract a possibly sharded axis (the
     # batch; n_out under tensor parallelism): ask for the primal's sharding (None otherwise).
     like_W, like_h = out_sharding(W), out_sharding(h_prev)
-    if delta2.shape[0] > 1 and n_out <= NARROW_GRAD_W:
-        # delta^T as its own (n_out, B) array; the barrier keeps XLA from folding the
-        # transpose back into the dot's dimension numbers.
-        delta_t = lax.optimization_barrier(jnp.transpose(delta2))
-        grad_W = lax.dot_general(delta_t, h2, (((1,), (0,)), ((), ())), out_sharding=like_W)   # delta^T H
-    else:
-        grad_W = lax.dot_general(delta2, h2, (((0,), (0,)), ((), ())), out_sharding=like_W)   # delta^T H
+    grad_W = weight_gradient(delta2, h2, like_W)                                        # delta^T H
     grad_b = jnp.sum(delta2, axis=0)
     grad_h = lax.dot_general(delta, W, (((delta.ndim - 1,), (0,)), ((), ())),               # W^T delta
                              out_sharding=like_h)
@@ -106,3 +112,15 @@ def dense_backward(residuals, delta):
 
 
 dense = rule(dense_forward, dense_backward, name="dense", check=check_dense_shapes)
+
+
+def _dense_rows(args, options, delta):
+    """Per-example rows of a dense node: example n's input h_{k-1,n} and delta_{k,n} at each of its S
+    positions (S = 1 for h of shape (B, n_in); S = T for a sequence (B, T, n_in)), so that
+    grad_W E_n = delta_n^T H_n = sum_p delta_{n,p} h_{n,p}^T and grad_b E_n = sum_p delta_{n,p}."""
+    W, _, h_prev = args
+    B = h_prev.shape[0]
+    return extensions.Rows(h_prev.reshape(B, -1, W.shape[1]), delta.reshape(B, -1, W.shape[0]))
+
+
+extensions.register(dense, view=_dense_rows)

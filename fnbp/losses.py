@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import extensions
 from .rules import rule
 
 __all__ = ["half_sse", "sse", "mse", "mae", "cross_entropy", "softmax_cross_entropy", "l2_penalty",
@@ -270,6 +271,7 @@ def _l2_penalty_bwd(res, g):
 
 
 l2_penalty = rule(_l2_penalty_fwd, _l2_penalty_bwd)
+extensions.register_batch_level(l2_penalty)       # lambda Omega(theta): no example in it
 
 
 LOSSES = {"half_sse": half_sse, "sse": sse, "mse": mse, "mae": mae, "cross_entropy": cross_entropy,
@@ -297,7 +299,10 @@ class LossSpec(NamedTuple):
 def loss_spec(loss, *, name="fnbp"):
     """Parse a loss spec -- one of ``fnbp.losses``, ``functools.partial(loss, reduction='sum')``,
     a student's ``fnbp.rule`` loss or any plain function ``L(y, d) -> scalar`` -- into a ``LossSpec``.
-    Raises ValueError (naming ``name``) for the L2 penalty and for an unknown reduction."""
+    Raises ValueError (naming ``name``) for the L2 penalty and for an unknown reduction.  A ``LossSpec`` is
+    returned as it is (a spec is parsed once, where a step is built, and passed down)."""
+    if isinstance(loss, LossSpec):
+        return loss
     fn, keywords = (loss.func, dict(loss.keywords)) if isinstance(loss, functools.partial) else (loss, {})
     if fn is l2_penalty:
         raise ValueError(f"{name}: the loss is the L2 penalty; the L2 penalty goes in the l2= argument")

@@ -10,8 +10,10 @@ A network of L layers is a list of dicts ``{"W": (n_out, n_in), "b": (n_out,)}``
 it with ``fnbp.graph.apply`` (``jax.grad`` through them runs our rules), ``backprop``
 with the explicit walker ``fnbp.graph.forward``/``backward`` -- one walker, two ways.
 """
+import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ from . import activations, graph, losses, norm, ops, regularization
 from .graph import Const, Input, Param, State
 from .layers import dense
 
-__all__ = ["init", "init_state", "apply", "apply_stateful", "backprop", "network", "num_params",
+__all__ = ["Network", "init", "init_state", "apply", "apply_stateful", "backprop", "network", "num_params",
            "layer_activations", "check_params", "INITS"]
 
 INITS = ("uniform", "glorot", "he")
@@ -204,6 +206,37 @@ def network(params, *, activation=activations.relu, output=activations.identity,
     return graph.make(nodes, prev, updates)
 
 
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """The MLP of ``network``'s options as a model (``graph``, ``init_state``, ``check_params``), for
+    ``fnbp.train`` without ``model=``: the parameters are ``init``'s list of dicts."""
+    activation: Callable = activations.relu
+    output: Callable = activations.identity
+    dropout: float = 0.0
+    bn_position: str = "before"
+    bn_momentum: float = 0.1
+
+    def graph(self, params, *, train=False, running=True):
+        return network(params, activation=self.activation, output=self.output, train=train,
+                       dropout=self.dropout if train else 0.0, bn_position=self.bn_position,
+                       bn_momentum=self.bn_momentum, running=running, who="fnbp.train")
+
+    def init_state(self, params):
+        return init_state(params)
+
+    def check_params(self, params, x=None, name="fnbp.mlp"):
+        check_params(params, x, name=name)
+
+    def describe(self):
+        return {"mlp": {"activation": _describe_fn(self.activation), "output": _describe_fn(self.output),
+                        "dropout": self.dropout, "bn_position": self.bn_position, "bn_momentum": self.bn_momentum}}
+
+
+def _describe_fn(fn):
+    base = fn.func if isinstance(fn, functools.partial) else fn
+    return f"{getattr(base, '__module__', '?')}:{getattr(base, '__qualname__', repr(base))}"
+
+
 def apply(params, x, *, activation=activations.relu, output=activations.identity):
     """Forward pass y = h_L of the network (custom_vjp layers, so ``jax.grad`` runs our rules).
 
@@ -275,8 +308,8 @@ def has_l2(l2):
     return not (isinstance(l2, (int, float)) and l2 == 0)
 
 
-def backprop(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-             l2=0.0, dropout=0.0, key=None, bn_position="before", trace=False):
+def backprop(params, x, d, *, model=None, activation=activations.relu, output=activations.identity,
+             loss=losses.half_sse, l2=0.0, dropout=0.0, key=None, bn_position="before", state=None, trace=False):
     """E and its gradient w.r.t. every parameter, by the notes' explicit algorithm (``fnbp.graph``).
 
     Forward (each node's rule.fwd, storing its residuals):
@@ -291,29 +324,46 @@ def backprop(params, x, d, *, activation=activations.relu, output=activations.id
         plus l2 * W_k for the L2 penalty, and grad_alpha for learnable PReLU slopes.
 
     Args:
-      params: list of ``{"W", "b"}`` dicts (``"alpha"`` for PReLU layers, ``"gamma"``/
-        ``"beta"`` for batch norm, normalising with the batch's statistics).
-      x: one example (n_0,) or a mini-batch (batch, n_0).
+      params: ``model.init``'s params; without ``model``, a list of ``{"W", "b"}`` dicts (``"alpha"`` for PReLU
+        layers, ``"gamma"``/``"beta"`` for batch norm, normalising with the batch's statistics).
+      x: a mini-batch (batch, ...) (one example (n_0,) for the MLP too).
       d: the target: same shape as y for regression losses and ``cross_entropy``,
         integer labels for ``softmax_cross_entropy``.
-      activation, output: as in ``apply``; each needs a hand-written rule (``fnbp.rule``).
+      model: any ``fnbp.nn`` model (``fnbp.nn.serial(...)``): its graph in training mode (batch norm with the
+        batch's statistics, dropout from ``key``).  Without it, the MLP of ``activation``/``output``
+        (as ``fnbp.mlp.apply``; each needs a hand-written rule) with ``dropout`` between hidden layers.
       loss: a loss with a rule (any of ``fnbp.losses`` but l2_penalty, or your own),
         optionally a ``functools.partial`` with ``reduction='sum'``.
       l2: lambda of the L2 penalty lambda * 1/2 sum_k ||W_k||^2 (weights only).
-      dropout, key: drop probability between hidden layers and the key of the masks
-        (``fold_in(key, k)`` for layer k: the masks of ``apply_stateful``).
-      trace: also return a ``fnbp.graph.Trace``: per node ("a1", "h1", ..., "E") its
-        inputs, output, grad_output (delta_k for "a{k}") and grad_inputs, and the grad_table.
+      key: the dropout masks' key (``fnbp.keys.dropout(key, k)`` for the k-th dropout layer).
+      state: the model's running statistics: given, they are updated (batch norm) and returned.
+      trace: also return a ``fnbp.graph.Trace``: per node its inputs, output, grad_output (delta_k for a dense
+        node) and grad_inputs, and the grad_table.
 
-    Returns ``(E, grads)`` with ``grads`` structured like ``params`` (``(E, grads, trace)``).
+    Returns ``(E, grads)`` with ``grads`` structured like ``params``; ``(E, grads, new_state)`` when ``state`` is
+    given; a ``Trace`` last when ``trace``.
     """
     who = "fnbp.backprop"
-    check_params(params, x, name=who)
-    if dropout and key is None:
-        raise ValueError(f"{who}: dropout needs an explicit jax.random key (key=)")
     spec = losses.loss_spec(loss, name=who)
-    net = graph.objective(network(params, activation=activation, output=output, train=True, dropout=dropout,
-                                  bn_position=bn_position, running=False, who=who), spec, l2=has_l2(l2))
-    E, tape = graph.forward(net, params, {"x": x, "d": d, "key": key, "l2": l2}, who=who)
+    if model is not None:
+        if activation is not activations.relu or output is not activations.identity or dropout or \
+                bn_position != "before":
+            raise ValueError(f"{who}: activation=, output=, dropout= and bn_position= describe the MLP used without "
+                             f"model=; the model carries its own layers")
+        if not hasattr(model, "graph"):
+            raise TypeError(f"{who}: model must be an fnbp.nn model (fnbp.nn.serial(...)), got {type(model).__name__}")
+        model.check_params(params, x, name=who)
+        net = model.graph(params, train=True, running=state is not None)
+    else:
+        check_params(params, x, name=who)
+        if state is not None:
+            raise ValueError(f"{who}: state= needs a model= with running statistics (fnbp.nn.BatchNorm)")
+        net = network(params, activation=activation, output=output, train=True, dropout=dropout,
+                      bn_position=bn_position, running=False, who=who)
+    if key is None and any(n.aux and n.op is jax.random.fold_in for n in net.nodes):
+        raise ValueError(f"{who}: dropout needs an explicit jax.random key (key=)")
+    net = graph.objective(net, spec, l2=has_l2(l2))
+    E, tape = graph.forward(net, params, {"x": x, "d": d, "key": key, "l2": l2}, state, who=who)
     grads = graph.backward(tape, who=who)
-    return (E, grads.params, graph.trace(tape, grads)) if trace else (E, grads.params)
+    out = (E, grads.params) + ((tape.new_state,) if state is not None else ())
+    return out + (graph.trace(tape, grads),) if trace else out

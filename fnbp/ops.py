@@ -75,9 +75,5 @@ batch_norm_eval = rule(_batch_norm_eval_fwd, _batch_norm_eval_bwd)
 
 
 def running_statistics(x, running, *, momentum=0.1, unbiased_running_var=True):
-    """Batch norm's new running statistics from the batch x (B, n): the update of
-    ``fnbp.norm.batch_norm_train`` (PyTorch's convention, the formula kept there), without a
-    gradient.  Under jit the normalised output it also computes is dropped as unused."""
-    ones = jnp.ones(jnp.shape(x)[-1:], jnp.result_type(x))
-    return norm.batch_norm_train(x, ones, jnp.zeros_like(ones), running, momentum=momentum,
-                                 unbiased_running_var=unbiased_running_var)[1]
+    """``fnbp.norm.running_statistics`` (kept here for graphs built with the earlier name)."""
+    return norm.running_statistics(x, running, momentum=momentum, unbiased_running_var=unbiased_running_var)

@@ -1,266 +1,330 @@
-"""Per-example quantities from ONE backward pass of the explicit rules (BackPACK's first-order extensions).
+"""Per-example quantities from ONE backward pass of the explicit rules, for any model (BackPACK's first order).
 
-For a mini-batch of B examples with the loss summed over the batch (reduction='sum'),
-the backward pass gives every example its own row delta_{k,n} = grad_{a_{k,n}} E_n of
-layer k, and the forward its own input h_{k-1,n}.  Example n's gradient of its OWN loss
-E_n = L(y_n; d_n) for a dense layer is one outer product (one position):
+For a mini-batch of B examples with the loss summed over the batch (reduction='sum'), the walker's backward
+pass gives every parametrised node the cotangent delta = grad_a E whose rows are each example's own, and the
+forward its inputs.  Each rule with weights registers a view of them (``fnbp.extensions``, beside the rule):
+example n's inputs P_n (S, K) at the S positions where its W acts and its delta_n (S, C_out), so that
 
-    grad_{W_k} E_n = delta_{k,n} h_{k-1,n}^T          (n_out x n_in)
-    grad_{b_k} E_n = delta_{k,n}
+    grad_W E_n = delta_n^T P_n = sum_p delta_{n,p} P_{n,p}^T,      grad_b E_n = sum_p delta_{n,p}
 
-so every per-example quantity below is a cheap function of (delta_k, h_{k-1}), shapes
-(B, n_out) and (B, n_in):
+(dense: S = 1, P_n = h_{k-1,n}^T, so grad_W E_n = delta_n h_n^T; a dense layer on a sequence: S = T; conv2d: the
+S = H_out W_out output pixels, P_n the im2col patches).  Every quantity below is written once over (P, delta):
 
-    grads            delta_{k,n} h_{k-1,n}^T stacked: (B, n_out, n_in)  (BackPACK BatchGrad; this one is big)
-    batch_l2         ||grad_{W_k} E_n||^2 = ||delta_{k,n}||^2 ||h_{k-1,n}||^2,
-                     ||grad_{b_k} E_n||^2 = ||delta_{k,n}||^2   (B,) per leaf, NO outer product (BatchL2Grad)
-    grad_norms       sqrt(sum over every leaf of batch_l2): (B,)
-    sum_grad_squared sum_n (grad E_n)^2 elementwise = (delta_k^2)^T (H_{k-1}^2): one GEMM (SumGradSquared)
+    grads            delta_n^T P_n stacked, (B,) + W's shape           (BackPACK BatchGrad; this one is big)
+    batch_l2         ||grad_W E_n||^2 per leaf, (B,), without forming it when cheaper:
+                       "gram":   sum of (delta_n delta_n^T) (.) (P_n P_n^T)   (S x S; = ||delta_n||^2 ||h_n||^2
+                                 for S = 1, the ghost norm)
+                       "direct": ||delta_n^T P_n||_F^2 from one batched GEMM
+                     "auto" takes "gram" iff 2 S^2 <= C_out K (Bu et al.'s mixed ghost norm rule)
+    grad_norms       sqrt of the sum of batch_l2 over every leaf, (B,)
+    sum_grad_squared sum_n (grad E_n)^2 entrywise: (delta^2)^T (P^2), one GEMM, when S = 1; else squared
+                     per-example matrices (positions mix)
     variance         1/B sum_n (grad E_n - g_bar)^2 = SGS / B - g_bar^2, g_bar = 1/B sum_n grad E_n
-                     (biased, over the B examples' own-loss gradients; BackPACK's Variance up to its
-                     1/B scaling of individual gradients under reduction='mean')
+    clipped sum      sum_n c_n grad_W E_n = (c (.) delta)^T P, ONE GEMM over the B S rows (``fnbp.dp``)
 
-Every function takes ``fnbp.backprop``'s arguments ``(params, x, d, activation=, output=, loss=)``
-with x a mini-batch (B, n_0); the loss spec's reduction is ignored (each example's own loss).
-Options: ``dropout=p, key=k`` drops hidden units with one mask per example: example n's mask in
-hidden layer k is ``jax.random.bernoulli(fold_in(split(k, B)[n], k), 1 - p, (n_k,))``, the mask
-``fnbp.mlp.apply_stateful(params, state, x[n], train=True, key=split(k, B)[n], dropout=p)`` draws.
-Batch norm couples the examples of a batch (example n's output depends on the others), so there
-is no per-example gradient: it is refused.
-
-CNNs: every function takes ``arch=`` -- a ``fnbp.cnn.LeNet`` (params from ``fnbp.cnn.init``) or any
-``fnbp.graph.Graph`` of conv2d and dense layers (stride and padding as its nodes say) -- and then
-returns params' structure ({"conv": [...], "dense": [...]} for a LeNet).  A conv layer is a dense
-layer at each of its S = H_out W_out output positions p, on example n's patch P_{n,p} (K = kh kw C_in):
-
-    grad_{W_k} E_n = sum_p delta_{n,p} P_{n,p}^T = delta_n^T P_n        (C_out x K; (B, C_out, C_in, kh, kw) stacked)
-    ||grad_{W_k} E_n||^2 = sum_{p,p'} (delta_{n,p} . delta_{n,p'}) (P_{n,p} . P_{n,p'})   ("gram", S x S per example)
-                         = ||delta_n^T P_n||_F^2                                           ("direct")
-    grad_{b_k} E_n = sum_p delta_{n,p}
-
-``method=`` ("auto", "gram", "direct") picks the norm form; "auto" takes "gram" when 2 S^2 <= C_out K
-(``fnbp.per_example_conv.norm_method``).  sum_grad_squared and variance of a conv layer square the
-per-example matrices delta_n^T P_n (positions mix, so no one-GEMM form as for dense layers).
-
-(delta_k, h_{k-1}) come from the network walker (``fnbp.graph.forward``/``backward`` on
-``fnbp.mlp.network``): node "a{k}"'s input h_{k-1} and the cotangent delta_k arriving at it.
+Every function takes ``(params, x, d, *, model=, loss=)``: ``model`` any ``fnbp.nn`` model (or a
+``fnbp.graph.Graph`` with input "x"); without it, ``fnbp.backprop``'s MLP (``activation=``, ``output=``).
+``dropout``/``key``: the model's dropout layers draw one mask per example, example n's from
+``fnbp.keys.per_example(key, B)[n]`` (the mask ``model.apply`` on x[n] alone with that key draws).
+Refused by name: batch norm (it couples the examples: no example has a gradient of its own), a node with
+parameters whose rule has no per-example extension, and weights shared by two nodes.
+``arch=`` (a ``fnbp.cnn.LeNet`` or a Graph) is the earlier spelling of ``model=`` for the functional LeNet.
 """
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from . import activations, graph, losses, mlp, regularization
-from .mlp import uses_layer_alpha, layer_activations
-from .rules import rule
+from . import activations, extensions, graph, keys, losses, mlp, regularization
+from .layers import weight_gradient
+from .rules import rule_of
 
-__all__ = ["LayerPass", "layer_passes", "dropout_per_example", "grads", "batch_l2", "grad_norms",
-           "sum_grad_squared", "variance", "squared_norms_from_passes", "norms_from_passes"]
+__all__ = ["METHODS", "LayerRows", "network", "extension_layers", "walk", "norm_method", "rows_grads", "rows_batch_l2", "rows_norms",
+           "rows_sum_grad_squared", "rows_clipped_sum", "as_params_tree", "grads", "batch_l2", "grad_norms",
+           "sum_grad_squared", "variance"]
 
-
-class LayerPass(NamedTuple):
-    """What dense layer k saw in one walk (arrays with the batch axis of x)."""
-    h_prev: Any        # h_{k-1}, the layer's input, (B, n_in)
-    delta: Any         # delta_k = grad_{a_k} E, example n's own row under reduction='sum', (B, n_out)
-    grad_W: Any        # delta_k^T H_{k-1}
-    grad_b: Any        # sum over the batch of delta_k
+METHODS = ("auto", "gram", "direct")
+"""Ways to get a layer's per-example squared norm: "auto" (``norm_method``'s rule), "gram", "direct"."""
 
 
-def _dropout_per_example_fwd(h, p, keys):
-    """Inverted dropout with one mask per example: row n of h (B, n_units) uses ``fnbp.dropout``'s
-    mask from keys[n] (keys: B keys).  Backward: grad_h_n = grad_y_n m_n / (1 - p), as ``dropout``."""
-    return jax.vmap(lambda h_n, key_n: regularization.dropout.rule.fwd(h_n, p, key_n))(h, keys)
+class LayerRows(NamedTuple):
+    """What one parametrised node saw in one walk (arrays carry the batch axis of x)."""
+    node: str            # the node's name, e.g. "0.conv2d"
+    W_path: tuple        # where its W sits in params, e.g. (0, "W")
+    b_path: Any          # where its b sits (None: no bias)
+    patches: Any         # P: (B, S, K)
+    delta: Any           # delta per position, example n's own under reduction='sum': (B, S, C_out)
+    grad_W: Any          # the batch gradient sum_n delta_n^T P_n, in W's shape
+    grad_b: Any          # its bias gradient
+    W_shape: tuple
+    to_W: Any            # (..., C_out, K) -> (..., *W_shape)
 
 
-def _dropout_per_example_bwd(res, grad_y):
-    return jax.vmap(lambda r, g_n: regularization.dropout.rule.bwd(r, g_n)[0])(res, grad_y), None, None
-
-
-dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example")
-
-
-def _fold_in_each(keys, k):
-    return jax.vmap(lambda key_n: jax.random.fold_in(key_n, k))(keys)
-
-
-def _per_example_masks(net):
-    """The MLP graph with its dropout nodes drawing one mask per example: "key{i}" folds k into each
-    example's key, "dropout{i}" is ``dropout_per_example``."""
-    nodes = []
-    for n in net.nodes:
-        if n.name.startswith("key"):
-            n = graph.node(n.name, _fold_in_each, *n.args, aux=True)
-        elif n.name.startswith("dropout"):
-            n = graph.node(n.name, dropout_per_example, *n.args)
-        nodes.append(n)
-    return graph.make(nodes, net.output, net.state_updates)
-
-
-def layer_passes(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-                 dropout=0.0, key=None, name="fnbp.per_example"):
-    """(E, passes): the summed loss and per dense layer a ``LayerPass`` (h_prev, delta, grad_W, grad_b)
-    with every example's own delta row; refuses what couples examples or has no per-example rule here."""
-    if not isinstance(params, (list, tuple)) or not params:
-        raise ValueError(f"{name}: params must be a non-empty list of {{'W', 'b'}} dicts, got {type(params).__name__}")
-    if any(isinstance(layer, dict) and ("gamma" in layer or "beta" in layer) for layer in params):
-        raise ValueError(f"{name}: batch norm couples the examples of a batch (each example's normalised value "
-                         "depends on the batch mean and variance), so an example has no gradient of its own; "
-                         "use a network without batch-norm parameters (gamma, beta)")
+def network(params, x, *, model=None, arch=None, activation=activations.relu, output=activations.identity,
+            dropout=0.0, name="fnbp.per_example"):
+    """The graph the quantities walk, in training mode: ``model``'s, ``arch``'s, or the MLP's."""
+    if model is not None and arch is not None:
+        raise ValueError(f"{name}: give model= or arch=, not both")
+    legacy = activation is not activations.relu or output is not activations.identity or dropout
+    if model is not None or arch is not None:
+        if legacy:
+            raise ValueError(f"{name}: activation=, output= and dropout= describe the MLP used without a model; a "
+                             f"model carries its own (got activation={activation!r}, output={output!r}, "
+                             f"dropout={dropout!r})")
+        if isinstance(model or arch, graph.Graph):
+            return model or arch
+        if model is not None:
+            if not hasattr(model, "graph"):
+                raise TypeError(f"{name}: model must be an fnbp.nn model (fnbp.nn.serial(...)) or a fnbp.graph.Graph, "
+                                f"got {type(model).__name__}")
+            model.check_params(params, x, name=name)
+            return model.graph(params, train=True)
+        from . import cnn
+        if not isinstance(arch, cnn.LeNet):
+            raise ValueError(f"{name}: arch must be a fnbp.cnn.LeNet or a fnbp.graph.Graph, got {type(arch).__name__}")
+        if not isinstance(params, dict) or set(params) != {"conv", "dense"}:
+            raise ValueError(f"{name}: a LeNet's params must be a dict with 'conv' and 'dense' (fnbp.cnn.init), "
+                             f"got {type(params).__name__}")
+        return cnn.network(params, arch=arch, train=True)
     if jnp.ndim(x) != 2:
         raise ValueError(f"{name}: x must be a mini-batch of shape (batch, n_0), got shape {jnp.shape(x)}")
     mlp.check_params(params, x, name=name)
-    gs = layer_activations(len(params), activation, output)
-    if any(uses_layer_alpha(g) and "alpha" in layer for g, layer in zip(gs, params)):
-        raise ValueError(f"{name}: per-example gradients of a learnable PReLU slope are not implemented; "
-                         "use a fixed slope (functools.partial(fnbp.prelu, alpha=...) or fnbp.leaky_relu)")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise ValueError(f"{name}: dropout must be a drop probability in [0, 1), got {dropout!r}")
-    keys = None
-    if dropout:
-        if key is None:
-            raise ValueError(f"{name}: dropout={dropout} needs an explicit jax.random key (key=...)")
-        keys = jax.random.split(key, jnp.shape(x)[0])
+    return mlp.network(params, activation=activation, output=output, train=True, dropout=dropout, running=False,
+                       who=name)
+
+
+def extension_layers(net, name):
+    """[(node, PerExample extension)] of the parametrised nodes; refuses what has no per-example rule."""
+    for n in net.nodes:                                   # coupling first: batch norm's aux comes before its node
+        r = None if n.aux else rule_of(n.op)
+        why = r is not None and extensions.couples_examples(r)
+        if why:
+            raise ValueError(f"{name}: node {n.name!r} ({r.name}): {why}")
+    layers, owner = [], {}
+    for n in net.nodes:
+        if n.aux:
+            if n.op is jax.random.fold_in:                # a dropout key: made per example by _per_example_masks
+                continue
+            raise ValueError(f"{name}: auxiliary node {n.name!r} (running statistics, augmentation) is not supported "
+                             "by per-example quantities; build the network without it")
+        used = [a for a in n.args if isinstance(a, graph.Param)]
+        if not used:
+            continue
+        r = rule_of(n.op)
+        ext = extensions.per_example(r) if r is not None else None
+        W = n.args[ext.weight] if ext is not None else None
+        b = n.args[ext.bias] if ext is not None and ext.bias is not None else None
+        if ext is None or not isinstance(W, graph.Param) or (b is not None and not isinstance(b, graph.Param)):
+            op = r.name if r is not None else getattr(n.op, "__name__", repr(n.op))
+            raise ValueError(f"{name}: node {n.name!r} ({op}) uses parameters {[u.path for u in used]} but its rule "
+                             f"has no per-example extension (fnbp.extensions.register: dense and conv2d have one)")
+        for ref in (W, b):
+            if ref is not None:
+                if ref.path in owner:
+                    raise ValueError(f"{name}: nodes {owner[ref.path]!r} and {n.name!r} share the parameter "
+                                     f"{ref.path}; per-example quantities of shared weights are not implemented")
+                owner[ref.path] = n.name
+        layers.append((n, ext))
+    if not layers:
+        raise ValueError(f"{name}: the network has no node with a per-example extension (dense, conv2d)")
+    return layers
+
+
+def _fold_in_each(keys_, k):
+    return jax.vmap(lambda key_n: jax.random.fold_in(key_n, k))(keys_)
+
+
+def _per_example_masks(net):
+    """The graph with its dropout drawing one mask per example (by op identity): each key node folds its tag
+    into every example's key, each dropout node is ``fnbp.regularization.dropout_per_example``."""
+    nodes = []
+    for n in net.nodes:
+        if n.aux and n.op is jax.random.fold_in:
+            n = n._replace(op=_fold_in_each)
+        elif rule_of(n.op) is regularization.dropout.rule:
+            n = n._replace(op=regularization.dropout_per_example)
+        nodes.append(n)
+    return net._replace(nodes=tuple(nodes))
+
+
+def walk(params, x, d, *, model=None, loss=losses.half_sse, l2=0.0, key=None, arch=None,
+         activation=activations.relu, output=activations.identity, dropout=0.0, name="fnbp.per_example"):
+    """(E, rows, penalty): one forward and one backward of the walker with reduction='sum' (E = sum_n E_n plus
+    l2 * Omega when ``l2``), a ``LayerRows`` per parametrised node, and the L2 penalty's (value, gradient in
+    params' structure), None without ``l2`` -- the objective's one L2 node, added once, never clipped."""
+    net = network(params, x, model=model, arch=arch, activation=activation, output=output, dropout=dropout,
+                  name=name)
+    layers = extension_layers(net, name)
     spec = losses.loss_spec(loss, name=name)
     if not spec.takes_reduction:
-        raise ValueError(f"{name}: the loss must take reduction= (each example's own loss needs "
-                         f"reduction='sum'), got {loss!r}")
-    net = mlp.network(params, activation=activation, output=output, train=True, dropout=dropout, running=False,
-                      who=name)
-    net = graph.objective(_per_example_masks(net) if dropout else net, spec._replace(reduction="sum"))
-    E, tape = graph.forward(net, params, {"x": x, "d": d, "key": keys}, who=name)
-    nodes = graph.trace(tape, graph.backward(tape, who=name)).nodes
-    passes = []
-    for i in range(1, len(params) + 1):
-        a = nodes[f"a{i}"]                       # inputs (W_k, b_k, h_{k-1}); grad_output delta_k
-        delta = a.grad_output if a.grad_output is not None else jnp.zeros_like(a.output)
-        grad_W, grad_b = a.grad_inputs[:2] if a.grad_output is not None else (jnp.zeros_like(a.inputs[0]),
-                                                                               jnp.zeros_like(a.inputs[1]))
-        passes.append(LayerPass(a.inputs[2], delta, grad_W, grad_b))
-    return E, passes
+        raise ValueError(f"{name}: the loss must take reduction= (each example's own loss needs reduction='sum'), "
+                         f"got {loss!r}")
+    if jnp.ndim(x) < 2:
+        raise ValueError(f"{name}: x must be a mini-batch (batch, ...), got shape {jnp.shape(x)}")
+    B = jnp.shape(x)[0]
+    with_l2 = mlp.has_l2(l2)
+    net = graph.objective(_per_example_masks(net), spec._replace(reduction="sum"), l2=with_l2)
+    keys_ = None if key is None else keys.per_example(key, B)
+    E, tape = graph.forward(net, params, {"x": x, "d": d, "key": keys_, "l2": l2}, who=name)
+    trace = graph.trace(tape, graph.backward(tape, who=name)).nodes
+    rows = []
+    for n, ext in layers:
+        t = trace[n.name]
+        delta = t.grad_output if t.grad_output is not None else jnp.zeros_like(t.output)   # no gradient reached it
+        view = ext.view(t.inputs, dict(n.options), delta)
+        W = t.inputs[ext.weight]
+        grad_W = t.grad_inputs[ext.weight] if t.grad_output is not None else jnp.zeros_like(W)
+        b_path, grad_b = None, None
+        if ext.bias is not None:
+            b_path = n.args[ext.bias].path
+            grad_b = t.grad_inputs[ext.bias] if t.grad_output is not None else jnp.zeros_like(t.inputs[ext.bias])
+        rows.append(LayerRows(n.name, n.args[ext.weight].path, b_path, view.patches, view.delta, grad_W, grad_b,
+                              tuple(jnp.shape(W)), ext.to_W))
+    penalty = (trace["penalty"].output, trace["penalty"].grad_inputs[0]) if with_l2 else None
+    return E, rows, penalty
 
 
-def _passes(name, params, x, d, activation, output, loss, dropout, key):
-    return layer_passes(params, x, d, activation=activation, output=output, loss=loss, dropout=dropout, key=key,
-                        name=f"fnbp.per_example.{name}")[1]
+def norm_method(S, C_out, K, method="auto"):
+    """'gram' or 'direct' for a layer of S positions and a C_out x K weight matrix: ``method`` itself when forced,
+    else 'gram' iff 2 S^2 <= C_out K (the two B x S x S Gram matrices are no bigger than the B x C_out x K
+    per-example gradients; always 'gram' for a dense layer, S = 1)."""
+    if method not in METHODS:
+        raise ValueError(f"fnbp.per_example: method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return "gram" if 2 * S * S <= C_out * K else "direct"
 
 
-def _net_passes(name, params, x, d, arch, activation, output, loss, dropout, key, method="auto"):
-    """The conv/dense layers' ``PatchPass``es of network ``arch`` (``fnbp.per_example_conv``); for an MLP
-    (arch None) only method='auto' is meaningful (its dense layers always use the rank-one form)."""
-    from . import per_example_conv
-    who = f"fnbp.per_example.{name}"
-    if method not in per_example_conv.METHODS:
-        raise ValueError(f"{who}: method must be one of {per_example_conv.METHODS}, got {method!r}")
-    if arch is None:
-        if method != "auto":
-            raise ValueError(f"{who}: method={method!r} chooses the Gram or direct form for a network given by "
-                             "arch=; an MLP's dense layers always use ||delta_n||^2 ||h_n||^2")
-        return None
-    return per_example_conv.network_passes(params, x, d, arch=arch, activation=activation, output=output,
-                                           loss=loss, dropout=dropout, key=key, name=who)[1]
+def _matrices(r):
+    return jnp.einsum("bso,bsk->bok", r.delta, r.patches)          # delta_n^T P_n: one batched GEMM
 
 
-def grads(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-          dropout=0.0, key=None, arch=None):
-    """Per-example gradients grad_theta E_n of each example's own loss: params' structure with a leading
-    batch axis, W: (B, n_out, n_in) = delta_n h_n^T, b: (B, n_out) = delta_n.  Forms B x |theta| numbers:
-    use ``grad_norms``/``fnbp.dp`` when only norms or a clipped sum are needed.
-
-    ``arch``: a ``fnbp.cnn.LeNet`` (params from ``fnbp.cnn.init``) or any ``fnbp.graph.Graph`` of conv2d
-    and dense layers; a conv layer's W gradient is then delta_n^T P_n = sum_p delta_{n,p} P_{n,p}^T,
-    (B, C_out, C_in, kh, kw) (``fnbp.per_example_conv``)."""
-    net = _net_passes("grads", params, x, d, arch, activation, output, loss, dropout, key)
-    if net is not None:
-        from . import per_example_conv as pc
-        return pc.as_params_tree(params, net, [pc.patch_grads(p) for p in net],
-                                 lambda v: jnp.zeros((jnp.shape(x)[0],) + jnp.shape(v), jnp.result_type(v)))
-    passes = _passes("grads", params, x, d, activation, output, loss, dropout, key)
-    return [{"W": jnp.einsum("bo,bi->boi", p.delta, p.h_prev), "b": p.delta} for p in passes]   # delta_n h_n^T
+def rows_grads(r):
+    """Example n's gradients: (W: (B,) + W_shape, b: (B, C_out))."""
+    return r.to_W(_matrices(r), r.W_shape), jnp.sum(r.delta, axis=1)
 
 
-def squared_norms_from_passes(passes):
-    """Per layer {"W": ||delta_n||^2 ||h_n||^2, "b": ||delta_n||^2}, each of shape (B,)."""
-    out = []
-    for p in passes:
-        delta_sq = jnp.sum(p.delta * p.delta, axis=-1)             # ||delta_{k,n}||^2
-        h_sq = jnp.sum(p.h_prev * p.h_prev, axis=-1)               # ||h_{k-1,n}||^2
-        out.append({"W": delta_sq * h_sq, "b": delta_sq})
-    return out
+def rows_batch_l2(r, method="auto"):
+    """(||grad_W E_n||^2, ||grad_b E_n||^2), each (B,), by ``norm_method``'s choice of form."""
+    _, S, C_out = r.delta.shape
+    if S == 1:                                                       # ghost norm: ||delta_n||^2 ||h_n||^2
+        w = jnp.sum(r.delta[:, 0] ** 2, axis=-1) * jnp.sum(r.patches[:, 0] ** 2, axis=-1)
+    elif norm_method(S, C_out, r.patches.shape[-1], method) == "gram":
+        gram_delta = jnp.einsum("bso,bto->bst", r.delta, r.delta)       # delta_{n,p} . delta_{n,p'}
+        gram_patches = jnp.einsum("bsk,btk->bst", r.patches, r.patches)  # P_{n,p} . P_{n,p'}
+        w = jnp.sum(gram_delta * gram_patches, axis=(1, 2))
+    else:
+        G = _matrices(r)
+        w = jnp.sum(G * G, axis=(1, 2))
+    delta_b = jnp.sum(r.delta, axis=1)
+    return w, jnp.sum(delta_b * delta_b, axis=-1)
 
 
-def norms_from_passes(passes):
-    """||grad_theta E_n||_2 over every parameter, (B,): sqrt of the sum of ``squared_norms_from_passes``."""
-    return jnp.sqrt(sum(layer["W"] + layer["b"] for layer in squared_norms_from_passes(passes)))
+def rows_norms(rows, method="auto"):
+    """||grad_theta E_n||_2 over every layer's W and b, (B,)."""
+    return jnp.sqrt(sum(w + b for w, b in (rows_batch_l2(r, method) for r in rows)))
 
 
-def batch_l2(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-             dropout=0.0, key=None, arch=None, method="auto"):
-    """Squared L2 norm of each example's gradient per parameter leaf, without forming it:
-    ||grad_{W_k} E_n||^2 = ||delta_{k,n}||^2 ||h_{k-1,n}||^2 and ||grad_{b_k} E_n||^2 = ||delta_{k,n}||^2
-    (the Frobenius norm of a rank-one matrix).  Returns params' structure with (B,) leaves.
-
-    With ``arch`` (a CNN, see ``grads``), a conv layer's ||delta_n^T P_n||^2 from the Gram matrices over
-    positions (``method="gram"``) or the per-example matrix (``"direct"``); ``"auto"`` picks per layer by
-    size (``fnbp.per_example_conv.norm_method``)."""
-    net = _net_passes("batch_l2", params, x, d, arch, activation, output, loss, dropout, key, method)
-    if net is not None:
-        from . import per_example_conv as pc
-        return pc.as_params_tree(params, net, [pc.patch_batch_l2(p, method) for p in net],
-                                 lambda v: jnp.zeros((jnp.shape(x)[0],), jnp.result_type(v)))
-    passes = _passes("batch_l2", params, x, d, activation, output, loss, dropout, key)
-    return squared_norms_from_passes(passes)
+def rows_sum_grad_squared(r):
+    """sum_n (grad E_n)^2 entrywise: S = 1: (delta^2)^T (P^2), one GEMM; else the squared per-example matrices."""
+    if r.delta.shape[1] == 1:
+        sq_W = jnp.einsum("bo,bk->ok", r.delta[:, 0] ** 2, r.patches[:, 0] ** 2)
+    else:
+        sq_W = jnp.sum(_matrices(r) ** 2, axis=0)
+    return r.to_W(sq_W, r.W_shape), jnp.sum(jnp.sum(r.delta, axis=1) ** 2, axis=0)
 
 
-def grad_norms(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-               dropout=0.0, key=None, arch=None, method="auto"):
-    """||grad_theta E_n||_2 over all parameters, per example: (B,), from ``batch_l2`` (no per-example gradient;
-    ``arch`` and ``method`` as there)."""
-    net = _net_passes("grad_norms", params, x, d, arch, activation, output, loss, dropout, key, method)
-    if net is not None:
-        from . import per_example_conv as pc
-        return pc.patch_norms(net, method)
-    passes = _passes("grad_norms", params, x, d, activation, output, loss, dropout, key)
-    return norms_from_passes(passes)
+def rows_clipped_sum(r, c):
+    """sum_n c_n grad E_n: W: (c (.) delta)^T P, ONE GEMM over the B S rows (the ordinary grad_W product on the
+    reweighted delta); b: (c (.) delta) summed."""
+    B, S, C_out = r.delta.shape
+    weighted = r.delta * c[:, None, None].astype(r.delta.dtype)       # every position of n scaled by c_n
+    mat = weight_gradient(weighted.reshape(B * S, C_out), r.patches.reshape(B * S, -1))
+    return r.to_W(mat, r.W_shape), jnp.sum(weighted, axis=(0, 1))
 
 
-def _sgs(passes):
-    return [{"W": jnp.einsum("bo,bi->oi", p.delta * p.delta, p.h_prev * p.h_prev),   # (delta^2)^T (H^2)
-             "b": jnp.sum(p.delta * p.delta, axis=0)} for p in passes]
+def as_params_tree(params, rows, values, fill):
+    """params' structure with ``values[i]`` = (W value, b value) at ``rows[i]``'s paths and ``fill(leaf)`` for
+    every other leaf (parameters the loss does not reach)."""
+    placed = {}
+    for r, (w, b) in zip(rows, values):
+        placed[r.W_path] = w
+        if r.b_path is not None:
+            placed[r.b_path] = b
+
+    def build(tree, path):
+        if path in placed:
+            return placed[path]
+        if isinstance(tree, dict):
+            return {k: build(v, path + (k,)) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(build(v, path + (i,)) for i, v in enumerate(tree))
+        return fill(tree)
+
+    return build(params, ())
 
 
-def _net_sgs_and_mean(params, net, fill):
-    from . import per_example_conv as pc
-    B = jnp.shape(net[0].delta)[0]
-    sgs = pc.as_params_tree(params, net, [pc.patch_sum_grad_squared(p) for p in net], fill)
-    g_bar = pc.as_params_tree(params, net, [{"W": p.grad_W / B, "b": p.grad_b / B} for p in net], fill)
+def _rows(fn, params, x, d, model, loss, activation, output, dropout, key, arch, method="auto"):
+    name = f"fnbp.per_example.{fn}"
+    if method not in METHODS:
+        raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+    return walk(params, x, d, model=model, loss=loss, key=key, arch=arch, activation=activation, output=output,
+                dropout=dropout, name=name)[1]
+
+
+def grads(params, x, d, *, model=None, loss=losses.half_sse, key=None, activation=activations.relu,
+          output=activations.identity, dropout=0.0, arch=None):
+    """Per-example gradients grad_theta E_n of each example's own loss: params' structure with a leading batch
+    axis (W: (B,) + W's shape = delta_n^T P_n; b: (B, C_out)).  Forms B x |theta| numbers: use ``grad_norms``
+    or ``fnbp.dp`` when only norms or a clipped sum are needed."""
+    rows = _rows("grads", params, x, d, model, loss, activation, output, dropout, key, arch)
+    B = jnp.shape(x)[0]
+    return as_params_tree(params, rows, [rows_grads(r) for r in rows],
+                          lambda v: jnp.zeros((B,) + jnp.shape(v), jnp.result_type(v)))
+
+
+def batch_l2(params, x, d, *, model=None, loss=losses.half_sse, key=None, method="auto",
+             activation=activations.relu, output=activations.identity, dropout=0.0, arch=None):
+    """||grad E_n||^2 per parameter leaf, (B,) leaves in params' structure, without forming the gradients
+    (``method``: "auto", "gram", "direct"; see the module docstring)."""
+    rows = _rows("batch_l2", params, x, d, model, loss, activation, output, dropout, key, arch, method)
+    B = jnp.shape(x)[0]
+    return as_params_tree(params, rows, [rows_batch_l2(r, method) for r in rows],
+                          lambda v: jnp.zeros((B,), jnp.result_type(v)))
+
+
+def grad_norms(params, x, d, *, model=None, loss=losses.half_sse, key=None, method="auto",
+               activation=activations.relu, output=activations.identity, dropout=0.0, arch=None):
+    """||grad_theta E_n||_2 over all parameters, per example: (B,) (no per-example gradient is formed)."""
+    rows = _rows("grad_norms", params, x, d, model, loss, activation, output, dropout, key, arch, method)
+    return rows_norms(rows, method)
+
+
+def _sgs_and_mean(params, rows):
+    B = jnp.shape(rows[0].delta)[0]
+    sgs = as_params_tree(params, rows, [rows_sum_grad_squared(r) for r in rows], jnp.zeros_like)
+    g_bar = as_params_tree(params, rows, [(r.grad_W / B, None if r.grad_b is None else r.grad_b / B) for r in rows],
+                           jnp.zeros_like)
     return sgs, g_bar
 
 
-def sum_grad_squared(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-                     dropout=0.0, key=None, arch=None):
-    """sum_n (grad_theta E_n)^2 elementwise, params' structure: W: (delta^2)^T (H^2), one GEMM
-    ((delta_n h_n^T)^2 = delta_n^2 (h_n^2)^T entrywise); b: sum_n delta_n^2.  With ``arch`` (a CNN), a conv
-    layer's sum_n (delta_n^T P_n)^2 from the per-example matrices (positions mix: no one-GEMM form)."""
-    net = _net_passes("sum_grad_squared", params, x, d, arch, activation, output, loss, dropout, key)
-    if net is not None:
-        return _net_sgs_and_mean(params, net, jnp.zeros_like)[0]
-    passes = _passes("sum_grad_squared", params, x, d, activation, output, loss, dropout, key)
-    return _sgs(passes)
+def sum_grad_squared(params, x, d, *, model=None, loss=losses.half_sse, key=None, activation=activations.relu,
+                     output=activations.identity, dropout=0.0, arch=None):
+    """sum_n (grad_theta E_n)^2 entrywise, params' structure: (delta^2)^T (P^2), one GEMM, for a dense layer
+    ((delta_n h_n^T)^2 = delta_n^2 (h_n^2)^T); the squared per-example matrices where positions mix."""
+    rows = _rows("sum_grad_squared", params, x, d, model, loss, activation, output, dropout, key, arch)
+    return _sgs_and_mean(params, rows)[0]
 
 
-def variance(params, x, d, *, activation=activations.relu, output=activations.identity, loss=losses.half_sse,
-             dropout=0.0, key=None, arch=None):
+def variance(params, x, d, *, model=None, loss=losses.half_sse, key=None, activation=activations.relu,
+             output=activations.identity, dropout=0.0, arch=None):
     """Elementwise variance of the per-example gradients over the batch, 1/B sum_n (grad E_n - g_bar)^2
-    = SGS / B - g_bar^2 with g_bar = 1/B sum_n grad E_n (the gradient of the mean loss).
-    Clamped at 0 (rounding can make SGS / B - g_bar^2 slightly negative).  ``arch`` as in ``grads``."""
+    = SGS / B - g_bar^2 with g_bar = 1/B sum_n grad E_n (the gradient of the mean loss), clamped at 0
+    (rounding can make the difference slightly negative)."""
+    rows = _rows("variance", params, x, d, model, loss, activation, output, dropout, key, arch)
     B = jnp.shape(x)[0]
-    net = _net_passes("variance", params, x, d, arch, activation, output, loss, dropout, key)
-    if net is not None:
-        sgs, g_bar = _net_sgs_and_mean(params, net, jnp.zeros_like)
-        return jax.tree_util.tree_map(lambda s, g: jnp.maximum(s / B - g ** 2, 0), sgs, g_bar)
-    passes = _passes("variance", params, x, d, activation, output, loss, dropout, key)
-    out = []
-    for p, sgs in zip(passes, _sgs(passes)):
-        g_bar = {"W": p.grad_W / B, "b": p.grad_b / B}
-        out.append({n: jnp.maximum(sgs[n] / B - g_bar[n] ** 2, 0) for n in ("W", "b")})
-    return out
+    sgs, g_bar = _sgs_and_mean(params, rows)
+    return jax.tree_util.tree_map(lambda s, g: jnp.maximum(s / B - g ** 2, 0), sgs, g_bar)
+

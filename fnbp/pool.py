@@ -12,7 +12,7 @@ placement for both pools.
 import jax.numpy as jnp
 from jax import lax
 
-from . import norm
+from . import extensions, norm
 from .conv import col2im
 from .rules import rule
 
@@ -181,6 +181,7 @@ def _check_bn_channels(x, gamma, beta, *, eps):
 
 batch_norm_channels = rule(_batch_norm_channels_fwd, _batch_norm_channels_bwd, name="batch_norm_channels",
                            check=_check_bn_channels)
+extensions.register_coupling(batch_norm_channels, norm.COUPLES)
 
 
 def batch_norm_channels_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5, unbiased_running_var=True):
@@ -188,15 +189,8 @@ def batch_norm_channels_train(x, gamma, beta, running, *, momentum=0.1, eps=1e-5
     conventions (PyTorch's: the running variance averages the unbiased variance of the
     m = B H W samples of each channel, m / (m - 1) times the biased one that y used)."""
     y = batch_norm_channels(x, gamma, beta, eps=eps)
-    x2 = lax.stop_gradient(x).reshape(-1, x.shape[-1])
-    m = x2.shape[0]
-    mu = jnp.mean(x2, axis=0)
-    var = jnp.mean(jnp.square(x2 - mu), axis=0)
-    if unbiased_running_var and m > 1:
-        var = var * (m / (m - 1))
-    new = {"mean": (1 - momentum) * running["mean"] + momentum * mu,
-           "var": (1 - momentum) * running["var"] + momentum * var}
-    return y, new
+    return y, norm.running_statistics(lax.stop_gradient(x), running, momentum=momentum,
+                                      unbiased_running_var=unbiased_running_var)
 
 
 def batch_norm_channels_eval(x, gamma, beta, running, *, eps=1e-5):

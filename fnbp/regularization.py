@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from .rules import rule
 
-__all__ = ["dropout"]
+__all__ = ["dropout", "dropout_per_example"]
 
 
 def _concrete_scalar(p):
@@ -66,3 +66,17 @@ def dropout(x, p, key, *, train=True):
 
 
 dropout.rule = _dropout.rule
+
+
+def _dropout_per_example_fwd(h, p, keys):
+    """Inverted dropout with one mask per example: row n of h (B, ...) uses ``dropout``'s mask from keys[n]
+    (keys: B keys), the mask ``dropout(h[n], p, keys[n])`` draws.  Backward: grad_h_n = grad_y_n m_n / (1 - p).
+    (What per-example quantities and DP-SGD put in place of ``dropout``: ``fnbp.per_example``.)"""
+    return jax.vmap(lambda h_n, key_n: _dropout_fwd(h_n, p, key_n))(h, keys)
+
+
+def _dropout_per_example_bwd(res, grad_y):
+    return jax.vmap(lambda r, g_n: _dropout_bwd(r, g_n)[0])(res, grad_y), None, None
+
+
+dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example")

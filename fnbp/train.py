@@ -21,85 +21,90 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import activations, dp, graph, losses, mlp, optim
+from . import activations, dp, extensions, graph, keys, losses, mlp, optim
+from .cnn import shift_augment
+from .per_example import extension_layers
+from .rules import rule_of
 from .train_checks import (NonFiniteError, NonFiniteInputError, NonFiniteLossError, NonFiniteParamsError,
                            check_labels, _FN, _check_data, _check_finite_tree, _check_hyperparameters)
 
-__all__ = ["Config", "TrainResult", "train", "evaluate", "make_step", "make_epoch", "NonFiniteError",
+__all__ = ["Config", "TrainResult", "train", "evaluate", "forward", "make_step", "make_epoch", "resolve_model", "NonFiniteError",
            "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError", "batch_plan", "check_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """What the network is and how one step computes its gradient (hashable, static under jit).
+    """The training recipe: how one step computes its gradient (hashable, static under jit).  The model is
+    an argument of ``train``/``make_step``/``make_epoch``/``evaluate`` (``model=``, any ``fnbp.nn`` model).
 
-    activation, output: the hidden and output activations (as ``fnbp.mlp.apply``).
     loss: a loss spec (``fnbp.losses.loss_spec``): one of ``fnbp.losses`` (``reduction='mean'``
       unless a ``functools.partial`` says 'sum'), a rule of your own, or -- with grad="autodiff"
       only -- any function L(y, d) -> scalar (e.g. an optax loss with ``.mean()``).
-    l2: lambda of the L2 penalty on the weights (a node of the objective, ``fnbp.graph.objective``).
+    l2: lambda of the L2 penalty on the weights (one node of the objective, ``fnbp.graph.objective``, under
+      DP-SGD too).
     grad: ``"autodiff"`` -- ``jax.value_and_grad`` through ``fnbp.graph.apply`` (the custom_vjp
       rules), or ``"backprop"`` -- the explicit walker ``fnbp.graph.forward``/``backward``; both
       run every op (batch norm and dropout included) and give the same gradients.
-    dropout: drop probability between hidden layers (training only).
-    bn_position, bn_momentum: batch norm placement and running-average momentum,
-      used when the parameters have ``"gamma"``/``"beta"`` (``fnbp.mlp.init(..., batch_norm=True)``).
-    model: any network the walker runs, ``model(params, *, train) -> fnbp.graph.Graph`` with
-      input "x" (and "key" for dropout) and running statistics in the state pytree; None
-      (default) is the MLP of the fields above (``fnbp.mlp.network``).
     dp_clip, dp_noise: DP-SGD (``fnbp.dp``) when dp_clip = C > 0: each example's gradient clipped to
       norm C (from one backward of the explicit rules, whatever ``grad`` says), then N(0, (dp_noise C)^2 I)
-      added to the step's sum, from the step's key.  Not with batch norm nor
-      a ``model``.
+      added to the step's sum, from the step's key (``fnbp.keys.dp_noise``).  Any model without batch norm.
+    augment: the largest random shift, in pixels, of each training image (``fnbp.cnn.shift_augment``, key
+      ``fnbp.keys.augment``); 0 = none.  Images only, smaller than the image.
+
+    Without ``model=``, the MLP of ``fnbp.mlp`` (the parameters of ``fnbp.mlp.init``) described by
+    activation, output (hidden and output activations), dropout (between hidden layers), bn_position and
+    bn_momentum (batch norm where the parameters have ``"gamma"``/``"beta"``).  With a model these five stay
+    at their defaults (a model carries its own layers): anything else is refused, never silently ignored.
     """
-    activation: Callable = activations.relu
-    output: Callable = activations.identity
     loss: Callable = losses.softmax_cross_entropy
     l2: float = 0.0
     grad: str = "autodiff"
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    augment: int = 0
+    activation: Callable = activations.relu
+    output: Callable = activations.identity
     dropout: float = 0.0
     bn_position: str = "before"
     bn_momentum: float = 0.1
-    dp_clip: float = 0.0
-    dp_noise: float = 0.0
-    model: Callable = None
 
     def __post_init__(self):
         if not (self.dp_clip >= 0 and self.dp_noise >= 0) or (self.dp_noise and not self.dp_clip):
             raise ValueError(f"fnbp.train.Config: dp_clip and dp_noise must be >= 0, and dp_noise needs dp_clip > 0 "
                              f"(fnbp train: --dp-noise needs --dp-clip > 0); "
                              f"got dp_clip={self.dp_clip}, dp_noise={self.dp_noise}")
-        if self.dp_clip and self.model is not None:
-            raise ValueError("fnbp.train.Config: DP-SGD (dp_clip > 0) runs on the MLP of the fields; got a model")
         if self.grad not in ("autodiff", "backprop"):
             raise ValueError(f"fnbp.train.Config: grad must be 'autodiff' or 'backprop', got {self.grad!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"fnbp.train.Config: dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
+            raise ValueError(f"fnbp.train.Config: augment must be an int >= 0 (pixels), got {self.augment!r}")
         losses.loss_spec(self.loss, name="fnbp.train.Config")       # a bad loss or reduction fails here
 
-    def network(self, params, *, train):
-        """The network as a ``fnbp.graph.Graph`` (training or inference mode)."""
-        if self.model is not None:
-            return self.model(params, train=train)
-        return mlp.network(params, activation=self.activation, output=self.output, train=train,
-                           dropout=self.dropout if train else 0.0, bn_position=self.bn_position,
-                           bn_momentum=self.bn_momentum, who="fnbp.train")
+    def mlp(self):
+        """The MLP of the five model fields (what ``model=None`` means)."""
+        return mlp.Network(activation=self.activation, output=self.output, dropout=self.dropout,
+                           bn_position=self.bn_position, bn_momentum=self.bn_momentum)
 
-    def check_params(self, params, x=None):
-        """Raise a named ValueError when ``params`` do not fit the network (``fnbp.mlp.check_params``)."""
-        mlp.check_params(params, x, name=_FN)
 
-    def init_state(self, params):
-        """Fresh running statistics for ``params`` (``fnbp.mlp.init_state``)."""
-        return mlp.init_state(params)
+_MLP_FIELDS = ("activation", "output", "dropout", "bn_position", "bn_momentum")
 
-    def layers(self, params):
-        """The parameters as a list of layer dicts, the output layer last."""
-        return params
 
-    def forward(self, params, state, x, *, train, key=None):
-        """``(y, new_state)``: the network's output and running statistics."""
-        return graph.apply(self.network(params, train=train), params, {"x": x, "key": key}, state)
+def resolve_model(cfg, model, name=None):
+    """The model a step runs: ``model``, or ``cfg``'s MLP when None.  Refuses a model together with MLP fields
+    of ``cfg`` that are not at their defaults (they would be ignored)."""
+    name = name or _FN
+    if model is None:
+        return cfg.mlp()
+    if not (hasattr(model, "graph") and hasattr(model, "init_state") and hasattr(model, "check_params")):
+        raise TypeError(f"{name}: model must be an fnbp.nn model (fnbp.nn.serial(...), fnbp.nn.mlp, fnbp.nn.lenet), "
+                        f"got {type(model).__name__}")
+    defaults = Config()
+    changed = [f for f in _MLP_FIELDS if getattr(cfg, f) != getattr(defaults, f)]
+    if changed:
+        raise ValueError(f"{name}: Config fields {changed} describe the MLP used without model=; with a model they "
+                         f"would be ignored (put the activation, dropout or batch norm into the model's layers)")
+    return model
 
 
 class TrainResult(NamedTuple):
@@ -121,18 +126,19 @@ def _accuracy(y, d):
     return jnp.mean(jnp.argmax(y, axis=-1) == jnp.argmax(d, axis=-1))
 
 
-def make_step(cfg: Config, opt, *, accumulate=1):
+def make_step(cfg: Config, opt, *, model=None, accumulate=1):
     """One optimizer step ``(params, opt_state, state), (x, d, key) -> (new carry, E)``.
 
-    The objective E = L(y; d) + lambda Omega is one graph (``fnbp.graph.objective``),
-    differentiated by the explicit walker or by autodiff (``cfg.grad``).  With
-    ``accumulate = m > 1`` the mini-batch is split into m equal micro-batches whose
-    objectives are combined as the loss combines examples (``fnbp.losses.reduce``: their
-    mean for reduction='mean', their sum for 'sum', the penalty counted once), followed by
-    one optimizer update -- the same update as the whole batch at once, with 1/m of the
+    The objective E = L(y; d) + lambda Omega is one graph (``fnbp.graph.objective`` on ``model``'s graph, or the
+    MLP's without a model), differentiated by the explicit walker or by autodiff (``cfg.grad``), or under DP-SGD
+    clipped per example (``fnbp.dp.clipped_objective``, the same L2 node).  With ``accumulate = m > 1`` the
+    mini-batch is split into m equal micro-batches whose objectives are combined as the loss combines examples
+    (``fnbp.losses.reduce``: their mean for reduction='mean', their sum for 'sum', the penalty counted once),
+    followed by one optimizer update -- the same update as the whole batch at once, with 1/m of the
     activation memory.  (Batch norm then normalises each micro-batch with its own statistics.)
     """
-    spec = losses.loss_spec(cfg.loss, name="fnbp.train")         # parsed once
+    m = resolve_model(cfg, model)
+    spec = losses.loss_spec(cfg.loss, name="fnbp.train")         # parsed once, here
     with_l2 = mlp.has_l2(cfg.l2)
     # m micro-batch objectives J_i = L_i + (lambda / c) Omega weighted by c / m, c = reduce(ones(m)), make J
     with jax.ensure_compile_time_eval():                        # a constant, even when traced inside a jit
@@ -141,18 +147,14 @@ def make_step(cfg: Config, opt, *, accumulate=1):
 
     def objective_and_grad(params, state, x, d, key):
         """((E, new state), grads) of one (micro-)batch's objective."""
-        net = graph.objective(cfg.network(params, train=True), spec, l2=with_l2)
-        inputs = {"x": x, "d": d, "key": key, "l2": l2_each}
+        if cfg.augment:
+            x = shift_augment(keys.augment(key), x, cfg.augment)
         if cfg.dp_clip:     # the clipped sum of per-example gradients, reduced as the loss reduces examples
-            E, sums, _ = dp.loss_and_clipped_grad_sum(params, x, d, clip=cfg.dp_clip, activation=cfg.activation,
-                                                      output=cfg.output, loss=spec.fn, dropout=cfg.dropout,
-                                                      key=key, name="fnbp.train (DP-SGD)")
-            scale = 1.0 / x.shape[0] if spec.reduction == "mean" else 1.0
-            E, grads = E * scale, jax.tree_util.tree_map(lambda g: g * scale, sums)
-            if with_l2:
-                E_l2, g_l2 = jax.value_and_grad(losses.l2_penalty)(params, l2_each)   # runs the l2 rule
-                E, grads = E + E_l2, jax.tree_util.tree_map(jnp.add, grads, g_l2)
+            E, grads, _ = dp.clipped_objective(params, x, d, clip=cfg.dp_clip, model=m, loss=spec, l2=l2_each,
+                                               key=key, name="fnbp.train (DP-SGD)")
             return (E, state), grads
+        net = graph.objective(m.graph(params, train=True), spec, l2=with_l2)
+        inputs = {"x": x, "d": d, "key": key, "l2": l2_each}
         return graph.value_and_grad(net, params, inputs, state, explicit=cfg.grad == "backprop", who="fnbp.train")
 
     def step(carry, batch):
@@ -168,15 +170,15 @@ def make_step(cfg: Config, opt, *, accumulate=1):
             def micro(acc, mb):
                 E_acc, g_acc, st = acc
                 i, xm, dm = mb
-                (E, st), g = objective_and_grad(at, st, xm, dm, jax.random.fold_in(key, i))
+                (E, st), g = objective_and_grad(at, st, xm, dm, keys.micro_batch(key, i))
                 return (E_acc + weight * E, jax.tree_util.tree_map(lambda a, b: a + weight * b, g_acc, g), st), None
 
             zero = jax.tree_util.tree_map(jnp.zeros_like, at)
             (E, grads, state), _ = jax.lax.scan(
                 micro, (jnp.zeros((), x.dtype), zero, state), (jnp.arange(accumulate), micro_x, micro_d))
-        if cfg.dp_noise:       # N(0, (sigma C)^2 I) on the step's clipped sum, once, after accumulation (DP-SGD)
-            std = cfg.dp_noise * cfg.dp_clip / (x.shape[0] if spec.reduction == "mean" else 1)
-            grads = dp.gaussian(grads, jax.random.fold_in(key, 0x0D9), std)
+        if cfg.dp_noise:       # N(0, (sigma C s)^2 I) on the step's reduced clipped sum, once, after accumulation
+            std = dp.noise_std(cfg.dp_clip, cfg.dp_noise, dp.example_scale(spec, x.shape[0]))
+            grads = dp.gaussian(grads, keys.dp_noise(key), std)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
         return (params, opt_state, state), E
@@ -208,19 +210,19 @@ def _all_finite(tree):
     return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
-def make_epoch(cfg: Config, opt, *, batch_size, n_examples, accumulate=1, batch_sharding=None):
+def make_epoch(cfg: Config, opt, *, model=None, batch_size, n_examples, accumulate=1, batch_sharding=None):
     """A function ``(params, opt_state, state, x, d, epoch_key) -> (params, opt_state, state, losses)``
     running one epoch as a ``lax.scan`` over its steps (jit it; ``train`` does, with donation)."""
-    return _make_epoch(cfg, opt, batch_size=batch_size, n_examples=n_examples, accumulate=accumulate,
+    return _make_epoch(cfg, opt, model=model, batch_size=batch_size, n_examples=n_examples, accumulate=accumulate,
                        batch_sharding=batch_sharding, finite_flags=False)
 
 
-def _make_epoch(cfg, opt, *, batch_size, n_examples, accumulate, batch_sharding, finite_flags):
+def _make_epoch(cfg, opt, *, model, batch_size, n_examples, accumulate, batch_sharding, finite_flags):
     """``make_epoch``; with ``finite_flags`` the epoch also returns one boolean per step: the
     parameters, optimizer state and batch-norm statistics after that step are all finite (a cheap
     in-jit check; the host reads the flags once per epoch, with the losses)."""
     B, n_steps = batch_plan(n_examples, batch_size, accumulate)
-    plain_step = make_step(cfg, opt, accumulate=accumulate)
+    plain_step = make_step(cfg, opt, model=model, accumulate=accumulate)
 
     def step(carry, batch):
         carry, E = plain_step(carry, batch)
@@ -235,7 +237,7 @@ def _make_epoch(cfg, opt, *, batch_size, n_examples, accumulate, batch_sharding,
             if batch_sharding is not None:                   # data parallel: split the batch over devices
                 from .parallel import shard_batch
                 xb, db = shard_batch(xb, batch_sharding), shard_batch(db, batch_sharding)
-            return step(carry, (xb, db, jax.random.fold_in(epoch_key, i)))
+            return step(carry, (xb, db, keys.step(epoch_key, i)))
 
         (params, opt_state, state), per_step = jax.lax.scan(body, (params, opt_state, state), jnp.arange(n_steps))
         if finite_flags:
@@ -245,9 +247,15 @@ def _make_epoch(cfg, opt, *, batch_size, n_examples, accumulate, batch_sharding,
     return epoch
 
 
-def evaluate(cfg: Config, params, state, x, d):
+def forward(cfg: Config, params, state, x, *, model=None, train=False, key=None):
+    """``(y, new_state)``: the model's (or ``cfg``'s MLP's) output and running statistics."""
+    net = resolve_model(cfg, model).graph(params, train=train)
+    return graph.apply(net, params, {"x": x, "key": key}, state)
+
+
+def evaluate(cfg: Config, params, state, x, d, *, model=None):
     """(mean loss, accuracy) in inference mode (running batch-norm statistics, no dropout)."""
-    y, _ = cfg.forward(params, state, x, train=False)
+    y, _ = forward(cfg, params, state, x, model=model)
     return losses.loss_spec(cfg.loss, name="fnbp.train")(y, d, reduction="mean"), _accuracy(y, d)
 
 
@@ -260,25 +268,52 @@ def _learning_rate(schedule, step, opt_state):
     return float(injected[0].hyperparams["learning_rate"]) if injected else None
 
 
-def _uses_batch_norm(params):
-    return any(isinstance(layer, dict) and "gamma" in layer for layer in params)
+def _uses_batch_norm(net):
+    return any(not n.aux and extensions.couples_examples(rule_of(n.op) or n.op) for n in net.nodes)
 
 
-def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_state=None, state=None,
+def _output_width(cfg, m, params, state, x):
+    """The model's number of outputs (last axis of y), from its shapes alone (nothing is computed)."""
+    if x is None:
+        return None
+    y = jax.eval_shape(lambda p, s, x_: forward(cfg, p, s, x_, model=m)[0], params, state, jnp.asarray(x))
+    return int(y.shape[-1])
+
+
+def _check_recipe(cfg, m, params, x, micro_batch):
+    """What the recipe needs from the model and the data, checked before anything is compiled."""
+    net = m.graph(params, train=True)
+    if _uses_batch_norm(net) and micro_batch < 2:
+        raise ValueError(f"{_FN}: batch norm in training needs at least 2 examples per batch (per micro-batch with "
+                         f"accumulate), got {micro_batch}: with one example the normalised activation is 0 and the "
+                         f"layer outputs beta whatever the input (PyTorch refuses it too)")
+    if cfg.dp_clip:
+        extension_layers(net, f"{_FN} (DP-SGD, dp_clip={cfg.dp_clip})")     # batch norm, a node without extension: named
+    if cfg.augment:
+        if x.ndim != 4:
+            raise ValueError(f"{_FN}: augment={cfg.augment} shifts images (batch, H, W, C); the training inputs have "
+                             f"shape {tuple(x.shape)}")
+        if cfg.augment >= min(x.shape[1:3]):
+            raise ValueError(f"{_FN}: augment={cfg.augment} pixels would shift every {x.shape[1]}x{x.shape[2]} image "
+                             f"out of view; use a shift smaller than {min(x.shape[1:3])}")
+
+
+def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), model=None, opt_state=None, state=None,
           accumulate=1, start_epoch=0, start_step=0, record_learning_rate=None, progress=None, on_epoch=None, mesh=None):
     """Train ``params`` on ``data`` for ``epochs`` epochs; returns a ``TrainResult``.
 
     Args:
-      params: network parameters (``fnbp.mlp.init``).
+      params: the model's parameters (``model.init``; ``fnbp.mlp.init`` without a model).
       opt: an optax-compatible GradientTransformation (``fnbp.optim.adam(1e-3)``, any optax one).
       data: a ``fnbp.data.Dataset`` (x_train, y_train, x_test, y_test, ...).
       key: ``jax.random`` key: epoch e shuffles with ``fold_in(key, e)``.
       epochs: total number of epochs (training runs epochs ``start_epoch .. epochs-1``).
       batch_size: examples per step: ``None`` = full batch, 1 = one example at a
         time (SGD), else mini-batch.  See ``batch_plan`` for the remainder.
-      cfg: the network and gradient configuration (``Config``).
+      cfg: the training recipe (``Config``): loss, L2, gradient mode, DP-SGD, augmentation.
+      model: any ``fnbp.nn`` model (``fnbp.nn.serial(...)``, ``fnbp.nn.lenet(...)``); None: ``cfg``'s MLP.
       opt_state, state: optimizer state and batch-norm statistics to resume from
-        (default: fresh ``opt.init(params)`` and ``cfg.init_state(params)``).
+        (default: fresh ``opt.init(params)`` and ``model.init_state(params)``).
       accumulate: micro-batches per step (gradient accumulation).
       start_epoch, start_step: where a resumed run starts (from a checkpoint).
       record_learning_rate: a number or schedule k -> eta_k written into the history (it does not
@@ -311,22 +346,20 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
         opt, key, epochs, batch_size, accumulate, start_epoch, start_step, on_epoch)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"{_FN}: on_epoch must be callable or None, got {type(on_epoch).__name__}")
-    cfg.check_params(params, np.asarray(data.x_train)[:1] if hasattr(data, "x_train") else None)
-    _check_data(data, cfg.layers(params))
+    m = resolve_model(cfg, model)
+    x_first = np.asarray(data.x_train)[:2] if hasattr(data, "x_train") else None
+    m.check_params(params, x_first, name=_FN)
+    state = m.init_state(params) if state is None else state
+    _check_data(data, _output_width(cfg, m, params, state, x_first))
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     opt_state = opt.init(params) if opt_state is None else opt_state
-    state = cfg.init_state(params) if state is None else state
     _check_finite_tree("params", params)
     _check_finite_tree("opt_state", opt_state)
     _check_finite_tree("state", state)
     n = x_train.shape[0]
     B, n_steps = batch_plan(n, batch_size, accumulate)
-    if _uses_batch_norm(cfg.layers(params)) and B // accumulate < 2:
-        raise ValueError(f"{_FN}: batch norm in training needs at least 2 examples per batch (per micro-batch with "
-                         f"accumulate), got batch_size={B}, accumulate={accumulate}: with one example the "
-                         f"normalised activation is 0 and the layer outputs beta whatever the input (PyTorch "
-                         f"refuses it too)")
+    _check_recipe(cfg, m, params, x_train, B // accumulate)
     # The epoch donates its buffers; work on copies so the caller's arrays stay valid.
     params, opt_state, state = jax.tree_util.tree_map(lambda v: jnp.array(v, copy=True), (params, opt_state, state))
 
@@ -337,9 +370,9 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), opt_st
             mesh, B, params, opt_state, state, x_train, y_train)
         x_test, y_test = parallel.replicate(mesh, (x_test, y_test))    # evaluation inputs on the same devices
 
-    epoch_fn = jax.jit(_make_epoch(cfg, opt, batch_size=B, n_examples=n, accumulate=accumulate,
+    epoch_fn = jax.jit(_make_epoch(cfg, opt, model=m, batch_size=B, n_examples=n, accumulate=accumulate,
                                    batch_sharding=batch_sharding, finite_flags=True), donate_argnums=(0, 1, 2))
-    eval_fn = jax.jit(functools.partial(evaluate, cfg))
+    eval_fn = jax.jit(functools.partial(evaluate, cfg, model=m))
 
     t0 = time.perf_counter()
     compiled = epoch_fn.lower(params, opt_state, state, x_train, y_train, jax.random.fold_in(key, start_epoch)).compile()

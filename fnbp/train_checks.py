@@ -81,13 +81,12 @@ def _check_finite_tree(what, tree):
         _check_finite_array(what + jax.tree_util.keystr(path), leaf)
 
 
-def _check_data(data, params):
-    """Shapes, label ranges and finiteness of every split, once, on the host."""
+def _check_data(data, n_out):
+    """Shapes, label ranges and finiteness of every split, once, on the host (n_out: the model's outputs)."""
     for field in ("x_train", "y_train", "x_test", "y_test"):
         if not hasattr(data, field):
             raise TypeError(f"{_FN}: data must be a fnbp.data.Dataset (x_train, y_train, x_test, y_test, n_classes), "
                             f"got {type(data).__name__} without {field!r}")
-    n_out = int(jnp.shape(params[-1]["W"])[0])
     n_classes = getattr(data, "n_classes", None)
     if n_classes is None:
         n_classes = n_out
@@ -100,7 +99,7 @@ def _check_data(data, params):
                              f"x_{split} of shape {x.shape} and y_{split} of shape {d.shape}")
         _check_finite_array(f"data.x_{split}", x)
         check_labels(split, d, n_classes)
-        if d.ndim == 1 and int(d.max()) >= n_out:
+        if d.ndim == 1 and n_out is not None and int(d.max()) >= n_out:
             raise ValueError(f"{_FN}: {split} label {int(d.max())} needs at least {int(d.max()) + 1} outputs, but the "
                              f"network's last layer has {n_out}")
 
