@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import extensions
 from .rules import rule
 
 __all__ = ["embedding", "check_embedding_inputs"]
@@ -63,3 +64,21 @@ def check_embedding_inputs(E, ids):
 
 
 embedding = rule(_embedding_fwd, _embedding_bwd, name="embedding", check=check_embedding_inputs)
+
+
+def _embedding_rows(args, options, delta):
+    """Per-example rows of an embedding node (``fnbp.extensions``): the lookup is a dense layer with W = E^T on
+    one-hot inputs, so P (B, S, V) is onehot(ids_n) at each of example n's S positions and grad_E E_n =
+    (delta_n^T P_n)^T: rows of E summed per symbol, as the scatter-add does."""
+    E, ids = args
+    B = ids.shape[0]
+    onehot = jax.nn.one_hot(ids.reshape(B, -1), E.shape[0], dtype=delta.dtype)
+    return extensions.Rows(onehot, delta.reshape(B, -1, E.shape[1]))
+
+
+def _embedding_W(mat, shape):
+    """(..., d, V) -> E's shape (..., V, d)."""
+    return jnp.swapaxes(mat, -1, -2)
+
+
+extensions.register(embedding, view=_embedding_rows, to_W=_embedding_W, weight=0, bias=None)

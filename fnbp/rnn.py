@@ -42,7 +42,7 @@ from jax import lax
 
 from .rules import rule
 
-__all__ = ["elman", "lstm", "gru", "check_rnn_shapes",
+__all__ = ["elman", "lstm", "lstm_sequence", "gru", "check_rnn_shapes",
            "rnn_step_forward", "rnn_step_backward", "rnn_forward", "rnn_backward",
            "lstm_step_forward", "lstm_step_backward", "lstm_forward", "lstm_backward"]
 
@@ -233,6 +233,21 @@ def _check_lstm(W_x, W_h, b, x, h0, c0):
 
 
 lstm = rule(_lstm_fwd, _lstm_bwd, name="lstm", check=_check_lstm)
+
+
+def _lstm_sequence_fwd(W_x, W_h, b, x, h0, c0):
+    """The LSTM layer's output alone: hs (B, T, H) of ``lstm`` (c_T dropped), for graphs whose nodes have one
+    output (``fnbp.nn.LSTM``).  Backward: ``lstm``'s with a zero cotangent for c_T."""
+    (hs, _), res = _lstm_fwd(W_x, W_h, b, x, h0, c0)
+    return hs, res
+
+
+def _lstm_sequence_bwd(res, g):
+    c0 = res[4]
+    return _lstm_bwd(res, (g, jnp.zeros_like(c0)))
+
+
+lstm_sequence = rule(_lstm_sequence_fwd, _lstm_sequence_bwd, name="lstm_sequence", check=_check_lstm)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ CELLS = {   # name: (rule, reference, number of gate blocks k, number of bias ve
     "elman": (rnn.elman, reference_rnn.elman, 1, 1, 1),
     "lstm": (_flat_lstm(rnn.lstm), _flat_lstm(reference_rnn.lstm), 4, 1, 2),
     "gru": (rnn.gru, reference_rnn.gru, 3, 2, 1),
+    "lstm_sequence": (rnn.lstm_sequence, lambda *a: reference_rnn.lstm(*a)[0], 4, 1, 2),     # hs alone (nn.LSTM)
 }
 
 

@@ -14,9 +14,11 @@ from .layers import (INITS, Activation, AvgPool, BatchNorm, Conv2D, Dense, Dropo
                      Identity, LeakyRelu, MaxPool, PReLU, Relu, Residual, Sigmoid, Sign, Softmax, Step, Tanh)
 from .model import Builder, Layer, Model, serial
 from .presets import lenet, mlp
+from .recurrent import GRU, LSTM, Elman, Embedding
 
 from_description = Model.from_description
 
 __all__ = ["Layer", "Builder", "Model", "serial", "from_description", "Dense", "Conv2D", "MaxPool", "AvgPool",
            "Flatten", "GlobalAvgPool", "BatchNorm", "Dropout", "Activation", "PReLU", "Residual", "Relu", "Tanh",
-           "Sigmoid", "Identity", "Softmax", "LeakyRelu", "Step", "Sign", "mlp", "lenet", "INITS"]
+           "Sigmoid", "Identity", "Softmax", "LeakyRelu", "Step", "Sign", "mlp", "lenet", "INITS",
+           "Embedding", "Elman", "LSTM", "GRU"]
