@@ -168,6 +168,15 @@ def _sigmoid(a):
     return 0.5 * jnp.tanh(0.5 * a) + 0.5                          # = 1 / (1 + e^-a), no overflow
 
 
+def _gate_constants(H, dtype):
+    """(alpha, beta), each (4H,): the four gates computed with ONE tanh over all 4H columns,
+    gate = alpha tanh(alpha a) + beta, which is sigma(a) = (1 + tanh(a / 2)) / 2 on the i, f, o blocks
+    (alpha = beta = 1/2) and tanh(a) on the g block (alpha = 1, beta = 0); then gate'(a) = alpha^2 - (gate - beta)^2,
+    i.e. sigma (1 - sigma) and 1 - tanh^2.  (No slicing and concatenating of the pre-activations in the loop.)"""
+    half, one, zero = jnp.full((H,), 0.5, dtype), jnp.ones((H,), dtype), jnp.zeros((H,), dtype)
+    return jnp.concatenate([half, half, one, half]), jnp.concatenate([half, half, zero, half])
+
+
 def _lstm_fwd(W_x, W_h, b, x, h0, c0):
     """LSTM layer over a whole sequence; PyTorch's ``nn.LSTM`` (gate order i, f, g, o; b = b_ih + b_hh).
 
@@ -186,19 +195,21 @@ def _lstm_fwd(W_x, W_h, b, x, h0, c0):
     Args: W_x (4H, n_in), W_h (4H, H), b (4H,), x (B, T, n_in), h0 (B, H), c0 (B, H).
     Returns (hs, c_T): hs (B, T, H) every h_t, c_T (B, H) the last cell state.
     Residuals: W_x, W_h, x_tm, h0, c0, the gates (T, B, 4H), cs (T, B, H), hs (T, B, H).
+    The gates are one tanh over the 4H columns (``_gate_constants``); W_h^T is formed once, outside the loop.
     """
     H = W_h.shape[1]
+    alpha, beta = _gate_constants(H, W_h.dtype)
     A_x, x_tm = _input_projection(W_x, x, b)                       # (T, B, 4H): one GEMM for all steps
+    A_x = alpha * A_x
+    W_h_T = jnp.transpose(W_h * alpha[:, None])                   # (H, 4H), once: h_{t-1} W_h^T in the loop
 
-    def step(carry, a_x):
+    def step(carry, alpha_a_x):
         h_prev, c_prev = carry
-        a = a_x + _matmul_T(h_prev, W_h)
-        ifo = _sigmoid(jnp.concatenate([a[:, :2 * H], a[:, 3 * H:]], axis=1))
-        i, f, o = ifo[:, :H], ifo[:, H:2 * H], ifo[:, 2 * H:]
-        g = jnp.tanh(a[:, 2 * H:3 * H])
+        gate = alpha * jnp.tanh(alpha_a_x + _matmul(h_prev, W_h_T)) + beta     # (i, f, g, o) at once
+        i, f, g, o = gate[:, :H], gate[:, H:2 * H], gate[:, 2 * H:3 * H], gate[:, 3 * H:]
         c = f * c_prev + i * g
         h = o * jnp.tanh(c)
-        return (h, c), (jnp.concatenate([i, f, g, o], axis=1), c, h)
+        return (h, c), (gate, c, h)
     (_, c_T), (gates, cs, hs_tm) = lax.scan(step, (h0, c0), A_x)
     return (jnp.swapaxes(hs_tm, 0, 1), c_T), (W_x, W_h, x_tm, h0, c0, gates, cs, hs_tm)
 
@@ -207,6 +218,7 @@ def _lstm_bwd(res, cts):
     W_x, W_h, x_tm, h0, c0, gates, cs, hs_tm = res
     g_hs, g_cT = cts
     H = W_h.shape[1]
+    alpha, beta = _gate_constants(H, W_h.dtype)
     c_prev_tm = _shifted(c0, cs)
 
     def step(carry, inputs):
@@ -216,11 +228,9 @@ def _lstm_bwd(res, cts):
         grad_h = grad_out + grad_h_next
         tanh_c = jnp.tanh(c)
         grad_c = grad_c + grad_h * o * (1 - tanh_c * tanh_c)
-        delta = jnp.concatenate([grad_c * g * i * (1 - i),           # delta^i
-                                 grad_c * c_prev * f * (1 - f),      # delta^f
-                                 grad_c * i * (1 - g * g),           # delta^g
-                                 grad_h * tanh_c * o * (1 - o)],     # delta^o
-                                axis=1)
+        grad_gate = jnp.concatenate([grad_c * g, grad_c * c_prev, grad_c * i, grad_h * tanh_c], axis=1)
+        # gate'(a) column by column: i (1 - i), f (1 - f), 1 - g^2, o (1 - o) = alpha^2 - (gate - beta)^2
+        delta = grad_gate * (alpha * alpha - (gate - beta) ** 2)   # (delta^i, delta^f, delta^g, delta^o)
         return (_matmul(delta, W_h), grad_c * f), delta
     (grad_h0, grad_c0), delta = lax.scan(step, (jnp.zeros_like(h0), g_cT),
                                          (jnp.swapaxes(g_hs, 0, 1), gates, cs, c_prev_tm), reverse=True)
