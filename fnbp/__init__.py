@@ -17,7 +17,7 @@ straight-through estimators).
 from . import (activations, checkpoint, cnn, conv, data, graph, layers, losses, mlp, norm, ops, optim, parallel,
                perceptron, pool, reference, regularization, rules, skip, train)
 from . import dp, feedback, per_example
-from . import charlm, reference_rnn, rnn
+from . import charlm, reference_rnn, rnn, rnn_steps
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .mlp import backprop
 from .crosscheck import check
@@ -26,7 +26,7 @@ from .rules import Rule, rule
 from .norm import batch_norm
 from .regularization import dropout
 from .conv import conv2d
-from .embedding import embedding
+from .embeddings import embedding
 from .pool import avg_pool, flatten, global_avg_pool, max_pool
 
 __version__ = "0.1.0"
@@ -36,4 +36,4 @@ __all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leak
            "embedding", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
            "parallel", "perceptron", "graph", "ops", "skip", "conv", "pool", "cnn", "per_example", "dp", "feedback",
-           "rnn", "reference_rnn", "charlm"]
+           "rnn", "rnn_steps", "reference_rnn", "charlm"]

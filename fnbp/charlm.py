@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from . import layers, losses, rnn
-from .embedding import embedding
+from .embeddings import embedding
 
 __all__ = ["CELLS", "init", "zero_state", "apply", "loss", "detach", "make_train_step", "evaluate", "sample"]
 

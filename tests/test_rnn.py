@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnbp
-from fnbp import reference_rnn, rnn
+from fnbp import reference_rnn, rnn, rnn_steps
 from vjp_oracle import FD_RTOL, compile_fast, max_rel, vjp_check
 
 AD_TOL = 1e-12          # our VJP vs jax.vjp of the plain scan, relative, float64
@@ -121,8 +121,8 @@ def test_step_by_step_elman_equals_the_fast_rule():
     def both():
         hs, vjp = jax.vjp(rnn.elman, W_x, W_h, b, x, h0)
         grad_W_x, grad_W_h, grad_b, grad_x, grad_h0 = vjp(g)
-        hs_loop, caches = rnn.rnn_forward(x, h0, W_x, W_h, b)
-        return (hs, grad_x, grad_h0, grad_W_x, grad_W_h, grad_b), (hs_loop, *rnn.rnn_backward(g, caches))
+        hs_loop, caches = rnn_steps.rnn_forward(x, h0, W_x, W_h, b)
+        return (hs, grad_x, grad_h0, grad_W_x, grad_W_h, grad_b), (hs_loop, *rnn_steps.rnn_backward(g, caches))
     fast, loop = jax.jit(both)()
     for a, b_ in zip(fast, loop):
         assert max_rel(b_, a) <= AD_TOL
@@ -136,9 +136,9 @@ def test_step_by_step_lstm_equals_the_fast_rule():
     def both():
         (hs, c_T), vjp = jax.vjp(rnn.lstm, W_x, W_h, b, x, h0, c0)
         grad_W_x, grad_W_h, grad_b, grad_x, grad_h0, grad_c0 = vjp((g_hs, g_c))
-        hs_loop, c_loop, caches = rnn.lstm_forward(x, h0, c0, W_x, W_h, b)
+        hs_loop, c_loop, caches = rnn_steps.lstm_forward(x, h0, c0, W_x, W_h, b)
         return ((hs, c_T, grad_x, grad_h0, grad_c0, grad_W_x, grad_W_h, grad_b),
-                (hs_loop, c_loop, *rnn.lstm_backward(g_hs, g_c, caches)))
+                (hs_loop, c_loop, *rnn_steps.lstm_backward(g_hs, g_c, caches)))
     fast, loop = jax.jit(both)()
     for a, b_ in zip(fast, loop):
         assert max_rel(b_, a) <= AD_TOL

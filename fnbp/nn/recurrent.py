@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import rnn
-from ..embedding import embedding
+from ..embeddings import embedding
 from .layers import _size
 from .model import Layer, who
 

@@ -1,4 +1,4 @@
-"""The embedding layer (a lookup table) and its hand-derived backward, a scatter-add.
+"""The embedding layer ``fnbp.embedding`` (a lookup table) and its hand-derived backward, a scatter-add.
 
     E    (V, d)        one row per symbol of a vocabulary of V symbols
     ids  (...)         integer symbol indices in [0, V), any shape ((B, T) for a batch of sequences)
