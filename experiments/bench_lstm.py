@@ -17,6 +17,7 @@ ratio fnbp / autodiff (median over rounds).  Timings from a shared machine are l
     python -m experiments.bench_lstm                  # writes experiments/results/bench_lstm.{md,json}
     python -m experiments.bench_lstm --quick --out /tmp/x
 """
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,38 @@ def make_scan(step):
     return jax.jit(run)
 
 
+class TorchStep:
+    """PyTorch eager on the CPU, the same model and step: nn.Embedding, nn.LSTM (batch_first), nn.Linear,
+    F.cross_entropy (mean over tokens), torch.optim.Adam; float32, the same initial weights."""
+
+    def __init__(self, params, x, y, threads):
+        import torch
+        torch.set_num_threads(threads)
+        V, d = params["E"].shape
+        H = params["W_h"].shape[1]
+        self.torch, self.F = torch, torch.nn.functional
+        self.emb, self.lstm = torch.nn.Embedding(V, d), torch.nn.LSTM(d, H, batch_first=True)
+        self.out = torch.nn.Linear(H, V)
+        with torch.no_grad():
+            for p, v in [(self.emb.weight, params["E"]), (self.lstm.weight_ih_l0, params["W_x"]),
+                         (self.lstm.weight_hh_l0, params["W_h"]), (self.lstm.bias_ih_l0, params["b"]),
+                         (self.out.weight, params["W_out"]), (self.out.bias, params["b_out"])]:
+                p.copy_(torch.from_numpy(np.array(v)))
+            self.lstm.bias_hh_l0.zero_()
+        self.params = [*self.emb.parameters(), *self.lstm.parameters(), *self.out.parameters()]
+        self.opt = torch.optim.Adam(self.params, lr=2e-3)
+        self.x, self.y = torch.from_numpy(np.array(x, np.int64)), torch.from_numpy(np.array(y, np.int64))
+
+    def __call__(self):
+        self.opt.zero_grad()
+        hs, _ = self.lstm(self.emb(self.x))
+        logits = self.out(hs)
+        loss = self.F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.y.reshape(-1))
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
 def step_flops(B, T, n_in, H, V):
     """Matrix-product FLOPs of one training step: forward 2 B T (4H (n_in + H) + V H), backward twice that."""
     return 3 * 2 * B * T * (4 * H * (n_in + H) + V * H)
@@ -76,10 +109,13 @@ def main(argv=None):
         p.add_argument("--embed", type=int, default=64)
         p.add_argument("--steps", type=int, default=4, help="optimizer steps per call of the scan variants")
         p.add_argument("--min-time", type=float, default=5.0, help="seconds of samples per variant")
+        p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
+        p.add_argument("--torch-threads", type=int, default=2)
         p.add_argument("--label", default="measured on a loaded machine",
                        help="how the timings were taken (shown with them)")
     args = common.parse_args("LSTM training step: fnbp's BPTT rule vs jax.grad through lax.scan", argv,
                              add_arguments=add)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # before torch loads (see fnbp.bench.run)
     if args.quick:
         args.hidden, args.batch, args.seq_len, args.embed, args.steps, args.min_time = 32, 8, 16, 8, 2, 0.2
     V, B, T, H, d = 67, args.batch, args.seq_len, args.hidden, args.embed
@@ -105,6 +141,9 @@ def main(argv=None):
         return lambda: jax.block_until_ready(fn(*a))
     fns = {f"{n} step": call(jitted[n], params, opt_state, state, xs[0], ys[0]) for n in steps}
     fns.update({f"{n} scan": call(scans[n], params, opt_state, state, xs, ys) for n in steps})
+    from fnbp.bench.steps import torch_available
+    if torch_available() and not args.no_torch:
+        fns["torch eager"] = TorchStep(params, xs[0], ys[0], args.torch_threads)
     with common.Timer() as timer:
         samples = interleaved(fns, args.min_time, min_samples=3 if args.quick else 5, seed=args.seed)
     flops = step_flops(B, T, d, H, V)
@@ -118,18 +157,21 @@ def main(argv=None):
         rows.append([n, f"{summary[n]['ms_median']:.1f}", f"{summary[n]['ms_q1']:.1f}-{summary[n]['ms_q3']:.1f}",
                      f"{summary[n]['gflops']:.1f}", summary[n]["n_samples"]])
     ratios = {kind: paired_ratio(samples[f"fnbp {kind}"], samples[f"autodiff {kind}"]) for kind in ("step", "scan")}
+    if "torch eager" in fns:
+        ratios["step vs torch"] = paired_ratio(samples["fnbp step"], samples["torch eager"])
+        ratios["scan vs torch"] = paired_ratio(samples["fnbp scan"], samples["torch eager"])
     md = [f"# LSTM training step: fnbp's BPTT rule vs jax.grad through lax.scan ({args.label})", "",
           f"H = {H}, B = {B}, T = {T}, V = {V}, embedding {d}, Adam, float32; {flops / 1e9:.2f} GFLOP per step "
           f"(matrix products); scan variants: {args.steps} steps per call.  Gradients agree to {agree:.1e} "
           f"(max relative, float32).", "",
           common.md_table(["variant", "ms / step (median)", "IQR", "GFLOP/s", "samples"], rows), "",
-          "Paired ratio fnbp / autodiff (median over rounds, IQR): " + "; ".join(
+          "Paired ratios fnbp / autodiff (and fnbp / torch eager when present; median over rounds, IQR): " + "; ".join(
               f"{k} {r['median']:.2f} ({r['q1']:.2f}-{r['q3']:.2f}, {r['rounds']} rounds)" for k, r in ratios.items()),
           "", f"Timings {args.label}: read the ratios, not the absolute times."]
     common.write_results(args.out, "bench_lstm", "\n".join(md),
                          {"settings": {"H": H, "B": B, "T": T, "V": V, "embed": d, "steps": args.steps,
                                        "label": args.label},
-                          "machine": machine_description(), "gradient_agreement": agree, "summary": summary,
+                          "machine": machine_description(), "torch": "torch eager" in fns, "gradient_agreement": agree, "summary": summary,
                           "ratios": ratios}, args=args, seconds=timer.seconds)
     print("\n".join(md))
     return summary, ratios
