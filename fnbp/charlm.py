@@ -97,18 +97,16 @@ def make_train_step(opt, cell="lstm"):
     return jax.jit(step)
 
 
+_loss_jit = jax.jit(loss, static_argnums=4)         # one compiled program per shapes and cell, kept across calls
+
+
 def evaluate(params, ids, batch_size, seq_len, cell="lstm"):
     """Mean loss in nats per character over a stream of ids, read as ``fnbp.text.sequential_batches``
     chunks with the state carried from chunk to chunk (every prediction sees the whole past of its row)."""
     from .text import sequential_batches
-
-    @jax.jit
-    def chunk(params, state, x, y):
-        E, state = loss(params, x, y, state, cell)
-        return E, state
     state, total, n = zero_state(params, batch_size, cell), 0.0, 0
     for x, y in sequential_batches(ids, batch_size, seq_len):
-        E, state = chunk(params, state, x, y)
+        E, state = _loss_jit(params, x, y, state, cell)
         total, n = total + float(E), n + 1
     return total / n
 
