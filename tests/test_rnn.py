@@ -191,27 +191,28 @@ def _dots_inside_and_outside_loops(hlo):
     return inside, outside
 
 
-def _compiled_lstm_gradient(lstm_fn, B, T, n_in, H):
-    args = _args("lstm", B, T, n_in, H, False, np.random.default_rng(6))
+def _compiled_gradient(cell, B, T, n_in, H, reference=False):
+    """The compiled HLO text of the gradient of a loss on the cell's outputs (ours, or autodiff of the plain scan)."""
+    fn = CELLS[cell][1] if reference else CELLS[cell][0]
+    args = _args(cell, B, T, n_in, H, False, np.random.default_rng(6))
+    loss = jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args) - CELLS[cell][4])))
+    return jax.jit(loss).lower(*args).compile().as_text()
 
-    def loss(*a):
-        hs, c_T = lstm_fn(*a)
-        return jnp.sum(jnp.sin(hs)) + jnp.sum(c_T)
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text()
 
-
-def test_compiled_lstm_gradient_hoists_the_big_products_out_of_the_loops():
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_compiled_gradient_hoists_the_big_products_out_of_the_loops(cell):
     # distinct sizes, so every product is recognisable by its shape: B = 3, T = 7 (T B = 21 rows), n_in = 5, H = 11
     B, T, n_in, H = 3, 7, 5, 11
-    inside, outside = _dots_inside_and_outside_loops(_compiled_lstm_gradient(rnn.lstm, B, T, n_in, H))
+    kH = CELLS[cell][2] * H
+    inside, outside = _dots_inside_and_outside_loops(_compiled_gradient(cell, B, T, n_in, H))
     # in the loops: only the sequential products, h_{t-1} W_h^T (forward) and delta_t W_h (backward), B rows each
-    assert inside == sorted([(B, 4 * H), (B, H)]), inside
+    assert inside == sorted([(B, kH), (B, H)]), inside
     # outside: the input projection X W_x^T, grad W_x = delta^T X, grad W_h = delta^T H_prev, grad X = delta W_x,
     # each one GEMM over all T B rows
-    assert outside == sorted([(T * B, 4 * H), (4 * H, n_in), (4 * H, H), (T * B, n_in)]), outside
+    assert outside == sorted([(T * B, kH), (kH, n_in), (kH, H), (T * B, n_in)]), outside
     # the same check fails for autodiff of the plain scan: it accumulates grad W_x and grad W_h step by step
-    inside_ref, _ = _dots_inside_and_outside_loops(_compiled_lstm_gradient(reference_rnn.lstm, B, T, n_in, H))
-    assert (4 * H, n_in) in inside_ref and (4 * H, H) in inside_ref, inside_ref
+    inside_ref, _ = _dots_inside_and_outside_loops(_compiled_gradient(cell, B, T, n_in, H, reference=True))
+    assert (kH, n_in) in inside_ref and (kH, H) in inside_ref, inside_ref
 
 
 # --- float32, errors -------------------------------------------------------------------------------------------------
