@@ -17,6 +17,7 @@ straight-through estimators).
 from . import (activations, checkpoint, cnn, conv, data, graph, layers, losses, mlp, norm, ops, optim, parallel,
                perceptron, pool, reference, regularization, rules, skip, train)
 from . import dp, extensions, feedback, keys, nn, objective, per_example
+from . import charlm, reference_rnn, rnn, rnn_steps
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .mlp import backprop
 from .crosscheck import check
@@ -25,13 +26,14 @@ from .rules import Rule, rule
 from .norm import batch_norm
 from .regularization import dropout
 from .conv import conv2d
+from .embeddings import embedding
 from .pool import avg_pool, flatten, global_avg_pool, max_pool
 
 __version__ = "0.1.0"
 
 __all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "step", "sign", "softmax",
            "batch_norm", "dropout", "conv2d", "max_pool", "avg_pool", "flatten", "global_avg_pool",
-           "backprop", "check",
+           "embedding", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
            "parallel", "perceptron", "graph", "ops", "skip", "conv", "pool", "cnn", "per_example", "dp", "feedback",
-           "nn", "keys", "extensions", "objective"]
+           "nn", "keys", "extensions", "objective", "rnn", "rnn_steps", "reference_rnn", "charlm"]

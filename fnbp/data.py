@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .idx import IDXFormatError, read_idx, write_idx
+from .text import CharCorpus, load_shakespeare
 
 __all__ = [
     "Dataset",
@@ -34,6 +35,8 @@ __all__ = [
     "load_mnist",
     "toy",
     "load",
+    "CharCorpus",
+    "load_shakespeare",
 ]
 
 

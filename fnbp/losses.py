@@ -188,9 +188,12 @@ def _softmax_cross_entropy_fwd(logits, labels, *, reduction="mean"):
     Backward (fused): grad_y E = softmax(y) - onehot(d).
 
     Args:
-      logits: (n_classes,) or (batch, n_classes).
-      labels: integer class indices, shape () or (batch,).  An ordinary
-        argument whose cotangent is None.
+      logits: (n_classes,) or (batch, n_classes), or (batch, T, n_classes) for sequences.
+      labels: integer class indices, shape () or (batch,) or (batch, T): logits.shape[:-1].
+        An ordinary argument whose cotangent is None.
+
+    Every leading axis counts as examples: on (batch, T, V) logits of a language model
+    'mean' averages over the batch * T tokens (nats per token), 'sum' adds them.
 
     Labels out of range [0, n_classes) raise ValueError when the function is
     called outside ``jit`` on concrete arrays.  Inside ``jit`` (or ``vmap``)

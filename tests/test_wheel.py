@@ -60,6 +60,7 @@ def test_wheel_contents_and_installed_location(installed):
     import zipfile
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert "fnbp/py.typed" in names and "fnbp/bench/run.py" in names and "fnbp/idx.py" in names
+    assert "fnbp/datasets/shakespeare.txt.gz" in names               # the shipped corpus (package-data)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("experiments/", "tests/")) for n in names)
     probe = ("import fnbp, importlib.metadata as m, pathlib; p = pathlib.Path(fnbp.__file__).parent; "
@@ -68,6 +69,9 @@ def test_wheel_contents_and_installed_location(installed):
     out = _run([installed["python"], "-c", probe], cwd=installed["cwd"], env=installed["env"]).stdout.split("\n")
     assert Path(out[0]).is_relative_to(installed["venv"])          # the wheel, not the source tree
     assert out[1:4] == ["True", fnbp.__version__, "MIT"]
+    corpus = _run([installed["python"], "-c", "import fnbp; c = fnbp.data.load_shakespeare(); print(len(c.text), "
+                   "len(c.vocab))"], cwd=installed["cwd"], env=installed["env"]).stdout.split()
+    assert corpus == ["1176823", "67"]                                # read from the wheel, md5 checked
 
 
 def test_installed_command_line(installed):

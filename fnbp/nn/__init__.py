@@ -15,7 +15,9 @@ from .layers import (INITS, Activation, AvgPool, BatchNorm, Conv2D, Dense, Dropo
 from .describe import from_description
 from .model import Builder, Layer, Model, serial
 from .presets import lenet, mlp
+from .recurrent import GRU, LSTM, Elman, Embedding
 
 __all__ = ["Layer", "Builder", "Model", "serial", "from_description", "Dense", "Conv2D", "MaxPool", "AvgPool",
            "Flatten", "GlobalAvgPool", "BatchNorm", "Dropout", "Activation", "PReLU", "Residual", "Relu", "Tanh",
-           "Sigmoid", "Identity", "Softmax", "LeakyRelu", "Step", "Sign", "mlp", "lenet", "INITS"]
+           "Sigmoid", "Identity", "Softmax", "LeakyRelu", "Step", "Sign", "mlp", "lenet", "INITS",
+           "Embedding", "Elman", "LSTM", "GRU"]

@@ -70,6 +70,7 @@ from .adaptive import (AdaDeltaState, AdaGradState, AdamState, DeltaBarDeltaStat
 from .gradient_descent import (CountState, EmaMomentumState, MomentumState, NesterovState, ema_momentum, gradient_point,
                                lookahead_params, momentum, nesterov, sgd, simplified_nesterov)
 from .schedules import constant, exponential_decay, inverse_decay
+from .clipping import clip_by_global_norm, global_norm
 
 __all__ = [
     "sgd", "momentum", "ema_momentum", "nesterov", "lookahead_params", "simplified_nesterov",
@@ -80,4 +81,5 @@ __all__ = [
     "RMSPropState", "AdaDeltaState", "AdamState", "DeltaBarDeltaState",
     "LookaheadTransformation", "gradient_point", "leafwise_optimizer", "update_moment",
     "bias_correction",
+    "clip_by_global_norm", "global_norm",
 ]
