@@ -22,12 +22,12 @@ IMPORTS = {RULES: {RULES}, OPS: {RULES, OPS}, WALKER: {RULES, WALKER}, MODELS: {
 LAYERS = {
     RULES: ["rules", "check_cases", "keys"],
     OPS: ["activations", "layers", "losses", "norm", "regularization", "conv", "pool", "ops", "reference",
-          "extensions"],                                    # extensions: each rule's per-example extension
+          "extensions", "rnn", "rnn_steps", "reference_rnn", "embeddings"],                                    # extensions: each rule's per-example extension
     WALKER: ["graph"],
     MODELS: ["mlp", "cnn", "skip", "perceptron", "nn", "nn.*", "objective"],   # objective: E = L(y; d) nodes
     QUANTITIES: ["per_example", "dp", "feedback"],
     TRAINING: ["train", "train_checks", "optim", "optim.*", "data", "idx", "checkpoint", "_checkpoint_format",
-               "parallel"],
+               "parallel", "text", "charlm"],                 # charlm: a char model's training step
     FRONT: ["", "__main__", "cli", "cli_train", "_cli_model", "_cli_args", "bench", "bench.*", "crosscheck",
             "checklist"],                                   # "": the package's facade, fnbp/__init__.py
 }
