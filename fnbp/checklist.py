@@ -71,6 +71,14 @@ def _inputs(kind, rng, batch):
         return (normal((batch, 6, 6, 2)),)
     if kind == "maps_bn":
         return (normal((batch, 4, 3, 2)) * 2 + 1, 1 + 0.2 * normal((2,)), normal((2,)))
+    if kind in ("elman", "lstm", "gru"):     # (W_x, W_h, biases..., x (B, T, n_in), states...), T = 3, H = 3
+        k, H, B, T = {"elman": 1, "lstm": 4, "gru": 3}[kind], 3, batch, 3
+        biases = (normal((k * H,)),) * (2 if kind == "gru" else 1)
+        states = (normal((B, H)),) * (2 if kind == "lstm" else 1)
+        return (0.5 * normal((k * H, n_in)), 0.5 * normal((k * H, H))) + tuple(0.5 * b for b in biases) + (
+            normal((B, T, n_in)),) + tuple(0.5 * s for s in states)
+    if kind == "embedding":
+        return (normal((7, n_out)), rng.integers(0, 7, (batch, 3)).astype(np.int32))
     raise ValueError(f"fnbp.checklist: no inputs of kind {kind!r}")
 
 

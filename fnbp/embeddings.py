@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import extensions
+from . import extensions, reference_rnn
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["embedding", "check_embedding_inputs"]
@@ -82,3 +83,4 @@ def _embedding_W(mat, shape):
 
 
 extensions.register(embedding, view=_embedding_rows, to_W=_embedding_W, weight=0, bias=None)
+register_check(embedding, reference_rnn.embedding, "embedding", argnums=(0,), batch_only=True)   # ids fixed

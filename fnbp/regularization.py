@@ -81,5 +81,6 @@ def _dropout_per_example_bwd(res, grad_y):
     return jax.vmap(lambda r, g_n: _dropout_bwd(r, g_n)[0])(res, grad_y), None, None
 
 
-dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example")
+dropout_per_example = rule(_dropout_per_example_fwd, _dropout_per_example_bwd, name="dropout_per_example",
+                           nondiff=("p", "keys"))
 register_check(dropout_per_example, "dropout_per_example", "dropout_rows", argnums=(0,), batch_only=True)

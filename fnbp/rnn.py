@@ -37,6 +37,8 @@ scans that autodiff differentiates as the oracle.
 import jax.numpy as jnp
 from jax import lax
 
+from . import reference_rnn
+from .check_cases import register as register_check
 from .rules import rule
 
 __all__ = ["elman", "lstm", "lstm_sequence", "gru", "check_rnn_shapes"]
@@ -319,3 +321,17 @@ def _check_gru(W_x, W_h, b_x, b_h, x, h0):
 
 
 gru = rule(_gru_fwd, _gru_bwd, name="gru", check=_check_gru)
+
+
+# ------------------------------------------------------------------------------------------------
+# fnbp check rows (the plain-jnp scans of fnbp.reference_rnn as the references)
+# ------------------------------------------------------------------------------------------------
+def _both_outputs(hs, c_T):
+    return jnp.concatenate([hs.reshape(-1), c_T.reshape(-1)])     # one array: every output's cotangent checked
+
+
+register_check(elman, reference_rnn.elman, "elman", batch_only=True)
+register_check(lambda *a: _both_outputs(*lstm(*a)), lambda *a: _both_outputs(*reference_rnn.lstm(*a)), "lstm",
+               covers=lstm, name="lstm", batch_only=True)
+register_check(lstm_sequence, lambda *a: reference_rnn.lstm(*a)[0], "lstm", batch_only=True)
+register_check(gru, reference_rnn.gru, "gru", batch_only=True)

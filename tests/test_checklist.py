@@ -109,7 +109,7 @@ def _bad_window_bwd(res, grad_h):
 def test_a_wrong_surrogate_backward_is_caught(monkeypatch):
     """The STE rows can fail: an STE whose window is twice the surrogate's is reported by both oracles."""
     from fnbp import feedback
-    bad = rule(feedback.sign_ste.rule.fwd, _bad_window_bwd, name="sign_ste")
+    bad = rule(feedback.sign_ste.rule.fwd, _bad_window_bwd, name="sign_ste", nondiff=("window",))
     monkeypatch.setattr(check_cases, "CASES", [c._replace(fn=bad) if c.name == "sign_ste" else c
                                                for c in check_cases.CASES])
     monkeypatch.setattr(checklist, "CASES", check_cases.CASES)

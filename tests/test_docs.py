@@ -144,6 +144,16 @@ def test_transforms_page_claims_hold(tmp_path):
     assert _run(code, tmp_path) == expected
 
 
+@pytest.mark.slow
+def test_models_page_blocks_run_as_pasted_and_print_what_the_page_says(tmp_path):
+    """docs/models.md: each python block (a composed CNN, a residual MLP with per-example norms and DP-SGD, a LeNet
+    trained with DP) runs in a fresh interpreter and prints the text block the page shows under it."""
+    blocks = _blocks((ROOT / "docs" / "models.md").read_text())
+    assert len(blocks) == 3 and all(expected is not None for _, expected in blocks)
+    for code, expected in blocks:
+        assert _run(code, tmp_path) == expected
+
+
 def test_index_example_is_the_readme_example():
     """The home page's example is line for line part of the README's explicit-loop block, which
     tests/test_readme.py runs as pasted (so it is not run a second time here)."""
