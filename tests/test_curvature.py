@@ -264,3 +264,30 @@ def test_negative_control_wrong_factor_is_caught(monkeypatch):
         monkeypatch.setattr(curvature, "hessian_factor", wrong)
         err = _max_err(curvature.diag_ggn(params, x, d, model=model, loss=losses.softmax_cross_entropy), ref)
     assert err > 1e-4, err
+
+
+def _train(opt, model, params, x, d, steps, curvature_fn=None):
+    def E(p):
+        return losses.softmax_cross_entropy(ref_apply(model.layers, p, x, None), d)
+    state = opt.init(params)
+    for _ in range(steps):
+        g = jax.grad(E)(params)
+        extra = {} if curvature_fn is None else {"factors": curvature_fn(params)}
+        updates, state = opt.update(g, state, params, **extra)
+        params = fnbp.optim.apply_updates(params, updates)
+    return float(E(params))
+
+
+def test_optim_kfac_decreases_the_loss_faster_than_sgd():
+    """Tiny tanh MLP, full batch of 32, 3 classes, 30 steps at the same learning rate 0.1: K-FAC (sampled factors,
+    fixed key, damping 1e-2, inverses every 5 steps) ends below 0.8 x SGD's loss (measured
+    0.64 vs 1.04), which itself decreased."""
+    with jax.enable_x64(True):
+        model, params, x, d = _problem("mlp-tanh", "ce", batch=32)
+        E0 = float(losses.softmax_cross_entropy(ref_apply(model.layers, params, x, None), d))
+        keys = iter(jax.random.split(jax.random.key(3), 30))
+        kf = _train(fnbp.optim.kfac(0.1, damping=1e-2, inverse_every=5), model, params, x, d, 30,
+                    lambda p: curvature.kfac(p, x, d, key=next(keys), model=model,
+                                             loss=losses.softmax_cross_entropy))
+        sgd = _train(fnbp.optim.sgd(0.1), model, params, x, d, 30)
+    assert sgd < E0 and kf < 0.8 * sgd, (E0, sgd, kf)

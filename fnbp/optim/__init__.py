@@ -70,9 +70,10 @@ from .adaptive import (AdaDeltaState, AdaGradState, AdamState, DeltaBarDeltaStat
 from .gradient_descent import (CountState, EmaMomentumState, MomentumState, NesterovState, ema_momentum, lookahead_params,
                        momentum, nesterov, sgd, simplified_nesterov)
 from .schedules import constant, exponential_decay, inverse_decay
+from .kfac import KFACState, kfac
 
 __all__ = [
-    "sgd", "momentum", "ema_momentum", "nesterov", "lookahead_params", "simplified_nesterov",
+    "sgd", "kfac", "KFACState", "momentum", "ema_momentum", "nesterov", "lookahead_params", "simplified_nesterov",
     "adagrad", "rmsprop", "adadelta", "adam", "delta_bar_delta",
     "constant", "inverse_decay", "exponential_decay", "apply_updates",
     "Schedule", "ScalarOrSchedule",
