@@ -7,7 +7,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import fnbp
@@ -168,7 +167,7 @@ def test_kflr_factors_equal_their_definitions_mlp(loss):
             one = curvature.kflr(params, xn, dn, model=model, loss=fn)
             y = ref_apply(model.layers, params, xn, None)
             H = jax.hessian(lambda y_: ref_loss(y_, dn))(y).reshape(C, C)
-            for i, (layer, path) in enumerate(zip(one, range(len(one)))):
+            for i, layer in enumerate(one):
                 for leaf in ("W", "b"):
                     J = jax.jacobian(lambda v: ref_apply(model.layers, _replace(params, (
                         jax.tree_util.SequenceKey(i), jax.tree_util.DictKey(leaf)), v), xn, None))(params[i][leaf])
@@ -270,10 +269,10 @@ def _train(opt, model, params, x, d, steps, curvature_fn=None):
     def E(p):
         return losses.softmax_cross_entropy(ref_apply(model.layers, p, x, None), d)
     state = opt.init(params)
+    grad, update = jax.jit(jax.grad(E)), jax.jit(opt.update)
     for _ in range(steps):
-        g = jax.grad(E)(params)
         extra = {} if curvature_fn is None else {"factors": curvature_fn(params)}
-        updates, state = opt.update(g, state, params, **extra)
+        updates, state = update(grad(params), state, params, **extra)
         params = fnbp.optim.apply_updates(params, updates)
     return float(E(params))
 
@@ -286,8 +285,20 @@ def test_optim_kfac_decreases_the_loss_faster_than_sgd():
         model, params, x, d = _problem("mlp-tanh", "ce", batch=32)
         E0 = float(losses.softmax_cross_entropy(ref_apply(model.layers, params, x, None), d))
         keys = iter(jax.random.split(jax.random.key(3), 30))
+        factors = jax.jit(lambda p, k: curvature.kfac(p, x, d, key=k, model=model,
+                                                      loss=losses.softmax_cross_entropy))
         kf = _train(fnbp.optim.kfac(0.1, damping=1e-2, inverse_every=5), model, params, x, d, 30,
-                    lambda p: curvature.kfac(p, x, d, key=next(keys), model=model,
-                                             loss=losses.softmax_cross_entropy))
+                    lambda p: factors(p, next(keys)))
         sgd = _train(fnbp.optim.sgd(0.1), model, params, x, d, 30)
     assert sgd < E0 and kf < 0.8 * sgd, (E0, sgd, kf)
+
+
+@pytest.mark.slow
+def test_experiment_quick_runs(tmp_path):
+    """experiments/curvature.py --quick: every quantity timed, a finite positive ratio to the plain backward."""
+    from experiments import curvature as exp
+    res = exp.main(["--quick", "--out", str(tmp_path), "--rounds", "2"])
+    assert (tmp_path / "curvature.md").exists()
+    for rows in res.values():
+        assert set(rows) >= {"backward (baseline)", "diag_ggn", "kfac", "kflr", "diag_hessian"}
+        assert all(0 < v["ratio"] < float("inf") for v in rows.values())
