@@ -70,7 +70,7 @@ from .adaptive import (AdaDeltaState, AdaGradState, AdamState, DeltaBarDeltaStat
 from .gradient_descent import (CountState, EmaMomentumState, MomentumState, NesterovState, ema_momentum, lookahead_params,
                        momentum, nesterov, sgd, simplified_nesterov)
 from .schedules import constant, exponential_decay, inverse_decay
-from .kfac import KFACState, kfac
+from .kronecker import KFACState, kfac
 
 __all__ = [
     "sgd", "kfac", "KFACState", "momentum", "ema_momentum", "nesterov", "lookahead_params", "simplified_nesterov",
