@@ -302,3 +302,15 @@ def test_experiment_quick_runs(tmp_path):
     for rows in res.values():
         assert set(rows) >= {"backward (baseline)", "diag_ggn", "kfac", "kflr", "diag_hessian"}
         assert all(0 < v["ratio"] < float("inf") for v in rows.values())
+
+
+def test_a_graph_as_model_gives_the_same_quantities():
+    """model= a fnbp.graph.Graph (the model's own graph): the same numbers as the model, every quantity."""
+    with jax.enable_x64(True):
+        model, params, x, d = _problem("cnn-sigmoid", "ce")
+        net = model.graph(params, train=True)
+        kw = dict(loss=losses.softmax_cross_entropy)
+        for fn in (curvature.diag_ggn, curvature.diag_hessian, curvature.kflr):
+            a = jax.tree_util.tree_leaves(fn(params, x, d, model=model, **kw))
+            b = jax.tree_util.tree_leaves(fn(params, x, d, model=net, **kw))
+            assert len(a) == len(b) and all(bool(jnp.array_equal(u, v)) for u, v in zip(a, b)), fn.__name__
