@@ -12,11 +12,11 @@ ops (add, mul, log); graph (the walker: the notes' general back-propagation);
 crosscheck (``fnbp.check``); mlp (with ``backprop``, the walker on the MLP); skip (a
 skip-connection graph); optim; train, data, checkpoint, parallel; perceptron;
 per_example, dp, feedback (per-example quantities, DP-SGD, feedback alignment and
-straight-through estimators).
+straight-through estimators); curvature (diag GGN, KFLR/KFAC factors, diag Hessian).
 """
 from . import (activations, checkpoint, cnn, conv, data, graph, layers, losses, mlp, norm, ops, optim, parallel,
                perceptron, pool, reference, regularization, rules, skip, train)
-from . import dp, extensions, feedback, keys, nn, objective, per_example
+from . import curvature, dp, extensions, feedback, keys, nn, objective, per_example
 from . import charlm, reference_rnn, rnn, rnn_steps
 from .activations import identity, leaky_relu, prelu, relu, sigmoid, sign, softmax, step, tanh
 from .mlp import backprop
@@ -36,4 +36,4 @@ __all__ = ["Rule", "rule", "dense", "identity", "sigmoid", "tanh", "relu", "leak
            "embedding", "backprop", "check",
            "activations", "layers", "losses", "norm", "reference", "mlp", "optim", "train", "data", "checkpoint",
            "parallel", "perceptron", "graph", "ops", "skip", "conv", "pool", "cnn", "per_example", "dp", "feedback",
-           "nn", "keys", "extensions", "objective", "rnn", "rnn_steps", "reference_rnn", "charlm"]
+           "nn", "keys", "extensions", "objective", "rnn", "rnn_steps", "reference_rnn", "charlm", "curvature"]

@@ -16,6 +16,7 @@ pre-activation gives a NaN output (as ``jax.nn.relu`` does), never a silent 0.
 import jax.numpy as jnp
 from jax import lax
 
+from . import extensions
 from .check_cases import register as register_check
 from .rules import rule
 
@@ -44,6 +45,7 @@ def _identity_bwd(_, grad_h):
 
 identity = rule(_identity_fwd, _identity_bwd, check=_floating("identity"))
 register_check(identity, "identity", "activation")
+extensions.register_second_derivative(identity, extensions.LINEAR)
 
 
 def _sigmoid_fwd(a):
@@ -62,6 +64,7 @@ def _sigmoid_bwd(h, grad_h):
 
 sigmoid = rule(_sigmoid_fwd, _sigmoid_bwd, check=_floating("sigmoid"))
 register_check(sigmoid, "sigmoid", "activation")
+extensions.register_second_derivative(sigmoid, lambda a, h: h * (1 - h) * (1 - 2 * h))   # g'' = g' (1 - 2 g)
 
 
 def _tanh_fwd(a):
@@ -76,6 +79,7 @@ def _tanh_bwd(h, grad_h):
 
 tanh = rule(_tanh_fwd, _tanh_bwd, check=_floating("tanh"))
 register_check(tanh, "tanh", "activation")
+extensions.register_second_derivative(tanh, lambda a, h: -2 * h * (1 - h * h))          # g'' = -2 g g'
 
 
 def _relu_fwd(a):
@@ -93,6 +97,7 @@ def _relu_bwd(mask, grad_h):
 
 relu = rule(_relu_fwd, _relu_bwd, check=_floating("relu"))
 register_check(relu, "relu", "activation")
+extensions.register_second_derivative(relu, extensions.LINEAR)
 
 
 def _leaky_relu_fwd(a, slope=0.01):

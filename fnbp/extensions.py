@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 from .rules import Rule, rule_of
 
 __all__ = ["Rows", "PerExample", "register", "register_coupling", "register_batch_level", "per_example",
-           "couples_examples", "batch_level"]
+           "couples_examples", "batch_level", "register_second_derivative", "second_derivative", "LINEAR"]
 
 
 class Rows(NamedTuple):
@@ -44,6 +44,9 @@ class PerExample(NamedTuple):
 _PER_EXAMPLE = {}
 _COUPLING = {}
 _BATCH_LEVEL = set()
+_SECOND = {}
+LINEAR = None
+"""``register_second_derivative(rule, LINEAR)``: the rule is (piecewise) linear in its one argument."""
 
 
 def _key(rule):
@@ -79,3 +82,16 @@ def couples_examples(rule):
 def batch_level(rule):
     """True for an objective term that does not depend on the examples (the L2 penalty)."""
     return _key(rule) in _BATCH_LEVEL
+
+
+def register_second_derivative(rule, fn):
+    """Declare the elementwise second derivative of a one-argument rule h = g(a) (beside the rule), for
+    ``fnbp.curvature.diag_hessian``: ``fn(a, h) -> g''(a)`` (a the argument, h the output), or ``LINEAR`` (None)
+    for a rule that is linear or piecewise linear in its argument (relu, pooling, flatten: g'' = 0)."""
+    _SECOND[_key(rule)] = fn
+
+
+def second_derivative(rule):
+    """(registered, fn): whether ``rule`` declared its second derivative, and ``fn`` (None: linear)."""
+    key = _key(rule)
+    return key in _SECOND, _SECOND.get(key)

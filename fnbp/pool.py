@@ -128,6 +128,8 @@ def _check_batched(name):
 
 flatten = rule(_flatten_fwd, _flatten_bwd, name="flatten", check=_check_batched("fnbp.flatten"))
 register_check(flatten, "flatten", "maps", batch_only=True)
+for _linear in (max_pool, avg_pool, flatten):          # piecewise linear: no second-derivative term
+    extensions.register_second_derivative(_linear, extensions.LINEAR)
 
 
 def _global_avg_pool_fwd(x):

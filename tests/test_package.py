@@ -25,7 +25,7 @@ LAYERS = {
           "extensions", "rnn", "rnn_steps", "reference_rnn", "embeddings"],                                    # extensions: each rule's per-example extension
     WALKER: ["graph"],
     MODELS: ["mlp", "cnn", "skip", "perceptron", "nn", "nn.*", "objective"],   # objective: E = L(y; d) nodes
-    QUANTITIES: ["per_example", "dp", "feedback"],
+    QUANTITIES: ["per_example", "dp", "feedback", "curvature"],
     TRAINING: ["train", "train_checks", "optim", "optim.*", "data", "idx", "checkpoint", "_checkpoint_format",
                "parallel", "text", "charlm"],                 # charlm: a char model's training step
     FRONT: ["", "__main__", "cli", "cli_train", "_cli_model", "_cli_args", "bench", "bench.*", "crosscheck",

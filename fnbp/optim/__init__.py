@@ -71,9 +71,10 @@ from .gradient_descent import (CountState, EmaMomentumState, MomentumState, Nest
                                lookahead_params, momentum, nesterov, sgd, simplified_nesterov)
 from .schedules import constant, exponential_decay, inverse_decay
 from .clipping import clip_by_global_norm, global_norm
+from .kronecker import KFACState, kfac
 
 __all__ = [
-    "sgd", "momentum", "ema_momentum", "nesterov", "lookahead_params", "simplified_nesterov",
+    "sgd", "kfac", "KFACState", "momentum", "ema_momentum", "nesterov", "lookahead_params", "simplified_nesterov",
     "adagrad", "rmsprop", "adadelta", "adam", "delta_bar_delta",
     "constant", "inverse_decay", "exponential_decay", "apply_updates",
     "Schedule", "ScalarOrSchedule",
