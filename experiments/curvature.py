@@ -20,13 +20,14 @@ import jax  # noqa: E402
 
 from experiments import common  # noqa: E402
 from fnbp import curvature, graph, losses, nn, per_example  # noqa: E402
+from fnbp.objective import objective  # noqa: E402
 
 LOSS = losses.softmax_cross_entropy
 
 
 def variants(model, params, x, d, key):
     def backward(p):
-        net = graph.objective(model.graph(p, train=True), LOSS)
+        net = objective(model.graph(p, train=True), LOSS)
         return graph.value_and_grad(net, p, {"x": x, "d": d})[1]
 
     kw = dict(model=model, loss=LOSS)
