@@ -14,8 +14,8 @@ squares, variance, DP's clipped sum) and every curvature quantity is then writte
 ``fnbp.per_example`` / ``fnbp.curvature`` -- for every rule that has a view.
 
 Rules that couple the examples of a batch (batch norm) are registered as such and refused by name; a
-parametrised node whose rule has no view is refused by name too.  Objective terms that do not depend on the
-examples (the L2 penalty) are registered as ``batch_level``: their gradient is added once, never clipped.
+parametrised node whose rule has no view is refused by name too.  (The L2 penalty is not a node of the model:
+``fnbp.per_example.walk`` reads its gradient from the objective and adds it once, never clipped.)
 
 This module imports only ``fnbp.rules``: the rules register themselves beside their definitions.
 """
@@ -23,8 +23,8 @@ from typing import Callable, NamedTuple
 
 from .rules import Rule, rule_of
 
-__all__ = ["Rows", "PerExample", "register", "register_coupling", "register_batch_level", "per_example",
-           "couples_examples", "batch_level", "register_second_derivative", "second_derivative", "LINEAR"]
+__all__ = ["Rows", "PerExample", "register", "register_coupling", "per_example",
+           "couples_examples", "register_second_derivative", "second_derivative", "LINEAR"]
 
 
 class Rows(NamedTuple):
@@ -43,7 +43,6 @@ class PerExample(NamedTuple):
 
 _PER_EXAMPLE = {}
 _COUPLING = {}
-_BATCH_LEVEL = set()
 _SECOND = {}
 LINEAR = None
 """``register_second_derivative(rule, LINEAR)``: the rule is (piecewise) linear in its one argument."""
@@ -64,11 +63,6 @@ def register_coupling(rule, why):
     _COUPLING[_key(rule)] = why
 
 
-def register_batch_level(rule):
-    """Declare ``rule`` an objective term independent of the examples (its gradient is added once)."""
-    _BATCH_LEVEL.add(_key(rule))
-
-
 def per_example(rule):
     """The ``PerExample`` extension of ``rule`` (a ``Rule`` or a function made by ``fnbp.rule``), or None."""
     return _PER_EXAMPLE.get(_key(rule))
@@ -78,10 +72,6 @@ def couples_examples(rule):
     """Why ``rule`` couples the examples of a batch, or None."""
     return _COUPLING.get(_key(rule))
 
-
-def batch_level(rule):
-    """True for an objective term that does not depend on the examples (the L2 penalty)."""
-    return _key(rule) in _BATCH_LEVEL
 
 
 def register_second_derivative(rule, fn):

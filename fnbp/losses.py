@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import extensions
 from .check_cases import register as register_check
 from .rules import rule
 
@@ -281,7 +280,6 @@ def _l2_penalty_bwd(res, g):
 
 l2_penalty = rule(_l2_penalty_fwd, _l2_penalty_bwd)
 register_check(l2_penalty, "l2_penalty", "params", batch_only=True)
-extensions.register_batch_level(l2_penalty)       # lambda Omega(theta): no example in it
 
 
 LOSSES = {"half_sse": half_sse, "sse": sse, "mse": mse, "mae": mae, "cross_entropy": cross_entropy,

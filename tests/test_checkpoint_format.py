@@ -9,15 +9,7 @@ import pytest
 
 from fnbp import _checkpoint_format as fmt
 from fnbp import checkpoint as ckpt
-
-
-def _same_leaves(a, b):
-    """Same leaf names, dtypes, shapes and bytes."""
-    fa, fb = ckpt.flat_dict(a), ckpt.flat_dict(b)
-    assert sorted(fa) == sorted(fb) and fa
-    for name, x in fa.items():
-        y = fb[name]
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+from test_checkpoint import _same_leaves        # one comparison of leaf names, dtypes, shapes and bytes
 
 
 def test_flat_dict_and_unflatten_names_round_trip_and_errors():

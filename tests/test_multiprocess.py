@@ -118,20 +118,25 @@ def _alone(tmp, process_id, port, *extra):
                                                   str(process_id), *extra])
 
 
+def _finish(p, timeout=60):
+    """(exit code, output) of process p, killed if still running after ``timeout`` s."""
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    return p.returncode, out
+
+
 def test_no_coordinator_ends_in_a_named_error_within_the_timeout(tmp_path):
     """Process 1 without process 0, --coordinator-timeout 10: exit 3 in <= 30 s naming the coordinator (it used to
     hang 5 minutes, then abort with a C++ fatal error)."""
     port = _free_port()
     t0 = time.monotonic()
-    p = _alone(tmp_path, 1, port, "--coordinator-timeout", "10")
-    try:
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    p_returncode, out = _finish(_alone(tmp_path, 1, port, "--coordinator-timeout", "10"))
     seconds = time.monotonic() - t0
-    assert p.returncode == 3 and seconds <= 30, (p.returncode, seconds, out)
+    assert p_returncode == 3 and seconds <= 30, (p_returncode, seconds, out)
     assert f"waiting for the coordinator at 127.0.0.1:{port} (process 1 of 2; up to 10 s)" in out, out
     assert f"error: fnbp.parallel: no coordinator at 127.0.0.1:{port} after 10 s (process 1 of 2)" in out, out
     assert "Traceback" not in out and "Check failure" not in out
@@ -142,13 +147,7 @@ def test_a_coordinator_port_in_use_is_a_named_error(tmp_path):
         busy.bind(("0.0.0.0", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        p = _alone(tmp_path, 0, port, "--coordinator-timeout", "10")
-        try:
-            out, _ = p.communicate(timeout=60)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    assert p.returncode == 3, out
+        returncode, out = _finish(_alone(tmp_path, 0, port, "--coordinator-timeout", "10"))
+    assert returncode == 3, out
     assert (f"process 0 cannot start the coordinator at 127.0.0.1:{port}: port {port} cannot be opened (it is "
             f"already in use)") in out and "Failed to start RPC server" not in out and "Traceback" not in out, out

@@ -31,7 +31,7 @@ from ..conv import conv2d, conv_output_size
 from ..graph import Const
 from ..layers import dense
 from ..pool import pool_output_size
-from .model import Layer, build_layers, init_layers, who
+from .model import Layer, Sequence, build_layers, init_layers, who
 
 __all__ = ["Dense", "Conv2D", "MaxPool", "AvgPool", "Flatten", "GlobalAvgPool", "BatchNorm", "Dropout", "Activation",
            "PReLU", "Residual", "Relu", "Tanh", "Sigmoid", "Identity", "Softmax", "LeakyRelu", "Step", "Sign", "INITS"]
@@ -295,7 +295,7 @@ class PReLU(Layer):
         return g.node("", activations.prelu, x, g.param("alpha"))
 
 
-class Residual(Layer):
+class Residual(Sequence, Layer):
     """y = x + f(x), f the layers given in sequence (their output shape must equal their input's).
     Params: a list, one entry per layer of f with parameters (state likewise)."""
 
@@ -318,14 +318,6 @@ class Residual(Layer):
     def __repr__(self):
         return f"Residual({', '.join(map(repr, self.layers))})"
 
-    @property
-    def has_params(self):
-        return any(layer.has_params for layer in self.layers)
-
-    @property
-    def has_state(self):
-        return any(layer.has_state for layer in self.layers)
-
     def init(self, key, input_shape, dtype):
         params, state, shape = init_layers(self.layers, key if key is not None else jax.random.key(0),
                                            input_shape, dtype, "fnbp.nn.Residual")
@@ -333,14 +325,6 @@ class Residual(Layer):
             raise ValueError(f"fnbp.nn.Residual: the branch maps shape {tuple(input_shape)} to {tuple(shape)}; "
                              f"y = x + f(x) needs the same shape")
         return params, state, tuple(input_shape)
-
-    def init_state(self, params):
-        it, out = iter(params or []), []
-        for layer in self.layers:
-            p = next(it) if layer.has_params else None
-            if layer.has_state:
-                out.append(layer.init_state(p))
-        return out
 
     def build(self, g, x):
         f_x = build_layers(self.layers, g.sub(), x)                     # the branch f(x)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from .. import graph
 from ..graph import Input
 
-__all__ = ["Layer", "Builder", "Model", "serial", "init_layers", "build_layers", "describe_layer", "who"]
+__all__ = ["Layer", "Builder", "Sequence", "Model", "serial", "init_layers", "build_layers", "describe_layer", "who"]
 
 
 class Layer:
@@ -144,16 +144,8 @@ def build_layers(layers, g, x):
     return x
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """Layers in sequence (make it with ``serial``).  See the module docstring."""
-    layers: tuple
-
-    def __post_init__(self):
-        for i, layer in enumerate(self.layers):
-            if not isinstance(layer, Layer):
-                raise TypeError(f"fnbp.nn.serial: layer {i} must be an fnbp.nn layer (Dense(10), Relu(), ...), "
-                                f"got {layer!r:.80}")
+class Sequence:
+    """What a model and a branch (``Residual``) share: layers in sequence, ``self.layers``."""
 
     @property
     def has_params(self):
@@ -162,6 +154,27 @@ class Model:
     @property
     def has_state(self):
         return any(layer.has_state for layer in self.layers)
+
+    def init_state(self, params):
+        """Fresh running statistics for ``params`` (one entry per layer with state)."""
+        it, out = iter(params or []), []
+        for layer in self.layers:
+            p = next(it) if layer.has_params else None
+            if layer.has_state:
+                out.append(layer.init_state(p))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Model(Sequence):
+    """Layers in sequence (make it with ``serial``).  See the module docstring."""
+    layers: tuple
+
+    def __post_init__(self):
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"fnbp.nn.serial: layer {i} must be an fnbp.nn layer (Dense(10), Relu(), ...), "
+                                f"got {layer!r:.80}")
 
     def init(self, key, input_shape, dtype=jnp.float32):
         """``(params, state)`` for inputs of shape (batch, *input_shape); same key, same parameters."""
@@ -184,15 +197,6 @@ class Model:
             return params
         jax.eval_shape(shapes)
         return out[0]
-
-    def init_state(self, params):
-        """Fresh running statistics for ``params`` (one entry per layer with state)."""
-        it, out = iter(params), []
-        for layer in self.layers:
-            p = next(it) if layer.has_params else None
-            if layer.has_state:
-                out.append(layer.init_state(p))
-        return out
 
     def check_params(self, params, x=None, name="fnbp.nn.Model"):
         """Raise a named ValueError when params do not have one entry per layer with parameters."""
