@@ -12,7 +12,9 @@ by ``fold_in`` with a tag written here, so no two streams can collide by acciden
     DP noise, leaf j    fold_in(noise_key, j)           one normal draw per parameter leaf
     per-example n       split(step_key, B)[n]           dropout masks of example n (per-example/DP walks)
 
-The tags are those of fnbp's earlier releases, so runs reproduce bit for bit.
+The tags are those of fnbp's earlier releases, so runs reproduce bit for bit.  Dropout layers and micro-batches
+share the small tags 0, 1, 2, ...; below DP_NOISE = 217 they cannot meet the DP noise's tag (a model with more
+than 217 dropout layers, or more than 217 micro-batches per step, would).
 """
 import jax
 

@@ -347,44 +347,19 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), model=
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"{_FN}: on_epoch must be callable or None, got {type(on_epoch).__name__}")
     m = resolve_model(cfg, model)
-    x_first = np.asarray(data.x_train)[:2] if hasattr(data, "x_train") else None
-    m.check_params(params, x_first, name=_FN)
-    state = m.init_state(params) if state is None else state
-    _check_data(data, _output_width(cfg, m, params, state, x_first))
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-    opt_state = opt.init(params) if opt_state is None else opt_state
-    _check_finite_tree("params", params)
-    _check_finite_tree("opt_state", opt_state)
-    _check_finite_tree("state", state)
-    n = x_train.shape[0]
-    B, n_steps = batch_plan(n, batch_size, accumulate)
-    _check_recipe(cfg, m, params, x_train, B // accumulate)
-    # The epoch donates its buffers; work on copies so the caller's arrays stay valid.
-    params, opt_state, state = jax.tree_util.tree_map(lambda v: jnp.array(v, copy=True), (params, opt_state, state))
+    params, opt_state, state, arrays, B, n_steps, batch_sharding = _prepare(
+        cfg, m, opt, data, params, opt_state, state, batch_size, accumulate, mesh)
+    x_train, y_train, x_test, y_test = arrays
 
-    batch_sharding = None
-    if mesh is not None:
-        from . import parallel
-        params, opt_state, state, x_train, y_train, batch_sharding = parallel.place(
-            mesh, B, params, opt_state, state, x_train, y_train)
-        x_test, y_test = parallel.replicate(mesh, (x_test, y_test))    # evaluation inputs on the same devices
-
-    epoch_fn = jax.jit(_make_epoch(cfg, opt, model=m, batch_size=B, n_examples=n, accumulate=accumulate,
-                                   batch_sharding=batch_sharding, finite_flags=True), donate_argnums=(0, 1, 2))
+    epoch_fn = jax.jit(_make_epoch(cfg, opt, model=m, batch_size=B, n_examples=x_train.shape[0],
+                                   accumulate=accumulate, batch_sharding=batch_sharding, finite_flags=True),
+                       donate_argnums=(0, 1, 2))
     eval_fn = jax.jit(functools.partial(evaluate, cfg, model=m))
-
     t0 = time.perf_counter()
     compiled = epoch_fn.lower(params, opt_state, state, x_train, y_train, jax.random.fold_in(key, start_epoch)).compile()
     compile_seconds = time.perf_counter() - t0
 
-    if progress is None:
-        progress = sys.stderr.isatty()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=epochs - start_epoch, desc="fnbp train", unit="epoch", leave=True)
-
+    bar = _progress_bar(progress, epochs - start_epoch)
     history, step = [], start_step
     result = TrainResult(params, opt_state, state, key, start_epoch, step, history, compile_seconds)
     for epoch in range(start_epoch, epochs):
@@ -393,18 +368,7 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), model=
                                                                       jax.random.fold_in(key, epoch))
         step_losses, step_finite = np.asarray(step_losses), np.asarray(step_finite)   # the epoch's one host sync
         seconds = time.perf_counter() - t
-        bad = np.flatnonzero(~np.isfinite(step_losses) | ~step_finite)
-        if bad.size:
-            i = int(bad[0])
-            where = (f"at epoch {epoch} (0-based), step {i} of {n_steps} in that epoch (global step {step + i}); "
-                     f"training stopped, the parameters of this epoch are discarded and no checkpoint was written "
-                     f"for it")
-            if not np.isfinite(step_losses[i]):
-                raise NonFiniteLossError(f"fnbp.train: the training loss became {step_losses[i]} {where} "
-                                         f"(lower the learning rate?)")
-            raise NonFiniteParamsError(f"fnbp.train: the parameters, optimizer state or batch-norm statistics became "
-                                       f"NaN or inf {where} (a non-finite gradient or update; lower the learning "
-                                       f"rate?)")
+        _raise_if_not_finite(step_losses, step_finite, epoch, step, n_steps)
         step += n_steps
         test_loss, test_acc = eval_fn(params, state, x_test, y_test)
         _, train_acc = eval_fn(params, state, x_train, y_train)
@@ -423,3 +387,59 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), model=
     if bar is not None:
         bar.close()
     return result
+
+
+def _prepare(cfg, m, opt, data, params, opt_state, state, batch_size, accumulate, mesh):
+    """``train``'s checks and placement, on the host before anything is compiled.
+
+    Returns ``(params, opt_state, state, (x_train, y_train, x_test, y_test), B, n_steps, batch_sharding)``:
+    copies of the caller's trees (the epoch donates its buffers), the data as device arrays (sharded over
+    ``mesh``'s ``"data"`` axis when one is given), B examples per step and n_steps steps per epoch.
+    """
+    x_first = np.asarray(data.x_train)[:2] if hasattr(data, "x_train") else None
+    m.check_params(params, x_first, name=_FN)
+    state = m.init_state(params) if state is None else state
+    _check_data(data, _output_width(cfg, m, params, state, x_first))
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    opt_state = opt.init(params) if opt_state is None else opt_state
+    _check_finite_tree("params", params)
+    _check_finite_tree("opt_state", opt_state)
+    _check_finite_tree("state", state)
+    B, n_steps = batch_plan(x_train.shape[0], batch_size, accumulate)
+    _check_recipe(cfg, m, params, x_train, B // accumulate)
+    params, opt_state, state = jax.tree_util.tree_map(lambda v: jnp.array(v, copy=True), (params, opt_state, state))
+    batch_sharding = None
+    if mesh is not None:
+        from . import parallel
+        params, opt_state, state, x_train, y_train, batch_sharding = parallel.place(
+            mesh, B, params, opt_state, state, x_train, y_train)
+        x_test, y_test = parallel.replicate(mesh, (x_test, y_test))    # evaluation inputs on the same devices
+    return params, opt_state, state, (x_train, y_train, x_test, y_test), B, n_steps, batch_sharding
+
+
+def _progress_bar(progress, total):
+    """A tqdm bar over ``total`` epochs, or None; ``progress=None`` means: only when stderr is a terminal."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="fnbp train", unit="epoch", leave=True)
+
+
+def _raise_if_not_finite(step_losses, step_finite, epoch, step, n_steps):
+    """Raise ``NonFiniteLossError`` / ``NonFiniteParamsError`` naming the first bad step of the epoch."""
+    bad = np.flatnonzero(~np.isfinite(step_losses) | ~step_finite)
+    if not bad.size:
+        return
+    i = int(bad[0])
+    where = (f"at epoch {epoch} (0-based), step {i} of {n_steps} in that epoch (global step {step + i}); "
+             f"training stopped, the parameters of this epoch are discarded and no checkpoint was written "
+             f"for it")
+    if not np.isfinite(step_losses[i]):
+        raise NonFiniteLossError(f"fnbp.train: the training loss became {step_losses[i]} {where} "
+                                 f"(lower the learning rate?)")
+    raise NonFiniteParamsError(f"fnbp.train: the parameters, optimizer state or batch-norm statistics became "
+                               f"NaN or inf {where} (a non-finite gradient or update; lower the learning "
+                               f"rate?)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fnbp
 from fnbp import bench
 from fnbp.bench import harness, registry, report
 
@@ -537,3 +538,31 @@ def test_torch_lenet_matches_fnbp_and_learns():
 def test_quick_run_covers_every_case_but_the_one_tested_elsewhere():
     """A new case is in the quick run unless it is added here on purpose."""
     assert set(QUICK_CASES.split(",")) | {"per_example_rules"} == set(registry.load_cases())
+
+
+# --- the per-example benchmark case (fnbp.bench.per_example_rules; moved from tests/test_per_example.py) ---
+def test_bench_case_reports_the_issue_ratios():
+    """The benchmark rows (fnbp.bench case 'per_example_rules') on a tiny network: fields present, and the
+    two ways agree in float32.  Speed is reported by the benchmark, never asserted."""
+    from fnbp.bench import per_example_rules
+    res = per_example_rules.bench_per_example_rules((8, 6, 3), 4, min_time=0.001, seed=0)
+    assert set(res["stats"]) == set(per_example_rules.VARIANTS)
+    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
+    assert res["agreement_float32"]["norms_max_rel"] < 1e-5 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
+    text = "\n".join(per_example_rules.render(res))
+    assert "| DP step, temp memory |" in text and "≤ 0.1" in text
+
+
+def test_bench_lenet_rows_report_the_issue_ratios():
+    """The LeNet rows of the benchmark on a tiny LeNet: fields present, conv norm methods named, the two ways
+    agree in float32, and the rendered section has the LeNet table.  Speed is reported, never asserted."""
+    from fnbp.bench import per_example_rules
+    arch = fnbp.cnn.LeNet(image_shape=(6, 6, 1), channels=(2,), kernel=3, padding="SAME", hidden=(), n_classes=3)
+    res = per_example_rules.bench_per_example_lenet(arch, 3, min_time=0.001, seed=0)
+    assert set(res["stats"]) == set(per_example_rules.VARIANTS) and res["conv_norm_methods"] == ["direct"]
+    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
+    assert res["agreement_float32"]["norms_max_rel"] < 1e-4 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
+    mlp = per_example_rules.bench_per_example_rules((4, 3), 3, min_time=0.001, seed=0)
+    text = "\n".join(per_example_rules.render(dict(mlp, lenet=res)))
+    assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example.norm_method`): direct" in text
+    assert text.count("| DP step, temp memory |") == 2

@@ -5,10 +5,8 @@ notes' formulas grad_W = delta^T H, grad_b = sum delta, grad_h = delta W),
 ``jax.vjp`` of the plain-jnp reference ``fnbp.reference.dense``, and central
 finite differences of our forward.  Also: the mini-batch backward never builds
 a batch x n_out x n_in tensor (read off the lowered and compiled program),
-shape errors at trace time, jit/vmap agreement, and per-example gradients of a
-small net built from our rules.
+shape errors at trace time, and jit/vmap agreement (per-example gradients: tests/test_per_example.py).
 """
-import functools
 import re
 
 import jax
@@ -18,9 +16,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import fnbp
-from fnbp import layers, losses, reference
+from fnbp import layers, reference
 
-from vjp_oracle import AD_RTOL, assert_within_tolerances, compile_fast, max_rel, vjp_check
+from vjp_oracle import assert_within_tolerances, compile_fast, max_rel, vjp_check
 
 
 def dense_args(rng, lead, n_out, n_in):
@@ -217,44 +215,3 @@ def test_dense_jit_and_vmap_match_plain_call(lead):
         want = value_and_vjp(*one)
         for x, y in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(want)):
             assert max_rel(x[k], y) <= 1e-12
-
-
-# =========================================================================================================
-# TO MOVE (issue #29 -> the lead, issue #25): per-example gradients (vmap of jax.grad through the rules) belong
-# in tests/test_per_example.py, which the lead is rewriting; kept here, unchanged, until that file lands.
-# --- per-example gradients of a small net through our rules ------------------------------
-def _net_loss(mods, params, x, label, reduction="mean"):
-    dense, relu, sce = mods
-    h = relu(dense(params[0]["W"], params[0]["b"], x))
-    return sce(dense(params[1]["W"], params[1]["b"], h), label, reduction=reduction)
-
-
-OURS = (fnbp.dense, fnbp.relu, losses.softmax_cross_entropy)
-REFS = (reference.dense, reference.relu, reference.softmax_cross_entropy)
-
-
-def test_per_example_gradients_match_reference_and_sum_to_batch_gradient():
-    rng = np.random.default_rng(7)
-    n_in, n_hid, n_cls, batch = 5, 8, 4, 11
-    params = [{"W": rng.standard_normal((n_hid, n_in)), "b": rng.standard_normal(n_hid)},
-              {"W": rng.standard_normal((n_cls, n_hid)), "b": rng.standard_normal(n_cls)}]
-    x = rng.standard_normal((batch, n_in))
-    labels = rng.integers(0, n_cls, batch)
-
-    def everything(params, x, labels):
-        grad_ours = jax.grad(functools.partial(_net_loss, OURS))
-        per_ex = jax.vmap(grad_ours, in_axes=(None, 0, 0))(params, x, labels)
-        per_ex_ref = jax.vmap(jax.grad(functools.partial(_net_loss, REFS)), in_axes=(None, 0, 0))(params, x, labels)
-        one = grad_ours(params, x[3], labels[3])           # example 3 alone, no vmap
-        batch_sum = jax.grad(lambda p: _net_loss(OURS, p, x, labels, reduction="sum"))(params)
-        batch_mean = jax.grad(lambda p: _net_loss(OURS, p, x, labels, reduction="mean"))(params)
-        return per_ex, per_ex_ref, one, batch_sum, batch_mean
-
-    outputs = compile_fast(everything, params, x, labels)
-    per_ex, per_ex_ref, one, batch_sum, batch_mean = map(jax.tree_util.tree_leaves, outputs)
-    assert [g.shape for g in per_ex] == [(batch,) + p.shape for p in jax.tree_util.tree_leaves(params)]
-    for got, want, alone, g_sum, g_mean in zip(per_ex, per_ex_ref, one, batch_sum, batch_mean):
-        assert max_rel(got, want) <= AD_RTOL                 # per-example autodiff of the reference
-        assert max_rel(got[3], alone) <= 1e-12
-        assert max_rel(g_sum, np.sum(got, axis=0)) <= 1e-12      # sum of per-example = reduction='sum'
-        assert max_rel(g_mean, np.sum(got, axis=0) / batch) <= 1e-12

@@ -14,7 +14,8 @@ import pytest
 
 import fnbp
 import fnbp.optim
-from fnbp import losses
+from fnbp import losses, mlp, reference
+from np_batch_norm import np_batch_norm, np_batch_norm_eval
 
 F64 = jnp.float64
 
@@ -392,3 +393,169 @@ def test_apply_refuses_batch_norm_params():
     params = fnbp.mlp.init(jax.random.PRNGKey(0), [4, 3, 2], batch_norm=True)
     with pytest.raises(ValueError, match=r"layers \[0\] have batch-norm parameters.*apply_stateful"):
         fnbp.mlp.apply(params, jnp.ones((2, 4)))
+
+
+# ============================================================================ apply_stateful: batch norm and dropout
+# (moved from tests/test_norm.py: these exercise fnbp.mlp.apply_stateful)
+def test_network_eval_mode_is_per_example_and_keeps_state():
+    params = random_bn_params(3, (3, 6, 4, 2))
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(10, 3)))
+    x_other = x.at[1:].set(jnp.asarray(rng.normal(size=(9, 3)) * 5))     # every other example changed
+    apply = jax.jit(mlp.apply_stateful, static_argnames=("train", "bn_position"))
+    for pos in ("before", "after"):
+        state = mlp.init_state(params)
+        for t in range(3):        # some non-trivial running statistics
+            _, state = apply(params, state, x * 2 + t, train=True, bn_position=pos)
+        y, new_state = apply(params, state, x, train=False, bn_position=pos)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, new_state, state)      # eval: state untouched
+        y_other, _ = apply(params, state, x_other, train=False, bn_position=pos)
+        np.testing.assert_allclose(y_other[0], y[0], rtol=1e-14, atol=1e-14)
+        y_single, _ = apply(params, state, x[:1], train=False, bn_position=pos)
+        np.testing.assert_allclose(y_single[0], y[0], rtol=1e-14, atol=1e-14)
+        y_train, _ = apply(params, state, x_other, train=True, bn_position=pos)    # training mode: batch-dependent
+        assert np.max(np.abs(y_train[0] - apply(params, state, x, train=True, bn_position=pos)[0][0])) > 1e-3
+
+
+def np_relu(a):
+    return np.maximum(a, 0.0)
+
+
+def np_network(params, x, position, train, state=None, momentum=0.1):
+    """numpy reference network: returns (y, new running stats)."""
+    h, new_state = np.asarray(x), []
+    for k, layer in enumerate(params):
+        W, b = np.asarray(layer["W"]), np.asarray(layer["b"])
+        a = h @ W.T + b
+        if k == len(params) - 1:
+            new_state.append({})
+            return a, new_state
+        gamma, beta = np.asarray(layer["gamma"]), np.asarray(layer["beta"])
+        st = state[k]
+
+        def bn(v):
+            if train:
+                return np_batch_norm(v, gamma, beta), {
+                    "mean": (1 - momentum) * st["mean"] + momentum * v.mean(0),
+                    "var": (1 - momentum) * st["var"] + momentum * v.var(0, ddof=1)}   # PyTorch: unbiased
+            return np_batch_norm_eval(v, gamma, beta, st["mean"], st["var"]), st
+
+        if position == "before":
+            a, st = bn(a)
+        h = np_relu(a)
+        if position == "after":
+            h, st = bn(h)
+        new_state.append(st)
+
+
+def random_bn_params(seed, sizes):
+    params = mlp.init(jax.random.PRNGKey(seed), sizes, dtype=jnp.float64, batch_norm=True)
+    rng = np.random.default_rng(seed)
+    for layer in params[:-1]:
+        n = layer["gamma"].shape[0]
+        layer["gamma"] = jnp.asarray(1 + 0.5 * rng.normal(size=n))
+        layer["beta"] = jnp.asarray(0.5 * rng.normal(size=n))
+        layer["b"] = jnp.asarray(0.3 * rng.normal(size=n))
+    return params
+
+
+def test_bn_position_before_and_after_each_match_numpy_reference():
+    sizes = (3, 6, 5, 2)
+    params = random_bn_params(7, sizes)
+    x = np.random.default_rng(8).normal(size=(12, 3)) * 2
+    outs = {}
+    for pos in ("before", "after"):
+        state = mlp.init_state(params)
+        np_state = [{"mean": np.zeros(n), "var": np.ones(n)} for n in sizes[1:-1]] + [{}]
+        for step in range(3):       # train: outputs and running stats
+            xb = x + step
+            y, state = mlp.apply_stateful(params, state, jnp.asarray(xb), train=True, bn_position=pos)
+            y_np, np_state = np_network(params, xb, pos, True, np_state)
+            np.testing.assert_allclose(y, y_np, rtol=1e-11, atol=1e-12)
+            for s, s_np in zip(state[:-1], np_state[:-1]):
+                np.testing.assert_allclose(s["mean"], s_np["mean"], rtol=1e-12, atol=1e-13)
+                np.testing.assert_allclose(s["var"], s_np["var"], rtol=1e-12, atol=1e-13)
+        y, _ = mlp.apply_stateful(params, state, jnp.asarray(x), train=False, bn_position=pos)
+        y_np, _ = np_network(params, x, pos, False, np_state)
+        np.testing.assert_allclose(y, y_np, rtol=1e-11, atol=1e-12)
+        outs[pos] = np.asarray(y)
+    assert np.max(np.abs(outs["before"] - outs["after"])) > 1e-2
+
+
+def reference_network(params, x, *, position, key=None, p=0.0):
+    """Plain-jnp training-mode network (reference.* only), for autodiff."""
+    h = x
+    for k, layer in enumerate(params):
+        a = reference.dense(layer["W"], layer["b"], h)
+        if k == len(params) - 1:
+            return a
+        if position == "before":
+            a = reference.batch_norm(a, layer["gamma"], layer["beta"])
+        h = reference.tanh(a)
+        if position == "after":
+            h = reference.batch_norm(h, layer["gamma"], layer["beta"])
+        if p:
+            h = reference.dropout(h, p, jax.random.fold_in(key, k))
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_network_gradients_vs_reference_autodiff(position, p):
+    """grad of a loss through apply_stateful (our rules) vs autodiff of the plain-jnp network,
+    with batch norm before/after tanh and dropout (same keys: layer k uses fold_in(key, k))."""
+    params = random_bn_params(9, (4, 7, 5, 3))
+    x = jax.random.normal(jax.random.PRNGKey(10), (11, 4), jnp.float64)
+    d = jax.random.normal(jax.random.PRNGKey(11), (11, 3), jnp.float64)
+    key = jax.random.PRNGKey(12)
+    state = mlp.init_state(params)
+
+    def ours(pr):
+        y, _ = mlp.apply_stateful(pr, state, x, train=True, key=key, activation=fnbp.tanh, bn_position=position,
+                                  dropout=p)
+        return fnbp.losses.half_sse(y, d)
+
+    def ref(pr):
+        return reference.half_sse(reference_network(pr, x, position=position, key=key, p=p), d)
+
+    (e, g), (e_ref, g_ref) = jax.jit(lambda pr: (jax.value_and_grad(ours)(pr), jax.value_and_grad(ref)(pr)))(params)
+    np.testing.assert_allclose(e, e_ref, rtol=1e-12)
+    # relative to the largest gradient component: with BN before the activation the hidden
+    # biases' gradients are exactly 0 mathematically (BN removes the mean), ~1e-17 numerically
+    scale = max(np.max(np.abs(b)) for b in jax.tree_util.tree_leaves(g_ref))
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * scale)
+    if position == "before":     # dE/db_k = 0 for the hidden layers (b_k is cancelled by the batch mean)
+        for layer in g[:-1]:
+            assert np.max(np.abs(layer["b"])) <= 1e-12 * scale
+
+
+def test_apply_stateful_without_bn_or_dropout_equals_apply():
+    params = mlp.init(jax.random.PRNGKey(13), (3, 5, 2), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(14), (6, 3), jnp.float64)
+    for train in (True, False):
+        y, _ = mlp.apply_stateful(params, mlp.init_state(params), x, train=train)
+        np.testing.assert_array_equal(y, mlp.apply(params, x))
+    # inference mode with dropout set is still deterministic and equals apply
+    y, _ = mlp.apply_stateful(params, mlp.init_state(params), x, train=False, dropout=0.5)
+    np.testing.assert_array_equal(y, mlp.apply(params, x))
+
+
+def test_apply_stateful_validation():
+    params = mlp.init(jax.random.PRNGKey(0), (3, 4, 2), dtype=jnp.float64, batch_norm=True)
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="bn_position"):
+        mlp.apply_stateful(params, mlp.init_state(params), x, train=True, bn_position="middle")
+    with pytest.raises(ValueError, match="key"):
+        mlp.apply_stateful(params, mlp.init_state(params), x, train=True, dropout=0.5)
+
+
+# --- named errors of fnbp.mlp.init / apply (moved from tests/test_rules.py) ---
+def test_mlp_sizes_and_activation_of_the_wrong_kind_are_named_errors():
+    key = jax.random.PRNGKey(0)
+    for bad in ([5.7, 3], [None, 2], ["3", 2], [True, 3]):
+        with pytest.raises(TypeError, match="fnbp.mlp.init: every width in sizes must be an int"):
+            fnbp.mlp.init(key, bad)
+    params = fnbp.mlp.init(key, [4, 3, 2])
+    with pytest.raises(TypeError, match="an activation must be a function such as fnbp.relu, got 'relu' "
+                                        "\\(use fnbp.activations.ACTIVATIONS\\['relu'\\]\\)"):
+        fnbp.mlp.apply(params, np.ones((2, 4), np.float32), activation="relu")

@@ -60,7 +60,7 @@ def test_sequence_model_matches_the_plain_reference(cell):
 def test_first_loss_of_a_fresh_model_is_ln_V(cell):
     # LSTM and GRU measured within 0.1 % and 0.3 % over 4 keys.  (Not Elman: with nn.Dense's Glorot output layer
     # its larger h_t make the first loss 0.7-1.9 % above ln V; fnbp.charlm's PyTorch-initialised output layer
-    # keeps all three within 1 %, tests/test_embedding.py.)
+    # keeps all three within 1 %, tests/test_embeddings.py.)
     V_, T_ = 67, 32
     model = nn.serial(nn.Embedding(V_, 16), LAYERS[cell](64), nn.Dense(V_))
     params, state = model.init(jax.random.key(1), (T_,))

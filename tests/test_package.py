@@ -181,3 +181,35 @@ def test_importing_fnbp_imports_no_optional_export_library():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------- tests mirror the package
+TESTS = ROOT.parent / "tests"
+# A module whose tests live in another module's file, with the reason.  Everything else public has its own
+# tests/test_<module>.py; a subpackage's modules (fnbp/nn/*, fnbp/optim/*, fnbp/bench/*) are tested in
+# tests/test_<subpackage>*.py.
+FOLDED = {
+    "check_cases": "test_checklist.py",      # the registry the checklist walks
+    "cli_train": "test_cli.py",              # the `fnbp train` command, run as users run it
+    "rnn_steps": "test_rnn.py",              # the step-by-step teaching version, cross-checked against fnbp.rnn
+    "reference_rnn": "test_rnn.py",          # the plain-jnp scan references fnbp.rnn is checked against
+    "charlm": "test_text.py",                # the character model's stateful training step
+}
+
+
+def test_every_public_module_has_its_test_file():
+    missing = []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if any(p.startswith("_") for p in parts):
+            continue                                        # private modules, __init__, __main__
+        if len(parts) == 1:
+            want = [FOLDED.get(parts[0], f"test_{parts[0]}.py")]
+        else:
+            want = [p.name for p in TESTS.glob(f"test_{parts[0]}*.py")]
+        if not want or not all((TESTS / w).is_file() for w in want):
+            missing.append(".".join(parts))
+    assert missing == [], f"modules without tests/test_<module>.py (or a FOLDED entry): {missing}"
+    assert all((TESTS / f).is_file() for f in FOLDED.values())
+    stale = [m for m in FOLDED if not (ROOT / f"{m}.py").is_file() or (TESTS / f"test_{m}.py").is_file()]
+    assert stale == [], f"FOLDED entries for modules that are gone or have their own file now: {stale}"

@@ -10,6 +10,7 @@ import fnbp
 from fnbp import per_example
 from fnbp import reference as R
 
+from vjp_oracle import AD_RTOL, compile_fast, max_rel
 from per_example_oracle import B, CASES, SIZES, flat_norms, make_case, max_abs_diff, reference_grads
 
 jax.config.update("jax_enable_x64", True)
@@ -93,18 +94,6 @@ def test_nan_input_gives_nan_norm_for_that_example_only():
     act, _, loss, _, params, x, d = make_case("relu-half_sse")
     norms = per_example.grad_norms(params, x.at[2, 0].set(jnp.nan), d, activation=act, loss=loss)
     assert bool(jnp.isnan(norms[2])) and bool(jnp.all(jnp.isfinite(jnp.delete(norms, 2))))
-
-
-def test_bench_case_reports_the_issue_ratios():
-    """The benchmark rows (fnbp.bench case 'per_example_rules') on a tiny network: fields present, and the
-    two ways agree in float32.  Speed is reported by the benchmark, never asserted."""
-    from fnbp.bench import per_example_rules
-    res = per_example_rules.bench_per_example_rules((8, 6, 3), 4, min_time=0.001, seed=0)
-    assert set(res["stats"]) == set(per_example_rules.VARIANTS)
-    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
-    assert res["agreement_float32"]["norms_max_rel"] < 1e-5 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
-    text = "\n".join(per_example_rules.render(res))
-    assert "| DP step, temp memory |" in text and "≤ 0.1" in text
 
 
 # --- CNNs: a LeNet (fnbp.cnn) and walker graphs with stride / padding variants ------------------------------------
@@ -232,16 +221,41 @@ def test_cnn_refusals_name_the_function_and_what_came():
         per_example.grad_norms(gparams, gx, gd, arch=shared, loss=CE)
 
 
-def test_bench_lenet_rows_report_the_issue_ratios():
-    """The LeNet rows of the benchmark on a tiny LeNet: fields present, conv norm methods named, the two ways
-    agree in float32, and the rendered section has the LeNet table.  Speed is reported, never asserted."""
-    from fnbp.bench import per_example_rules
-    arch = fnbp.cnn.LeNet(image_shape=(6, 6, 1), channels=(2,), kernel=3, padding="SAME", hidden=(), n_classes=3)
-    res = per_example_rules.bench_per_example_lenet(arch, 3, min_time=0.001, seed=0)
-    assert set(res["stats"]) == set(per_example_rules.VARIANTS) and res["conv_norm_methods"] == ["direct"]
-    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
-    assert res["agreement_float32"]["norms_max_rel"] < 1e-4 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
-    mlp = per_example_rules.bench_per_example_rules((4, 3), 3, min_time=0.001, seed=0)
-    text = "\n".join(per_example_rules.render(dict(mlp, lenet=res)))
-    assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example.norm_method`): direct" in text
-    assert text.count("| DP step, temp memory |") == 2
+# --- vmap(grad) through the rules: per-example gradients of a small net (moved from tests/test_layers.py) ---
+def _net_loss(mods, params, x, label, reduction="mean"):
+    dense, relu, sce = mods
+    h = relu(dense(params[0]["W"], params[0]["b"], x))
+    return sce(dense(params[1]["W"], params[1]["b"], h), label, reduction=reduction)
+
+
+OURS = (fnbp.dense, fnbp.relu, fnbp.losses.softmax_cross_entropy)
+
+
+REFS = (R.dense, R.relu, R.softmax_cross_entropy)
+
+
+def test_per_example_gradients_match_reference_and_sum_to_batch_gradient():
+    rng = np.random.default_rng(7)
+    n_in, n_hid, n_cls, batch = 5, 8, 4, 11
+    params = [{"W": rng.standard_normal((n_hid, n_in)), "b": rng.standard_normal(n_hid)},
+              {"W": rng.standard_normal((n_cls, n_hid)), "b": rng.standard_normal(n_cls)}]
+    x = rng.standard_normal((batch, n_in))
+    labels = rng.integers(0, n_cls, batch)
+
+    def everything(params, x, labels):
+        grad_ours = jax.grad(functools.partial(_net_loss, OURS))
+        per_ex = jax.vmap(grad_ours, in_axes=(None, 0, 0))(params, x, labels)
+        per_ex_ref = jax.vmap(jax.grad(functools.partial(_net_loss, REFS)), in_axes=(None, 0, 0))(params, x, labels)
+        one = grad_ours(params, x[3], labels[3])           # example 3 alone, no vmap
+        batch_sum = jax.grad(lambda p: _net_loss(OURS, p, x, labels, reduction="sum"))(params)
+        batch_mean = jax.grad(lambda p: _net_loss(OURS, p, x, labels, reduction="mean"))(params)
+        return per_ex, per_ex_ref, one, batch_sum, batch_mean
+
+    outputs = compile_fast(everything, params, x, labels)
+    per_ex, per_ex_ref, one, batch_sum, batch_mean = map(jax.tree_util.tree_leaves, outputs)
+    assert [g.shape for g in per_ex] == [(batch,) + p.shape for p in jax.tree_util.tree_leaves(params)]
+    for got, want, alone, g_sum, g_mean in zip(per_ex, per_ex_ref, one, batch_sum, batch_mean):
+        assert max_rel(got, want) <= AD_RTOL                 # per-example autodiff of the reference
+        assert max_rel(got[3], alone) <= 1e-12
+        assert max_rel(g_sum, np.sum(got, axis=0)) <= 1e-12      # sum of per-example = reduction='sum'
+        assert max_rel(g_mean, np.sum(got, axis=0) / batch) <= 1e-12
