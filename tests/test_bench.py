@@ -541,6 +541,7 @@ def test_quick_run_covers_every_case_but_the_one_tested_elsewhere():
 
 
 # --- the per-example benchmark case (fnbp.bench.per_example_rules; moved from tests/test_per_example.py) ---
+@pytest.mark.slow
 def test_bench_case_reports_the_issue_ratios():
     """The benchmark rows (fnbp.bench case 'per_example_rules') on a tiny network: fields present, and the
     two ways agree in float32.  Speed is reported by the benchmark, never asserted."""
@@ -553,6 +554,7 @@ def test_bench_case_reports_the_issue_ratios():
     assert "| DP step, temp memory |" in text and "≤ 0.1" in text
 
 
+@pytest.mark.slow
 def test_bench_lenet_rows_report_the_issue_ratios():
     """The LeNet rows of the benchmark on a tiny LeNet: fields present, conv norm methods named, the two ways
     agree in float32, and the rendered section has the LeNet table.  Speed is reported, never asserted."""

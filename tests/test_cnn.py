@@ -81,6 +81,7 @@ def _digits(n_train=256):
             d.x_test.reshape(-1, 8, 8, 1).astype(np.float32), d.y_test)
 
 
+@pytest.mark.slow
 def test_trains_in_fnbps_epoch_loop_deterministically():
     x, y, xt, yt = _digits(n_train=1408)
     arch = cnn.lenet((8, 8, 1), channels=(8, 16), hidden=(32,), batch_norm=True)

@@ -27,6 +27,7 @@ def all_results():
     return checklist.check_all()          # every registered rule, one example and a batch of 7
 
 
+@pytest.mark.slow
 def test_check_all_passes_for_every_rule(all_results):
     names = [r.name for r in all_results]
     for rule in RULES:
@@ -45,6 +46,7 @@ def test_check_all_passes_for_every_rule(all_results):
     assert by_name["l2_penalty (params)"].argnums == (0, 1)
 
 
+@pytest.mark.slow
 def test_table_and_cli(all_results, monkeypatch, capsys):
     table = checklist.format_table(all_results).splitlines()
     assert len(table) == 2 + len(all_results)

@@ -128,6 +128,7 @@ def test_bad_arguments_are_named():
         dp.clipped_grad_sum(bn, x, d, clip=1.0)
 
 
+@pytest.mark.slow
 def test_train_with_huge_clip_and_no_noise_is_ordinary_training_and_noise_follows_the_key():
     data = fnbp.data.load_digits(seed=0)
     data = data._replace(x_train=data.x_train[:256], y_train=data.y_train[:256])
@@ -145,6 +146,7 @@ def test_train_with_huge_clip_and_no_noise_is_ordinary_training_and_noise_follow
         fnbp.train.Config(dp_noise=1.0)
 
 
+@pytest.mark.slow
 def test_cli_prints_epsilon_per_epoch(tmp_path):
     import subprocess
     import sys
@@ -169,6 +171,7 @@ from per_example_oracle import LENET, conv_graph_case, lenet_reference_grads, ma
 CE = fnbp.losses.softmax_cross_entropy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["lenet", "stride2-same"])
 def test_cnn_clipped_sum_equals_clip_then_sum_of_vmap_grad_by_both_norm_methods(case):
     if case == "lenet":

@@ -332,6 +332,7 @@ def test_backprop_trace_a_h_delta_and_grad_table():
     assert rel_err(tr_jit.nodes["a1"].grad_output, delta1) <= 1e-12
 
 
+@pytest.mark.slow
 def test_experiment_draws_the_graphs(tmp_path):
     from experiments import graph as experiment
     assert experiment.main(["--out", str(tmp_path)]) == 0

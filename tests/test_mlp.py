@@ -334,6 +334,7 @@ def data(seed, n=BATCH):
     return rng.normal(size=(STEPS, n, SIZES[0])), rng.normal(size=(STEPS, n, SIZES[-1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,grads_by", [(fnbp.optim.sgd, "backprop"), (fnbp.optim.adam, "jax.grad")],
                          ids=["sgd-backprop", "adam-jax.grad"])
 def test_ensemble_and_learning_rate_sweep_in_one_vmapped_jitted_step(optimizer, grads_by):

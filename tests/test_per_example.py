@@ -132,6 +132,7 @@ def _all_quantities(params, x, d, *, arch):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CNN_CASES)
 def test_cnn_per_example_quantities_equal_vmap_grad_of_reference(case):
     """grads <= 1e-12; norms and batch_l2 by the Gram AND the direct form (and auto) <= 1e-10 relative;

@@ -37,6 +37,7 @@ def _run(ds, seed, epochs=40, cfg=T.Config(l2=1e-4), batch_size=16, **kw):
 # 97.49 % plain, 96.94 % batch norm + dropout; seeds 0-1 gave 97.49/96.66 and 96.94/97.49): they catch a
 # broken rule or optimizer (which lands near 10 %, or in the 80s), not one CPU's rounding.  The headline
 # accuracies live in the README and experiments/.
+@pytest.mark.slow
 def test_digits_64_32_10_relu_adam_reaches_95_percent(digits):
     result = _run(digits, seed=0)
     acc = result.history[-1]["test_accuracy"]
@@ -44,6 +45,7 @@ def test_digits_64_32_10_relu_adam_reaches_95_percent(digits):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
+@pytest.mark.slow
 def test_digits_with_batch_norm_and_dropout_reaches_95_percent(digits):
     result = _run(digits, seed=0, sizes=[64, 128, 10], cfg=T.Config(l2=1e-4, dropout=0.2), batch_norm=True,
                   batch_size=64, lr=optim.exponential_decay(1e-2, 3e-4))
@@ -53,6 +55,7 @@ def test_digits_with_batch_norm_and_dropout_reaches_95_percent(digits):
     assert not np.allclose(np.asarray(result.state[0]["mean"]), 0.0)
 
 
+@pytest.mark.slow
 def test_same_seed_bit_identical_different_seed_different(digits):
     a = _run(digits, seed=1, epochs=2)
     b = _run(digits, seed=1, epochs=2)
@@ -61,6 +64,7 @@ def test_same_seed_bit_identical_different_seed_different(digits):
     assert not _leaves_equal(a.params, c.params)
 
 
+@pytest.mark.slow
 def test_resume_in_process_is_bit_identical(digits):
     full = _run(digits, seed=4, epochs=3)
     first = _run(digits, seed=4, epochs=1)
@@ -128,6 +132,7 @@ def test_backprop_mode_equals_autodiff_mode():
         np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_epoch_and_step_and_skips_callback(digits):
     # eta is ordinary until the middle of epoch 2 (0-based, batch 16) and 1e30 from there on, so the loss turns
     # non-finite in epoch 2 or later and the good epochs before it must all have been handed to on_epoch --
@@ -222,6 +227,7 @@ def test_wrong_hyperparameter_types_and_batch_norm_of_one_example_are_refused():
                 progress=False)
 
 
+@pytest.mark.slow
 def test_history_fields_and_silent_progress(digits, capsys):
     r = _run(digits, seed=0, epochs=2, record_learning_rate=DIGITS_LR)
     h = r.history[-1]
@@ -270,6 +276,7 @@ def _compiles_during(fn):
     return len(events)
 
 
+@pytest.mark.slow
 def test_training_compiles_the_same_number_of_programs_for_2_and_6_epochs():
     """XLA compilations during train() do not grow with the number of epochs: the epoch is compiled
     once, not once per epoch (a retrace would compile again)."""
