@@ -103,8 +103,11 @@ def test_help_shows_each_default_once_and_no_python_reprs(capsys, monkeypatch):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "[64, 32, 10]" not in text
-    assert "(default: 64,32,10)" in text and "(default: mlp 16, lenet 64)" in text and "runs/<data>-mlp" in text
-    assert "(default: mlp 40, lenet 10; lenet on digits 40)" in text and "(default: mlp on, lenet off)" in text
+    assert ("(default: 64,32,10)" in text and "(default: mlp 16, lenet 64; elman/lstm/gru 64)" in text
+            and "runs/<data>-mlp" in text and "(default: mlp; lstm on shakespeare)" in text)
+    assert ("(default: mlp 40, lenet 10; lenet on digits 40; elman/lstm/gru 20)" in text
+            and "(default: mlp on, lenet off)" in text)
+    assert "(default: 256)" in text and "(default: one whole pass over the training text)" in text
     assert text.count("(default: $FNBP_MNIST_DIR") == 1 and "default: True" not in text
     assert "model's default" not in text and "_Unset" not in text
 
