@@ -666,7 +666,13 @@ def test_gru_trains_and_samples(capsys, tmp_path):
     (["--data", "digits", "--sample-length", "9"], "--sample-length applies to the text models only"),
 ])
 def test_flags_that_do_not_apply_to_the_text_models_or_to_the_others_are_refused_by_name(capsys, tmp_path, argv,
-                                                                                       message):
+                                                                                       message, monkeypatch):
+    from fnbp import _cli_text, train as training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(_cli_text, "train", no_training)
+    monkeypatch.setattr(training, "train", no_training)
     rc, _, err = _main(capsys, "train", "--data", "shakespeare", *argv, "--out", str(tmp_path / "o"))
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
