@@ -709,3 +709,24 @@ def test_sample_refuses_a_prompt_outside_the_vocabulary(capsys, text_run):
                             ("", "fnbp sample: --prompt must have at least one character")]:
         rc, _, err = _main(capsys, "sample", str(out), "--prompt", prompt)
         assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_text_run_writes_its_history_and_curves(capsys, tmp_path, monkeypatch):
+    from fnbp import _cli_text
+    real_train = _cli_text.train
+
+    def interrupted_in_epoch_2(*a, on_epoch, **kw):
+        def on(result):
+            on_epoch(result)
+            raise KeyboardInterrupt
+        return real_train(*a, on_epoch=on, **kw)
+    monkeypatch.setattr(_cli_text, "train", interrupted_in_epoch_2)
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *TEXT, "--model", "elman", "--epochs", "3", "--steps-per-epoch", "2",
+                       "--sample-length", "0", "--out", str(out))
+    assert rc == 130 and "Traceback" not in err
+    assert f"interrupted at epoch 2, step 2; last checkpoint epoch 1 ({out / 'checkpoint.npz'})" in err, err
+    saved = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1] and "valid_bits" in saved["history"][0]
+    assert (out / "curves.png").stat().st_size > 1000
