@@ -143,6 +143,10 @@ def _setup(params, x, d, model, loss, activation, output, name):
             raise ValueError(f"{name}: node {n.name!r} is auxiliary (dropout's key, running statistics); "
                              "curvature quantities need a deterministic network: build it without dropout")
     layers = per_example.extension_layers(net, name)
+    for n, ext in layers:
+        if len(extensions.parts(ext)) > 1:
+            raise ValueError(f"{name}: node {n.name!r} ({rule_of(n.op).name}) has several weights (a recurrent layer); "
+                             "curvature quantities support rules with one weight")
     spec = losses.loss_spec(loss, name=name)
     _loss_kind(spec, name)
     y, tape = graph.forward(net, params, {"x": x}, who=name)

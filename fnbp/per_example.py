@@ -8,7 +8,8 @@ example n's inputs P_n (S, K) at the S positions where its W acts and its delta_
     grad_W E_n = delta_n^T P_n = sum_p delta_{n,p} P_{n,p}^T,      grad_b E_n = sum_p delta_{n,p}
 
 (dense: S = 1, P_n = h_{k-1,n}^T, so grad_W E_n = delta_n h_n^T; a dense layer on a sequence: S = T; conv2d: the
-S = H_out W_out output pixels, P_n the im2col patches).  Every quantity below is written once over (P, delta):
+S = H_out W_out output pixels, P_n the im2col patches; a recurrent layer, ``fnbp.rnn``: one view per weight, each
+S = T, W_x against the inputs x_t and W_h against h_{t-1}, both with BPTT's delta_t).  Every quantity below is written once over (P, delta):
 
     grads            delta_n^T P_n stacked, (B,) + W's shape           (BackPACK BatchGrad; this one is big)
     batch_l2         ||grad_W E_n||^2 per leaf, (B,), without forming it when cheaper:
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 
 from . import activations, extensions, graph, keys, losses, mlp, regularization
 from .layers import weight_gradient
+from .nn.recurrent import zero_state
 from .objective import objective
 from .rules import rule_of
 
@@ -114,6 +116,8 @@ def extension_layers(net, name):
         if n.aux:
             if n.op is jax.random.fold_in:                # a dropout key: made per example by _per_example_masks
                 continue
+            if n.op is zero_state:                        # a recurrent layer's h_0 = 0: a row per example, no params
+                continue
             raise ValueError(f"{name}: auxiliary node {n.name!r} (running statistics, augmentation) is not supported "
                              "by per-example quantities; build the network without it")
         used = [a for a in n.args if isinstance(a, graph.Param)]
@@ -121,13 +125,15 @@ def extension_layers(net, name):
             continue
         r = rule_of(n.op)
         ext = extensions.per_example(r) if r is not None else None
-        W = n.args[ext.weight] if ext is not None else None
-        b = n.args[ext.bias] if ext is not None and ext.bias is not None else None
-        if ext is None or not isinstance(W, graph.Param) or (b is not None and not isinstance(b, graph.Param)):
+        refs = [] if ext is None else [(n.args[p.weight], None if p.bias is None else n.args[p.bias])
+                                       for p in extensions.parts(ext)]
+        if ext is None or any(not isinstance(W, graph.Param) or (b is not None and not isinstance(b, graph.Param))
+                              for W, b in refs):
             op = r.name if r is not None else getattr(n.op, "__name__", repr(n.op))
             raise ValueError(f"{name}: node {n.name!r} ({op}) uses parameters {[u.path for u in used]} but its rule "
-                             f"has no per-example extension (fnbp.extensions.register: dense and conv2d have one)")
-        for ref in (W, b):
+                             f"has no per-example extension (fnbp.extensions.register: dense, conv2d, embedding and "
+                             f"the recurrent rules have one)")
+        for ref in (ref for pair in refs for ref in pair):
             if ref is not None:
                 if ref.path in owner:
                     raise ValueError(f"{name}: nodes {owner[ref.path]!r} and {n.name!r} share the parameter "
@@ -181,16 +187,18 @@ def walk(params, x, d, *, model=None, loss=losses.half_sse, l2=0.0, key=None, ar
     rows = []
     for n, ext in layers:
         t = trace[n.name]
-        delta = t.grad_output if t.grad_output is not None else jnp.zeros_like(t.output)   # no gradient reached it
-        view = ext.view(t.inputs, dict(n.options), delta)
-        W = t.inputs[ext.weight]
-        grad_W = t.grad_inputs[ext.weight] if t.grad_output is not None else jnp.zeros_like(W)
-        b_path, grad_b = None, None
-        if ext.bias is not None:
-            b_path = n.args[ext.bias].path
-            grad_b = t.grad_inputs[ext.bias] if t.grad_output is not None else jnp.zeros_like(t.inputs[ext.bias])
-        rows.append(LayerRows(n.name, n.args[ext.weight].path, b_path, view.patches, view.delta, grad_W, grad_b,
-                              tuple(jnp.shape(W)), ext.to_W))
+        reached = t.grad_output is not None
+        delta = t.grad_output if reached else jax.tree_util.tree_map(jnp.zeros_like, t.output)   # no gradient
+        views = extensions.rows_of(ext, t.inputs, dict(n.options), delta, tape.residuals[n.name])
+        for part, view in zip(extensions.parts(ext), views):         # one LayerRows per weight of the node
+            W = t.inputs[part.weight]
+            grad_W = t.grad_inputs[part.weight] if reached else jnp.zeros_like(W)
+            b_path, grad_b = None, None
+            if part.bias is not None:
+                b_path = n.args[part.bias].path
+                grad_b = t.grad_inputs[part.bias] if reached else jnp.zeros_like(t.inputs[part.bias])
+            rows.append(LayerRows(n.name, n.args[part.weight].path, b_path, view.patches, view.delta, grad_W, grad_b,
+                                  tuple(jnp.shape(W)), part.to_W))
     penalty = (trace["penalty"].output, trace["penalty"].grad_inputs[0]) if with_l2 else None
     return E, rows, penalty
 
@@ -216,7 +224,7 @@ def rows_grads(r):
 
 
 def rows_batch_l2(r, method="auto"):
-    """(||grad_W E_n||^2, ||grad_b E_n||^2), each (B,), by ``norm_method``'s choice of form."""
+    """(||grad_W E_n||^2, ||grad_b E_n||^2), each (B,), by ``norm_method``'s choice of form (0 without a bias)."""
     _, S, C_out = r.delta.shape
     if S == 1:                                                       # ghost norm: ||delta_n||^2 ||h_n||^2
         w = jnp.sum(r.delta[:, 0] ** 2, axis=-1) * jnp.sum(r.patches[:, 0] ** 2, axis=-1)
@@ -227,6 +235,8 @@ def rows_batch_l2(r, method="auto"):
     else:
         G = _matrices(r)
         w = jnp.sum(G * G, axis=(1, 2))
+    if r.b_path is None:                                             # no bias (embedding, a recurrent W_h)
+        return w, jnp.zeros_like(w)
     delta_b = jnp.sum(r.delta, axis=1)
     return w, jnp.sum(delta_b * delta_b, axis=-1)
 

@@ -33,11 +33,16 @@ so only the truly sequential products h_{t-1} W_h^T (forward) and delta_t W_h
 ``fnbp.rnn_steps`` has the same equations one step at a time with Python loops (CS231n's
 ``rnn_layers.py``), for reading; the tests check them against the fast rules.  ``fnbp.reference_rnn`` has the plain-jnp
 scans that autodiff differentiates as the oracle.
+
+Per-example extensions (``fnbp.extensions``; ``fnbp.per_example``, ``fnbp.dp``): each rule registers one view per
+weight over the S = T steps, W_x against x_t and W_h against h_{t-1}, with the delta_t of the rule's own reverse
+scan (``_recurrent_rows`` derives it), so per-example gradients, their norms and DP-SGD's clipped sum work for
+recurrent models.
 """
 import jax.numpy as jnp
 from jax import lax
 
-from . import reference_rnn
+from . import extensions, reference_rnn
 from .check_cases import register as register_check
 from .rules import rule
 
@@ -139,7 +144,8 @@ def _elman_fwd(W_x, W_h, b, x, h0):
     return jnp.swapaxes(hs_tm, 0, 1), (W_x, W_h, x_tm, h0, hs_tm)
 
 
-def _elman_bwd(res, g):
+def _elman_deltas(res, g):
+    """BPTT's reverse scan: (delta (T, B, H) time-major, grad h_0)."""
     W_x, W_h, x_tm, h0, hs_tm = res
 
     def step(grad_h_next, inputs):                                 # grad_h_next = W_h^T delta_{t+1}
@@ -147,6 +153,12 @@ def _elman_bwd(res, g):
         delta = (grad_out + grad_h_next) * (1 - h_t * h_t)              # delta_t = grad_{h_t} E (.) tanh'(a_t)
         return _matmul(delta, W_h), delta                          # W_h^T delta_t, for step t-1
     grad_h0, delta = lax.scan(step, jnp.zeros_like(h0), (jnp.swapaxes(g, 0, 1), hs_tm), reverse=True)
+    return delta, grad_h0
+
+
+def _elman_bwd(res, g):
+    W_x, W_h, x_tm, h0, hs_tm = res
+    delta, grad_h0 = _elman_deltas(res, g)
     grad_W_x, grad_W_h, grad_x = _weight_grads(delta, delta, W_x, x_tm, _shifted(h0, hs_tm))
     return grad_W_x, grad_W_h, jnp.sum(delta, axis=(0, 1)), grad_x, grad_h0
 
@@ -211,7 +223,8 @@ def _lstm_fwd(W_x, W_h, b, x, h0, c0):
     return (jnp.swapaxes(hs_tm, 0, 1), c_T), (W_x, W_h, x_tm, h0, c0, gates, cs, hs_tm)
 
 
-def _lstm_bwd(res, cts):
+def _lstm_deltas(res, cts):
+    """BPTT's reverse scan: (delta (T, B, 4H) time-major, grad h_0, grad c_0)."""
     W_x, W_h, x_tm, h0, c0, gates, cs, hs_tm = res
     g_hs, g_cT = cts
     H = W_h.shape[1]
@@ -231,6 +244,12 @@ def _lstm_bwd(res, cts):
         return (_matmul(delta, W_h), grad_c * f), delta
     (grad_h0, grad_c0), delta = lax.scan(step, (jnp.zeros_like(h0), g_cT),
                                          (jnp.swapaxes(g_hs, 0, 1), gates, cs, c_prev_tm), reverse=True)
+    return delta, grad_h0, grad_c0
+
+
+def _lstm_bwd(res, cts):
+    W_x, x_tm, h0, hs_tm = res[0], res[2], res[3], res[7]
+    delta, grad_h0, grad_c0 = _lstm_deltas(res, cts)
     grad_W_x, grad_W_h, grad_x = _weight_grads(delta, delta, W_x, x_tm, _shifted(h0, hs_tm))
     return grad_W_x, grad_W_h, jnp.sum(delta, axis=(0, 1)), grad_x, grad_h0, grad_c0
 
@@ -295,7 +314,8 @@ def _gru_fwd(W_x, W_h, b_x, b_h, x, h0):
     return jnp.swapaxes(hs_tm, 0, 1), (W_x, W_h, x_tm, h0, gates, hs_tm)
 
 
-def _gru_bwd(res, g):
+def _gru_deltas(res, g):
+    """BPTT's reverse scan: (delta^u, delta^v (T, B, 3H) time-major, grad h_0)."""
     W_x, W_h, x_tm, h0, gates, hs_tm = res
     H = W_h.shape[1]
     h_prev_tm = _shifted(h0, hs_tm)
@@ -312,7 +332,13 @@ def _gru_bwd(res, g):
         return _matmul(delta_v, W_h) + z * grad_h, (delta_u, delta_v)
     grad_h0, (delta_u, delta_v) = lax.scan(step, jnp.zeros_like(h0), (jnp.swapaxes(g, 0, 1), gates, h_prev_tm),
                                            reverse=True)
-    grad_W_x, grad_W_h, grad_x = _weight_grads(delta_u, delta_v, W_x, x_tm, h_prev_tm)
+    return delta_u, delta_v, grad_h0
+
+
+def _gru_bwd(res, g):
+    W_x, x_tm, h0, hs_tm = res[0], res[2], res[3], res[5]
+    delta_u, delta_v, grad_h0 = _gru_deltas(res, g)
+    grad_W_x, grad_W_h, grad_x = _weight_grads(delta_u, delta_v, W_x, x_tm, _shifted(h0, hs_tm))
     return (grad_W_x, grad_W_h, jnp.sum(delta_u, axis=(0, 1)), jnp.sum(delta_v, axis=(0, 1)), grad_x, grad_h0)
 
 
@@ -321,6 +347,67 @@ def _check_gru(W_x, W_h, b_x, b_h, x, h0):
 
 
 gru = rule(_gru_fwd, _gru_bwd, name="gru", check=_check_gru)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-example extensions (fnbp.extensions): one view per weight, from the rule's own reverse scan
+# ------------------------------------------------------------------------------------------------
+def _batch_major(a):
+    return jnp.swapaxes(a, 0, 1)                                  # (T, B, .) -> (B, T, .): S = T positions
+
+
+def _recurrent_rows(x_tm, h_prev_tm, delta_x, delta_h):
+    """(Rows of W_x (and its bias), Rows of W_h (and its bias)), each over the S = T steps of every example.
+
+    Example n's loss E_n reaches W_x, W_h and b only through its own pre-activations
+    a_{n,t} = W_x x_{n,t} + W_h h_{n,t-1} + b, t = 1..T (the rule acts on each row of the batch alone), so under
+    reduction='sum' grad_{a_{n,t}} E = grad_{a_{n,t}} E_n = delta_{n,t}, row n of the delta_t that BPTT's reverse
+    scan computes.  The fan-out rule over the T consumers of each weight then gives, per example,
+
+        grad_{W_x} E_n = sum_t delta_{n,t} x_{n,t}^T     = delta_n^T P_n,  P_n = (x_{n,1}; ...; x_{n,T})     (T, n_in)
+        grad_{W_h} E_n = sum_t delta_{n,t} h_{n,t-1}^T   = delta_n^T P_n,  P_n = (h_{n,0}; ...; h_{n,T-1})   (T, H)
+        grad_b E_n     = sum_t delta_{n,t}
+
+    i.e. the weight-gradient GEMMs of ``_weight_grads`` with the sum over n left open.  The GRU's W_x and W_h see
+    different deltas (delta^u, delta^v: see ``_gru_fwd``).
+    """
+    return (extensions.Rows(_batch_major(x_tm), _batch_major(delta_x)),
+            extensions.Rows(_batch_major(h_prev_tm), _batch_major(delta_h)))
+
+
+def _elman_rows(args, options, g, res):
+    """Elman: W_x with rows x_t and b, W_h with rows h_{t-1}; both with delta_t = grad_{h_t} E (.) (1 - h_t^2)."""
+    _, _, x_tm, h0, hs_tm = res
+    delta, _ = _elman_deltas(res, g)
+    return _recurrent_rows(x_tm, _shifted(h0, hs_tm), delta, delta)
+
+
+def _lstm_rows(args, options, cts, res):
+    """LSTM (``lstm``: cts = (grad hs, grad c_T)): as Elman's, delta_t = (delta^i, delta^f, delta^g, delta^o)."""
+    delta, _, _ = _lstm_deltas(res, cts)
+    return _recurrent_rows(res[2], _shifted(res[3], res[7]), delta, delta)
+
+
+def _lstm_sequence_rows(args, options, g, res):
+    """``lstm_sequence``: ``lstm``'s rows with a zero cotangent for c_T (the node outputs hs alone)."""
+    return _lstm_rows(args, options, (g, jnp.zeros_like(res[4])), res)
+
+
+def _gru_rows(args, options, g, res):
+    """GRU: W_x and b_x with rows x_t and delta^u_t = (delta^r, delta^z, delta^n) (the gradient of
+    u_t = W_x x_t + b_x); W_h and b_h with rows h_{t-1} and delta^v_t = (delta^r, delta^z, r_t (.) delta^n) (the
+    gradient of v_t = W_h h_{t-1} + b_h: v^n enters n_t = tanh(u^n + r_t (.) v^n) through r_t, so the n-block of
+    grad_{W_h} E_n is sum_t (r_{n,t} (.) delta^n_{n,t}) h_{n,t-1}^T and that of grad_{b_h} E_n sum_t r (.) delta^n)."""
+    delta_u, delta_v, _ = _gru_deltas(res, g)
+    return _recurrent_rows(res[2], _shifted(res[3], res[5]), delta_u, delta_v)
+
+
+# args: elman/lstm (W_x, W_h, b, x, h0[, c0]): W_x pairs with b, W_h has no bias of its own;
+# gru (W_x, W_h, b_x, b_h, x, h0): W_x with b_x, W_h with b_h
+extensions.register(elman, view=_elman_rows, weight=(0, 1), bias=(2, None), residuals=True)
+extensions.register(lstm, view=_lstm_rows, weight=(0, 1), bias=(2, None), residuals=True)
+extensions.register(lstm_sequence, view=_lstm_sequence_rows, weight=(0, 1), bias=(2, None), residuals=True)
+extensions.register(gru, view=_gru_rows, weight=(0, 1), bias=(2, 3), residuals=True)
 
 
 # ------------------------------------------------------------------------------------------------

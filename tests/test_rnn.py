@@ -307,3 +307,129 @@ def _torch_case(cell, B=3, T=5, n_in=4, H=6, seed=8):
 def test_matches_pytorch_in_float64(cell):
     errors = _torch_case(cell)
     assert max(errors.values()) <= AD_TOL, errors
+
+
+# --- per-example extensions: one view per weight from the rule's own reverse scan (fnbp.extensions) ------------
+PE_TOL = 1e-10
+PE_V, PE_B, PE_T, PE_D, PE_H = 7, 4, 5, 3, 4
+PE_LAYERS = {"elman": fnbp.nn.Elman, "lstm": fnbp.nn.LSTM, "gru": fnbp.nn.GRU}
+
+
+def _plain_model(cell, params, ids):
+    """Embedding -> cell -> Dense on every step in plain jnp (fnbp.reference_rnn's scans, no rule): logits (B, T, V)."""
+    emb, rec, out = params
+    x = emb["E"][ids]
+    h0 = jnp.zeros((ids.shape[0], rec["W_h"].shape[1]), x.dtype)
+    if cell == "lstm":
+        hs = reference_rnn.lstm(rec["W_x"], rec["W_h"], rec["b"], x, h0, h0)[0]
+    elif cell == "gru":
+        hs = reference_rnn.gru(rec["W_x"], rec["W_h"], rec["b_x"], rec["b_h"], x, h0)
+    else:
+        hs = reference_rnn.elman(rec["W_x"], rec["W_h"], rec["b"], x, h0)
+    return hs @ out["W"].T + out["b"]
+
+
+def _pe_case(cell, T=PE_T, seed=0):
+    """(model, params, ids x, targets d, per-example reference gradients): vmap(grad) of each example's own summed
+    token loss through the plain-jnp model."""
+    model = fnbp.nn.serial(fnbp.nn.Embedding(PE_V, PE_D), PE_LAYERS[cell](PE_H), fnbp.nn.Dense(PE_V))
+    ids = np.random.default_rng(seed).integers(0, PE_V, (PE_B, T + 1))
+    x, d = ids[:, :-1], ids[:, 1:]
+    params, _ = model.init(jax.random.key(seed), (T,), jnp.float64)
+
+    def loss_n(p, x_n, d_n):
+        return fnbp.reference.softmax_cross_entropy(_plain_model(cell, p, x_n[None]), d_n[None], reduction="sum")
+    ref = jax.jit(jax.vmap(jax.grad(loss_n), in_axes=(None, 0, 0)))(params, x, d)
+    return model, params, x, d, ref
+
+
+def _tree_max_abs(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb) and all(u.shape == v.shape for u, v in zip(la, lb))
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(la, lb))
+
+
+@pytest.mark.parametrize("cell", sorted(PE_LAYERS))
+def test_per_example_quantities_and_dp_clipped_sum_equal_vmap_grad(cell):
+    """grads, batch_l2 (both norm forms), grad_norms, sum_grad_squared, variance and the DP clipped sum of
+    Embedding -> cell -> Dense (softmax cross-entropy over tokens) against vmap(grad) of the plain-jnp model."""
+    model, params, x, d, ref = _pe_case(cell)
+    kw = dict(model=model, loss=fnbp.losses.softmax_cross_entropy)
+    assert _tree_max_abs(fnbp.per_example.grads(params, x, d, **kw), ref) <= PE_TOL
+    ref_l2 = jax.tree_util.tree_map(lambda g: jnp.sum(g.reshape(PE_B, -1) ** 2, axis=1), ref)
+    for method in ("gram", "direct"):
+        assert _tree_max_abs(fnbp.per_example.batch_l2(params, x, d, method=method, **kw), ref_l2) <= PE_TOL
+    ref_norms = jnp.sqrt(sum(jax.tree_util.tree_leaves(ref_l2)))
+    assert float(jnp.max(jnp.abs(fnbp.per_example.grad_norms(params, x, d, **kw) - ref_norms))) <= PE_TOL
+    assert _tree_max_abs(fnbp.per_example.sum_grad_squared(params, x, d, **kw),
+                         jax.tree_util.tree_map(lambda g: jnp.sum(g ** 2, axis=0), ref)) <= PE_TOL
+    assert _tree_max_abs(fnbp.per_example.variance(params, x, d, **kw),
+                         jax.tree_util.tree_map(lambda g: jnp.var(g, axis=0), ref)) <= PE_TOL
+    clip = float(jnp.median(ref_norms))                      # about half the examples clipped
+    c = jnp.minimum(1.0, clip / ref_norms)
+    sums, norms = fnbp.dp.clipped_grad_sum(params, x, d, clip=clip, **kw)
+    assert float(jnp.max(jnp.abs(norms - ref_norms))) <= PE_TOL and 0 < int(jnp.sum(c < 1)) < PE_B
+    assert _tree_max_abs(sums, jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), ref)) <= PE_TOL
+
+
+def _rule_case(cell, rng, B=3, T=4, n_in=2, H=3):
+    """(rule, args, output cotangent, per-example reference gradients of the weights and biases) at rule level:
+    example n's gradient of <cotangent_n, output_n> through fnbp.reference_rnn's scan, by vmap(grad)."""
+    k, n_bias = {"elman": (1, 1), "lstm": (4, 1), "gru": (3, 2)}[cell]
+    n_params = 2 + n_bias
+    args = _args(cell, B, T, n_in, H, False, rng)
+    g = rng.standard_normal((B, T, H))
+    if cell == "lstm":
+        cts = (g, rng.standard_normal((B, H)))               # lstm's c_T gets its own cotangent
+
+        def out_n(*a):
+            hs, c_T = reference_rnn.lstm(*a)
+            return hs, c_T
+        rule = rnn.lstm
+    else:
+        cts, out_n, rule = g, getattr(reference_rnn, cell), getattr(rnn, cell)
+
+    def loss_n(weights, rest, ct):
+        out = out_n(*weights, *[r[None] for r in rest])
+        return sum(jnp.sum(o * c[None]) for o, c in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ct)))
+    ref = jax.vmap(jax.grad(loss_n), in_axes=(None, 0, 0))(args[:n_params], args[n_params:], cts)
+    return rule, args, cts, ref
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_rule_views_give_each_examples_weight_and_bias_gradients(cell):
+    """The registered views at rule level (lstm's with a cotangent on c_T too): example n's delta_n^T P_n and
+    sum_t delta_{n,t} per (W, b) pair equal vmap(grad) of the plain scan; their sum is the rule's own gradient."""
+    rule, args, cts, ref = _rule_case(cell, np.random.default_rng(5))
+    ext = fnbp.extensions.per_example(rule)
+    out, res = rule.rule.fwd(*args)
+    batch_grads = rule.rule.bwd(res, cts)
+    views = fnbp.extensions.rows_of(ext, args, {}, cts, res)
+    for part, rows in zip(fnbp.extensions.parts(ext), views):
+        grad_W = jnp.einsum("bso,bsk->bok", rows.delta, rows.patches)
+        assert max_rel(grad_W, ref[part.weight]) <= PE_TOL
+        assert max_rel(jnp.sum(grad_W, axis=0), batch_grads[part.weight]) <= 1e-12
+        if part.bias is not None:
+            assert max_rel(jnp.sum(rows.delta, axis=1), ref[part.bias]) <= PE_TOL
+
+
+def _wrong_h_view(args, options, g, res):
+    """Mutation: Elman's W_h view with rows h_t instead of h_{t-1}."""
+    right_x, right_h = rnn._elman_rows(args, options, g, res)
+    return right_x, fnbp.extensions.Rows(jnp.swapaxes(res[4], 0, 1), right_h.delta)
+
+
+def _wrong_gru_view(args, options, g, res):
+    """Mutation: the GRU's W_h paired with delta^u (the n-block without r_t)."""
+    delta_u, _, _ = rnn._gru_deltas(res, g)
+    return rnn._recurrent_rows(res[2], rnn._shifted(res[3], res[5]), delta_u, delta_u)
+
+
+@pytest.mark.parametrize("cell, view", [("elman", _wrong_h_view), ("gru", _wrong_gru_view)])
+def test_a_wrong_view_is_caught_by_the_oracle(cell, view, monkeypatch):
+    rule = getattr(rnn, cell)
+    monkeypatch.setitem(fnbp.extensions._PER_EXAMPLE, rule.rule, fnbp.extensions.per_example(rule)._replace(view=view))
+    model, params, x, d, ref = _pe_case(cell)
+    got = fnbp.per_example.grads(params, x, d, model=model, loss=fnbp.losses.softmax_cross_entropy)
+    assert float(jnp.max(jnp.abs(got[1]["W_h"] - ref[1]["W_h"]))) > 1e-3
+    assert float(jnp.max(jnp.abs(got[1]["W_x"] - ref[1]["W_x"]))) <= PE_TOL      # the other weight's view untouched
