@@ -314,3 +314,16 @@ def test_a_graph_as_model_gives_the_same_quantities():
             a = jax.tree_util.tree_leaves(fn(params, x, d, model=model, **kw))
             b = jax.tree_util.tree_leaves(fn(params, x, d, model=net, **kw))
             assert len(a) == len(b) and all(bool(jnp.array_equal(u, v)) for u, v in zip(a, b)), fn.__name__
+
+
+def test_a_rule_with_several_weights_is_refused_by_name():
+    """The recurrent rules register one per-example view per weight (fnbp.extensions); curvature reads one."""
+    from fnbp.graph import Input, Param
+    net = fnbp.graph.make([fnbp.graph.node("rnn", fnbp.rnn.elman, Param("W_x"), Param("W_h"), Param("b"), Input("x"),
+                                           Input("h0")),
+                           fnbp.graph.node("y", fnbp.dense, Param("W"), Param("c"), "rnn")], "y")
+    params = {"W_x": jnp.ones((4, 2)), "W_h": jnp.ones((4, 4)), "b": jnp.ones(4), "W": jnp.ones((C, 4)),
+              "c": jnp.ones(C)}
+    with pytest.raises(ValueError, match=r"fnbp.curvature.diag_ggn: node 'rnn' \(elman\) has several weights"):
+        curvature.diag_ggn(params, jnp.ones((2, 3, 2)), jnp.array([0, 1]), model=net,
+                           loss=losses.softmax_cross_entropy)

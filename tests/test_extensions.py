@@ -100,3 +100,39 @@ def test_second_derivatives_are_looked_up_as_registered():
     assert registered
     rule = _my_dense()
     assert extensions.second_derivative(rule) == (False, None)
+
+
+def _two_weights():
+    """y = W h + U h^2 + b: a student's rule with two weights, one of them without a bias."""
+    def fwd(W, U, b, h):
+        return h @ W.T + (h * h) @ U.T + b, (W, U, h)
+
+    def bwd(res, delta):
+        W, U, h = res
+        return delta.T @ h, delta.T @ (h * h), delta.sum(0), delta @ W + 2 * h * (delta @ U)
+    return fnbp.rule(fwd, bwd, name="two_weights")
+
+
+def test_a_rule_with_several_weights_registers_one_view_per_weight():
+    rule = _two_weights()
+    with pytest.raises(ValueError, match=r"fnbp.extensions.register: weight and bias must both be"):
+        extensions.register(rule, view=_rows, weight=(0, 1), bias=2)
+    extensions.register(rule, weight=(0, 1), bias=(2, None), view=lambda args, options, delta: (
+        extensions.Rows(args[3][:, None, :], delta[:, None, :]),
+        extensions.Rows((args[3] ** 2)[:, None, :], delta[:, None, :])))
+    assert [(p.weight, p.bias) for p in extensions.parts(extensions.per_example(rule))] == [(0, 2), (1, None)]
+    net = fnbp.graph.make([fnbp.graph.node("y", rule, Param("W"), Param("U"), Param("b"), Input("x"))], "y")
+    rng = np.random.default_rng(1)
+    params = {k: jnp.asarray(rng.normal(size=s)) for k, s in [("W", (N_OUT, N_IN)), ("U", (N_OUT, N_IN)),
+                                                             ("b", (N_OUT,))]}
+    x, d = jnp.asarray(rng.normal(size=(B, N_IN))), jnp.asarray(rng.normal(size=(B, N_OUT)))
+
+    def loss_n(p, x_n, d_n):
+        return R.half_sse(x_n[None] @ p["W"].T + (x_n[None] ** 2) @ p["U"].T + p["b"], d_n[None], reduction="sum")
+    ref = jax.vmap(jax.grad(loss_n), in_axes=(None, 0, 0))(params, x, d)
+    got = per_example.grads(params, x, d, arch=net, loss=fnbp.losses.half_sse)
+    for k in params:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-12, atol=1e-12)
+    ref_norms = np.sqrt(sum(np.sum(np.asarray(v).reshape(B, -1) ** 2, 1) for v in ref.values()))
+    np.testing.assert_allclose(per_example.grad_norms(params, x, d, arch=net, loss=fnbp.losses.half_sse), ref_norms,
+                               rtol=1e-12)

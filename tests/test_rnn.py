@@ -354,20 +354,24 @@ def test_per_example_quantities_and_dp_clipped_sum_equal_vmap_grad(cell):
     """grads, batch_l2 (both norm forms), grad_norms, sum_grad_squared, variance and the DP clipped sum of
     Embedding -> cell -> Dense (softmax cross-entropy over tokens) against vmap(grad) of the plain-jnp model."""
     model, params, x, d, ref = _pe_case(cell)
-    kw = dict(model=model, loss=fnbp.losses.softmax_cross_entropy)
-    assert _tree_max_abs(fnbp.per_example.grads(params, x, d, **kw), ref) <= PE_TOL
     ref_l2 = jax.tree_util.tree_map(lambda g: jnp.sum(g.reshape(PE_B, -1) ** 2, axis=1), ref)
-    for method in ("gram", "direct"):
-        assert _tree_max_abs(fnbp.per_example.batch_l2(params, x, d, method=method, **kw), ref_l2) <= PE_TOL
     ref_norms = jnp.sqrt(sum(jax.tree_util.tree_leaves(ref_l2)))
-    assert float(jnp.max(jnp.abs(fnbp.per_example.grad_norms(params, x, d, **kw) - ref_norms))) <= PE_TOL
-    assert _tree_max_abs(fnbp.per_example.sum_grad_squared(params, x, d, **kw),
-                         jax.tree_util.tree_map(lambda g: jnp.sum(g ** 2, axis=0), ref)) <= PE_TOL
-    assert _tree_max_abs(fnbp.per_example.variance(params, x, d, **kw),
-                         jax.tree_util.tree_map(lambda g: jnp.var(g, axis=0), ref)) <= PE_TOL
     clip = float(jnp.median(ref_norms))                      # about half the examples clipped
     c = jnp.minimum(1.0, clip / ref_norms)
-    sums, norms = fnbp.dp.clipped_grad_sum(params, x, d, clip=clip, **kw)
+
+    @jax.jit                                                 # one compiled program: faster than op by op here
+    def quantities(p):
+        kw = dict(model=model, loss=fnbp.losses.softmax_cross_entropy)
+        return (fnbp.per_example.grads(p, x, d, **kw),
+                [fnbp.per_example.batch_l2(p, x, d, method=method, **kw) for method in ("gram", "direct")],
+                fnbp.per_example.grad_norms(p, x, d, **kw), fnbp.per_example.sum_grad_squared(p, x, d, **kw),
+                fnbp.per_example.variance(p, x, d, **kw), fnbp.dp.clipped_grad_sum(p, x, d, clip=clip, **kw))
+    grads, l2s, grad_norms, sgs, variance, (sums, norms) = quantities(params)
+    assert _tree_max_abs(grads, ref) <= PE_TOL
+    assert all(_tree_max_abs(l2, ref_l2) <= PE_TOL for l2 in l2s)
+    assert float(jnp.max(jnp.abs(grad_norms - ref_norms))) <= PE_TOL
+    assert _tree_max_abs(sgs, jax.tree_util.tree_map(lambda g: jnp.sum(g ** 2, axis=0), ref)) <= PE_TOL
+    assert _tree_max_abs(variance, jax.tree_util.tree_map(lambda g: jnp.var(g, axis=0), ref)) <= PE_TOL
     assert float(jnp.max(jnp.abs(norms - ref_norms))) <= PE_TOL and 0 < int(jnp.sum(c < 1)) < PE_B
     assert _tree_max_abs(sums, jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), ref)) <= PE_TOL
 
@@ -375,8 +379,7 @@ def test_per_example_quantities_and_dp_clipped_sum_equal_vmap_grad(cell):
 def _rule_case(cell, rng, B=3, T=4, n_in=2, H=3):
     """(rule, args, output cotangent, per-example reference gradients of the weights and biases) at rule level:
     example n's gradient of <cotangent_n, output_n> through fnbp.reference_rnn's scan, by vmap(grad)."""
-    k, n_bias = {"elman": (1, 1), "lstm": (4, 1), "gru": (3, 2)}[cell]
-    n_params = 2 + n_bias
+    n_params = 2 + CELLS[cell][3]                            # W_x, W_h and the bias(es)
     args = _args(cell, B, T, n_in, H, False, rng)
     g = rng.standard_normal((B, T, H))
     if cell == "lstm":
