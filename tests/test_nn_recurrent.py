@@ -100,3 +100,6 @@ def test_embedding_per_example_gradients():
                                                               reduction="sum"))(params))(x, d)
         for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(ref)):
             assert a.shape[0] == B and max_rel(a, b) <= 1e-12
+        ref_norms = jnp.sqrt(sum(jnp.sum(g.reshape(B, -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(ref)))
+        norms = fnbp.per_example.grad_norms(params, x, d, model=model, loss=LOSS)   # E has no bias: no bias term
+        assert max_rel(norms, ref_norms) <= 1e-12

@@ -400,10 +400,12 @@ def _rule_case(cell, rng, B=3, T=4, n_in=2, H=3):
 
 
 @pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
-def test_rule_views_give_each_examples_weight_and_bias_gradients(cell):
-    """The registered views at rule level (lstm's with a cotangent on c_T too): example n's delta_n^T P_n and
-    sum_t delta_{n,t} per (W, b) pair equal vmap(grad) of the plain scan; their sum is the rule's own gradient."""
-    rule, args, cts, ref = _rule_case(cell, np.random.default_rng(5))
+@pytest.mark.parametrize("T", [1, 4])
+def test_rule_views_give_each_examples_weight_and_bias_gradients(cell, T):
+    """The registered views at rule level (lstm's with a cotangent on c_T too, h0/c0 given): example n's
+    delta_n^T P_n and sum_t delta_{n,t} per (W, b) pair equal vmap(grad) of the plain scan; their sum is the rule's
+    own gradient."""
+    rule, args, cts, ref = _rule_case(cell, np.random.default_rng(5), T=T)
     ext = fnbp.extensions.per_example(rule)
     out, res = rule.rule.fwd(*args)
     batch_grads = rule.rule.bwd(res, cts)
