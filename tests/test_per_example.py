@@ -260,3 +260,37 @@ def test_per_example_gradients_match_reference_and_sum_to_batch_gradient():
         assert max_rel(got[3], alone) <= 1e-12
         assert max_rel(g_sum, np.sum(got, axis=0)) <= 1e-12      # sum of per-example = reduction='sum'
         assert max_rel(g_mean, np.sum(got, axis=0) / batch) <= 1e-12
+
+
+# --- against BackPACK (backpack-for-pytorch), float64, where FNBP_TORCH_PYTHON names a venv with it ----------
+# Convention: BackPACK's first-order quantities are of the loss as torch reduces it.  Its per-example gradient
+# under reduction='mean' is grad E_n / B (the gradient of E_n's share of the mean), so BatchL2Grad and
+# SumGradSquared are fnbp's batch_l2 and sum_grad_squared (each example's own loss, E_n) over B^2; its Variance is
+# (SGS_bp / B - (sum_n g_bp,n / B)^2) = fnbp's variance / B^2.  Under reduction='sum' all three are fnbp's.
+@pytest.fixture(scope="module")
+def backpack_out(tmp_path_factory):
+    import backpack_oracle
+    return backpack_oracle.backpack_results(
+        tmp_path_factory.mktemp("backpack"), groups=backpack_oracle.FIRST_ORDER,
+        names=("mlp-tanh-ce-mean", "mlp-relu-ce-sum", "cnn-sigmoid-mse-sum", "cnn-relu-ce-mean"))
+
+
+@pytest.mark.slow
+def test_first_order_quantities_equal_backpack(backpack_out):
+    """BatchL2Grad, Variance, SumGradSquared: MLPs and CNNs (conv, max pool, flatten, dense), tanh/sigmoid/relu,
+    cross-entropy and MSE, mean and sum."""
+    from backpack_oracle import B as B_bp, rel_err
+    fields = {"batch_l2": per_example.batch_l2, "variance": per_example.variance,
+              "sum_grad_squared": per_example.sum_grad_squared}
+    errs = {}
+    for name, (case, bp) in backpack_out.items():
+        scale = 1.0 / B_bp ** 2 if case.reduction == "mean" else 1.0
+        for field, fn in fields.items():
+            got = fn(case.params, case.x, case.d, model=case.model, loss=case.loss)
+            for i, layer in enumerate(got):
+                W_bp = bp[f"p{i}.weight.{field}"]
+                errs[f"{name} {field} {i}.W"] = rel_err(
+                    scale * np.asarray(layer["W"]), W_bp if field == "batch_l2" else case.to_fnbp_W(i, W_bp))
+                errs[f"{name} {field} {i}.b"] = rel_err(scale * np.asarray(layer["b"]), bp[f"p{i}.bias.{field}"])
+    print("first-order max relative error vs BackPACK:", max(errs.values()))
+    assert max(errs.values()) <= 1e-10, errs
