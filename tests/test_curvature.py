@@ -294,15 +294,47 @@ def test_optim_kfac_decreases_the_loss_faster_than_sgd():
     assert sgd < E0 and kf < 0.8 * sgd, (E0, sgd, kf)
 
 
-@pytest.mark.slow
-def test_experiment_quick_runs(tmp_path):
-    """experiments/curvature.py --quick: every quantity timed, a finite positive ratio to the plain backward."""
+def _quick(tmp_path, part):
     from experiments import curvature as exp
-    res = exp.main(["--quick", "--out", str(tmp_path), "--rounds", "2"])
+    return exp.main(["--quick", "--out", str(tmp_path), "--rounds", "2", "--parts", part])[part]
+
+
+@pytest.mark.slow
+def test_experiment_quick_overhead(tmp_path):
+    """experiments/curvature.py --quick --parts overhead: every quantity timed, a finite positive ratio to the
+    plain backward."""
+    res = _quick(tmp_path, "overhead")
     assert (tmp_path / "curvature.md").exists()
     for rows in res.values():
         assert set(rows) >= {"backward (baseline)", "diag_ggn", "kfac", "kflr", "diag_hessian"}
         assert all(0 < v["ratio"] < float("inf") for v in rows.values())
+
+
+@pytest.mark.slow
+def test_experiment_quick_laplace(tmp_path):
+    """--parts laplace: the predictives are distributions; the posterior's spread (tau by the evidence) lowers
+    the linearised predictive's confidence on noise images below the MAP's."""
+    res = _quick(tmp_path, "laplace")
+    assert (tmp_path / "curvature_laplace.md").exists() and (tmp_path / "curvature_laplace.png").exists()
+    for row in res["sets"].values():
+        for m in row.values():
+            assert 0.1 <= m["confidence"] <= 1 and 0 <= m["entropy"] <= np.log(10) + 1e-6
+    noise = res["sets"]["uniform noise"]
+    assert noise["Laplace linearised (tau: evidence)"]["confidence"] < noise["MAP"]["confidence"] - 0.05
+
+
+@pytest.mark.slow
+def test_experiment_quick_kfac(tmp_path):
+    """--parts kfac: curves of accuracies in [0, 1] at the same steps for SGD, Adam and K-FAC; wall time
+    increasing."""
+    res = _quick(tmp_path, "kfac")
+    assert (tmp_path / "curvature_kfac.md").exists() and (tmp_path / "curvature_kfac.png").exists()
+    curves = res["curves"]
+    assert set(curves) == {"SGD", "Adam", "K-FAC"}
+    assert len({tuple(c["step"]) for c in curves.values()}) == 1
+    for c in curves.values():
+        assert all(0 <= a <= 1 for a in c["test_accuracy"]) and np.all(np.diff(c["seconds"]) > 0)
+        assert np.all(np.isfinite(c["loss"]))
 
 
 def test_a_graph_as_model_gives_the_same_quantities():
