@@ -366,7 +366,9 @@ def kfac_part(args):
           f"{res['model']}, softmax cross-entropy, {split}; mini-batches of {batch}, the same initialisation and "
           f"batches for each optimizer, {steps} steps; test accuracy every {every} steps.  K-FAC's factors are "
           "`fnbp.curvature.kfac` (one sampled column per example) of each step's batch.  Wall time: the training "
-          "steps only (jit-compiled, compilation and evaluation excluded), on a shared CPU.", "",
+          "steps only (jit-compiled, compilation and evaluation excluded), on a shared CPU.  Rates: SGD's and Adam's "
+          "are those `experiments/mnist_mlp.py`'s validation search chose for this network (constant); K-FAC's "
+          "were not searched.", "",
           common.md_table(["optimizer", "final test acc", "best test acc", "first step >= Adam's final",
                            "seconds to it", "ms / step"], table), "",
           "![test accuracy against steps and wall time](curvature_kfac.png)"]
