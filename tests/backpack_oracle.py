@@ -4,7 +4,7 @@ test_per_example: the same small models, weights and data in both, BackPACK run 
 fnbp's venv has no torch and the torch venv no jax, so ``backpack_results`` writes each case's weights (torch
 layout) and data to .npz, runs tests/backpack_torch.py under the Python named by the environment variable
 FNBP_TORCH_PYTHON, and reads BackPACK's quantities back, converted to fnbp's layout.  Tests skip where it is
-unset or names no file (CI has neither torch nor BackPACK).
+unset, names no file, or names a Python without torch or backpack (CI has neither).
 
 Layouts (torch -> fnbp):
   - Dense W: (out, in) in both.  After Flatten the columns differ: fnbp flattens (H, W, C) in (i, j, c) order,
@@ -140,6 +140,8 @@ def backpack_results(folder, names=tuple(CASES), groups=SECOND_ORDER):
     for n, c in cases.items():
         np.savez(folder / f"{n}.in.npz", **c.torch_arrays())
     proc = subprocess.run([python, str(TORCH_SCRIPT), str(folder)], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 77:                        # backpack_torch.MISSING: that Python lacks torch or backpack
+        pytest.skip(f"FNBP_TORCH_PYTHON={python}: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
     for n, c in cases.items():

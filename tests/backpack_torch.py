@@ -16,9 +16,16 @@ import pathlib
 import sys
 
 import numpy as np
-import torch
-from backpack import backpack, extend
-from backpack.extensions import KFLR, BatchL2Grad, DiagGGNExact, DiagHessian, SumGradSquared, Variance
+
+MISSING = 77             # the exit status when torch or backpack does not import: the tests skip
+
+try:
+    import torch
+    from backpack import backpack, extend
+    from backpack.extensions import KFLR, BatchL2Grad, DiagGGNExact, DiagHessian, SumGradSquared, Variance
+except ImportError as e:
+    print(f"backpack_torch: {e}", file=sys.stderr)
+    sys.exit(MISSING)
 
 torch.set_default_dtype(torch.float64)
 
