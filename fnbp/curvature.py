@@ -56,7 +56,9 @@ once these conventions are lined up:
     and the bias's G equal ours.  Conv: A equals ours; G does NOT: BackPACK sums the columns over the positions
     before the outer product, sum_{m,n} (sum_p delta_{m,n,p}) (sum_p delta_{m,n,p})^T (the bias's exact GGN
     block; its diagonal is our ``diag_ggn`` of b), while ours is KFC's sum_{m,n,p} delta_{m,n,p} delta_{m,n,p}^T
-    (positions uncorrelated).  Both are |T| = H_out W_out times Grosse & Martens' Gamma in scale.
+    (positions uncorrelated).  Both are |T| = H_out W_out times Grosse & Martens' Gamma in scale.  A conv's
+    bias: BackPACK's [G_bp] (its exact GGN block), ours KronFactors(G, A_b = S) (the bias as a weight on a
+    constant input, consistent with W's factors).
   - first order (BatchL2Grad, SumGradSquared, Variance; ``fnbp.per_example``): BackPACK's per-example gradient
     is that of example n's term of the reduced loss, grad E_n / B under 'mean'; so under 'mean' its three
     quantities are ``batch_l2``, ``sum_grad_squared`` and ``variance`` (each of E_n's own gradients) over B^2,
