@@ -1,7 +1,9 @@
 """``fnbp train --model NAME``: one registry of models, their flags, data layout, parameters and recipe.
 
 ``--model`` takes a name of ``REGISTRY`` (mlp, lenet) or ``package.module:function`` for a user's own factory,
-called as ``function(input_shape, n_classes)`` and returning an ``fnbp.nn`` model (images arrive as (H, W, 1)).
+called as ``function(input_shape, n_classes)`` and returning an ``fnbp.nn`` model (images arrive as (H, W, 1)),
+or one of ``TEXT_MODELS`` (elman, lstm, gru: ``fnbp.charlm``'s character models, ``--data shakespeare``; their
+flags and loop are in ``fnbp._cli_text``).
 """
 import importlib
 import math
@@ -21,14 +23,16 @@ REGISTRY = {"mlp": None, "lenet": _lenet}
 """--model names -> factory(input_shape, n_classes, args) (mlp: fnbp.mlp's parameters and cfg's MLP)."""
 MODELS = tuple(REGISTRY)
 IMAGE_MODELS = ("lenet",)              # models that take images (N, H, W, 1); a user's factory does too
+TEXT_MODELS = ("elman", "lstm", "gru")   # fnbp.charlm's cells (--data shakespeare)
 
 
 def model_arg(text):
     """--model: a registry name or ``package.module:function``."""
     import argparse
-    if text in REGISTRY or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
+    if text in REGISTRY or text in TEXT_MODELS or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
         return text
-    raise argparse.ArgumentTypeError(f"--model: expected one of {', '.join(MODELS)} or package.module:function "
+    raise argparse.ArgumentTypeError(f"--model: expected one of {', '.join(MODELS + TEXT_MODELS)} or "
+                                     f"package.module:function "
                                      f"(your own factory), got {text!r}")
 
 
@@ -64,6 +68,13 @@ MODEL_DEFAULTS = {
     "lenet": dict(epochs=10, batch_size=64, lr=1e-3, lr_schedule="constant", l2=0.0, dropout=0.25,
                   augment=2, standardize=False),
 }
+# The text models (elman, lstm, gru on --data shakespeare): the recipe of the issue's measured plain-jnp baseline --
+# embedding 64, H = 256, B = 64 rows of T = 64 characters, Adam 2e-3, global-norm clip 1 (fnbp._cli_text's flags) --
+# with an exponential decay of the learning rate at --lr-decay's default 3e-4 per step: 20 epochs of 258 steps end
+# at 0.21 eta_0.  dropout, augment, standardize and l2 do not apply to them (refused when given, fnbp._cli_text).
+TEXT_DEFAULTS = dict(epochs=20, batch_size=64, lr=2e-3, lr_schedule="exponential", l2=0.0, dropout=0.0, augment=0,
+                     standardize=False)
+TEXT_SHOWN = ("epochs", "batch_size", "lr", "lr_schedule")     # the text defaults the help shows
 # ... except on scikit-learn's 8x8 digits (1,437 training images: 23 steps of 64 per epoch), where a
 # LeNet gets more epochs and 1-pixel shifts
 DATA_DEFAULTS = {("lenet", "digits"): dict(epochs=40, augment=1)}
@@ -85,15 +96,17 @@ def default_help(name):
     mlp, lenet = (MODEL_DEFAULTS[m][name] for m in MODELS)
     shown = {True: "on", False: "off"}
     digits = DATA_DEFAULTS["lenet", "digits"].get(name)
+    text = f"; elman/lstm/gru {TEXT_DEFAULTS[name]}" if name in TEXT_SHOWN else ""
     return (f" (default: mlp {shown.get(mlp, mlp)}, lenet {shown.get(lenet, lenet)}"
-            + (f"; lenet on digits {digits})" if digits is not None else ")"))
+            + (f"; lenet on digits {digits}" if digits is not None else "") + text + ")")
 
 
 def fill_defaults(args):
     """Give every model-dependent flag left unset (``UNSET``) the model's default, in place (a user's model
     gets the LeNet's recipe)."""
     kind = "lenet" if is_user(args.model) else args.model
-    defaults = {**MODEL_DEFAULTS[kind], **DATA_DEFAULTS.get((kind, args.data), {})}
+    defaults = (dict(TEXT_DEFAULTS) if kind in TEXT_MODELS
+                else {**MODEL_DEFAULTS[kind], **DATA_DEFAULTS.get((kind, args.data), {})})
     if is_user(args.model):
         defaults["dropout"] = 0.0                      # a user's model carries its own dropout layers
     for name, value in defaults.items():
@@ -104,10 +117,12 @@ def fill_defaults(args):
 
 def add_arguments(t):
     """Register --model and --augment on the ``fnbp train`` parser ``t``."""
-    t.add_argument("--model", type=model_arg, default="mlp",
+    t.add_argument("--model", type=model_arg, default=None,
                    help="mlp: dense layers (--layers); lenet: convolutions and max-pooling on the images "
                         "(fnbp.nn.lenet: 8x8x1 digits, 28x28x1 mnist); package.module:function: your own "
-                        "fnbp.nn model, function(input_shape, n_classes) (images arrive as (H, W, 1))")
+                        "fnbp.nn model, function(input_shape, n_classes) (images arrive as (H, W, 1)); elman, "
+                        "lstm, gru: a character-level language model of --data shakespeare (fnbp.charlm) "
+                        "(default: mlp; lstm on shakespeare)")
     t.add_argument("--augment", type=_int_arg("--augment", 0), default=UNSET,
                    help="lenet: largest random shift of each training image, in pixels (0 = none; default: "
                         f"{MODEL_DEFAULTS['lenet']['augment']} on mnist, {DATA_DEFAULTS['lenet', 'digits']['augment']} on digits)")

@@ -1,4 +1,4 @@
-"""The ``fnbp`` command line: ``fnbp train``, ``fnbp check``, ``fnbp bench``.
+"""The ``fnbp`` command line: ``fnbp train``, ``fnbp sample``, ``fnbp check``, ``fnbp bench``.
 
 ``python -m fnbp ...`` is the same program.
 """
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli_train
+from . import _cli_text, cli_train
 from .cli_train import OutputError, UsageError
 
 COORDINATOR_EXIT = 3        # fnbp train: the coordinator of a multi-process run was not reached in time
@@ -43,9 +43,10 @@ def build_parser():
                                  "hand-derived backprop rules of the lecture notes, in JAX.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"fnbp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,check,bench}")
 
     cli_train.add_parser(sub)
+    _cli_text.add_sample_parser(sub).set_defaults(func=lambda args: _cli_text.cmd_sample(args, UsageError))
 
     c = sub.add_parser("check", help="cross-check every rule against autodiff and finite differences",
                        description="Cross-check every hand-written backward rule against jax.vjp of its plain "

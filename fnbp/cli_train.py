@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import _cli_model, activations as _activations, data as _data
+from . import _cli_model, _cli_text, activations as _activations, data as _data
 from ._cli_args import _batch_size, _float_arg, _int_arg, _layers
 
 OPTIMIZERS = ("sgd", "momentum", "ema_momentum", "nesterov", "simplified_nesterov", "adagrad", "rmsprop",
               "adadelta", "adam", "delta_bar_delta")
 ACTIVATIONS = tuple(n for n in _activations.ACTIVATIONS if n != "softmax")   # hidden-layer choices
-DATASETS = _data.DATASET_NAMES
+DATASETS = _data.DATASET_NAMES + _cli_text.TEXT_DATA
 
 
 class UsageError(ValueError):
@@ -27,6 +27,7 @@ SEED_LIMIT = 2 ** 32
 # Settings a resumed run may change freely, settings that --allow-changed may override, and the rest
 # (which define the data, the network or the optimizer state and can never change on resume).
 FREE_ON_RESUME = ("epochs", "quiet", "resume", "out", "data_dir", "devices", "allow_changed", "overwrite",   # where
+                  "time_budget", "sample_length",                   # text runs: when to stop, what to print
                   "coordinator", "num_processes", "process_id", "distributed", "coordinator_timeout")  # it runs
 OVERRIDABLE = ("lr", "lr_schedule", "lr_decay", "l2", "dropout", "batch_size", "accumulate", "grad", "slope")
 # Run arguments that checkpoints of older fnbp versions lack, read on --resume as what those versions did
@@ -123,6 +124,8 @@ def _activation(name, slope):
 
 
 def _plot(history, path):
+    if history and "valid_loss" in history[0]:          # a text run (fnbp._cli_text)
+        return _cli_text.plot(history, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -366,9 +369,13 @@ def _open_out(args, out, ckpt):
 def _cmd_train(args):
     from . import parallel
 
+    not_text = _cli_text.check_flags(args, UsageError)       # --model's default; model and data; text-only flags
     process, n_processes = parallel.initialize_from_args(args, UsageError)   # before anything uses a device
     writer = process == 0                   # only process 0 writes the checkpoint, history and plot
     out, skipped = _check_options(args)
+    skipped |= not_text
+    if _cli_text.is_text(args):
+        return _cmd_train_text(args, out, skipped)
     ds = _cli_model.prepare(args, _load_data(args), _check_layers, UsageError)
     _check_augment(args, ds)
     _check_batching(args, len(ds.y_train))
@@ -381,6 +388,94 @@ def _cmd_train(args):
     finally:
         if lock is not None:
             _unlock(lock)
+
+
+def _cmd_train_text(args, out, skipped):
+    """fnbp train --data shakespeare: the same --out, lock, checkpoint, history, plot, resume and Ctrl-C handling
+    as the other models, around fnbp._cli_text's epoch loop (stateful truncated BPTT)."""
+    corpus = _cli_text.load(args)
+    _cli_text.check_batching(args, corpus, UsageError)
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "it exists and is not a directory (--out must name a directory)")
+    ckpt = out / "checkpoint.npz"
+    lock = _open_out(args, out, ckpt)
+    try:
+        return _train_text_run(args, corpus, out, ckpt, skipped)
+    finally:
+        _unlock(lock)
+
+
+def _save_checkpoint(ckpt, result, key, run_args, segments, model_record, history, optimizer):
+    from . import checkpoint
+    with _writing(ckpt):
+        checkpoint.save(ckpt, params=result.params, opt_state=result.opt_state, batch_stats=result.state,
+                        step=result.step, epoch=result.epoch, key=key,
+                        extra={"args": run_args, "settings": segments, "optimizer": optimizer,
+                               "model": model_record, "history": history})
+
+
+def _train_text_run(args, corpus, out, ckpt, skipped):
+    import jax
+    from . import checkpoint, train as training
+
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(args.seed))
+    lr = _learning_rate(args)
+    params, opt, model_record = _cli_text.build(args, k_init, corpus, lr)
+    opt_state = opt.init(params)
+    run_args = {k: v for k, v in vars(args).items() if k != "func" and k not in skipped}
+    run_args["out"] = str(out)
+    start_epoch = start_step = 0
+    history, segments = [], [{"from_epoch": 1, "args": _settings(run_args)}]
+    if args.resume:
+        (params, opt_state, _, k_train, start_epoch, start_step, history,
+         segments) = _resume(args, ckpt, run_args, skipped, params, opt_state, None)
+    for stale in checkpoint.clean_stale_temp_files(ckpt):
+        print(f"removed {stale} (a temporary file left by an interrupted save)", flush=True)
+    saved = {"epoch": start_epoch, "step": start_step, "history": history}     # the last checkpoint written
+
+    def on_epoch(result):
+        _save_checkpoint(ckpt, result, k_train, run_args, segments, model_record, history + result.history,
+                         args.optimizer)
+        saved.update(epoch=result.epoch, step=result.step, history=history + result.history)
+        if not args.quiet:
+            print(_cli_text.epoch_lines(result.history[-1]), flush=True)
+
+    if not args.quiet:
+        per_pass = len(corpus.train) // (args.batch_size * args.seq_len)
+        steps = min(per_pass, args.steps_per_epoch) if args.steps_per_epoch else per_pass
+        print(f"compiling... (one epoch = {steps} steps of {args.batch_size} x {args.seq_len} characters; "
+              f"{corpus.name}, {len(corpus.train)} training and {len(corpus.validation)} validation characters, "
+              f"{len(corpus.vocab)} symbols; --model {args.model}, --hidden {args.hidden})", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result = _cli_text.train(args, corpus, params, opt, opt_state, k_train, start_epoch=start_epoch,
+                                 start_step=start_step, schedule=lr, on_epoch=on_epoch,
+                                 progress=False if args.quiet else None)
+    except KeyboardInterrupt:
+        return _interrupted(out, ckpt, segments, saved, True)
+    except training.NonFiniteInputError as e:
+        raise UsageError(f"the checkpoint {ckpt} holds non-finite values: {e}") from e
+    except (training.NonFiniteError, OutputError) as e:
+        print(f"error: {e}\nthe last good checkpoint is {ckpt if ckpt.exists() else '(none written)'}",
+              file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - t0
+    history = history + result.history
+    extra = {"compile_seconds": result.compile_seconds, "train_seconds": seconds}
+    if result.stopped:
+        extra["stopped"] = result.stopped
+    try:
+        _write_results(out, segments, history, extra)
+    except OutputError as e:
+        print(f"error: {e}\nthe checkpoint {ckpt} (epoch {result.epoch}) is complete", file=sys.stderr)
+        return 1
+    last = history[-1]
+    why = f"; --time-budget {args.time_budget:g} s reached" if result.stopped else ""
+    print(f"final validation loss {last['valid_loss']:.4f} nats/char ({last['valid_bits']:.4f} bits/char; "
+          f"{corpus.name}, {len(corpus.validation)} validation characters) after {last['epoch']} epochs in "
+          f"{seconds:.1f} s (compile {result.compile_seconds:.1f} s){why}; wrote {out / 'history.json'}, "
+          f"{out / 'curves.png'}, {ckpt}")
+    return 0
 
 
 def _train_run(args, ds, out, ckpt, skipped, writer, process, n_processes):
@@ -414,12 +509,9 @@ def _train_run(args, ds, out, ckpt, skipped, writer, process, n_processes):
     def on_epoch(result):
         if args.dp_clip:
             result.history[-1]["epsilon"] = _epsilon(args, B, len(ds.y_train), result.step)
-        with _writing(ckpt):
-            checkpoint.save(ckpt, params=result.params, opt_state=result.opt_state, batch_stats=result.state,
-                            step=result.step, epoch=result.epoch, key=k_train,
-                            extra={"args": run_args, "settings": segments, "optimizer": args.optimizer,
-                                   "model": _cli_model.describe(model, args, ds.x_train.shape[1:]),
-                                   "history": history + result.history})
+        _save_checkpoint(ckpt, result, k_train, run_args, segments,
+                         _cli_model.describe(model, args, ds.x_train.shape[1:]), history + result.history,
+                         args.optimizer)
         saved.update(epoch=result.epoch, step=result.step, history=history + result.history)
         if lines:
             h = result.history[-1]
@@ -514,7 +606,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 def add_parser(sub):
     """Register ``train`` on the subparsers ``sub`` of the ``fnbp`` parser."""
     t = sub.add_parser("train", help="train a network (default: 64-32-10 ReLU on scikit-learn's digits)",
-                       description="Train a dense network (or a LeNet, --model lenet) with fnbp's hand-written "
+                       description="Train a dense network (or a LeNet, --model lenet; or a character-level language "
+                                   "model, --data shakespeare --model lstm, elman or gru) with fnbp's hand-written "
                                    "rules and optimizers. Writes OUT/history.json, OUT/curves.png and "
                                    "OUT/checkpoint.npz (after every epoch, atomically); --resume continues from that "
                                    "checkpoint bit-identically. An OUT holding another run is refused unless "
@@ -523,7 +616,8 @@ def add_parser(sub):
                                    "checkpointed epochs and exits with 130.",
                        formatter_class=_HelpFormatter)
     t.add_argument("--data", choices=DATASETS, default="digits",
-                   help="dataset: digits (bundled with scikit-learn), mnist (IDX files, see --data-dir), or a toy set")
+                   help="dataset: digits (bundled with scikit-learn), mnist (IDX files, see --data-dir), a toy set, or "
+                        "shakespeare (text shipped with fnbp, for --model elman, lstm or gru)")
     t.add_argument("--data-dir", default=None,
                    help="MNIST directory (default: $FNBP_MNIST_DIR, then ../shared/data/mnist)")
     t.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=_cli_model.UNSET,
@@ -570,7 +664,7 @@ def add_parser(sub):
     t.add_argument("--seed", type=_int_arg("--seed", 0, SEED_LIMIT, "2**32"), default=0,
                    help="seed of the data split, initialisation and shuffling")
     t.add_argument("--out", default=None, help=f"output directory (default: runs/<data>-<model>: runs/<data>-{MODEL}, "
-                                               f"runs/<data>-lenet)")
+                                               f"runs/<data>-lenet, runs/shakespeare-lstm)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz (same settings)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, a run that is not --resume refuses an --out "
@@ -579,6 +673,7 @@ def add_parser(sub):
                    help="with --resume: comma-separated settings that may differ from the checkpoint's run, "
                         "from " + ",".join(_flag(n)[2:] for n in OVERRIDABLE) + " (--epochs always may)")
     t.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    _cli_text.add_arguments(t)                                  # --hidden, --embed, --seq-len, ...
     __import__("fnbp.parallel").parallel.add_cli_arguments(t)   # --coordinator, --num-processes, --process-id
     t.set_defaults(func=_cmd_train)
     return t

@@ -87,6 +87,7 @@ def test_xor_trains_from_the_command_line(tmp_path):
 import os  # noqa: E402
 
 from fnbp import checkpoint, cli  # noqa: E402
+from fnbp import text as fnbp_text  # noqa: E402
 
 XOR = ["train", "--data", "xor", "--layers", "2,4,2", "--batch-size", "2", "--lr-schedule", "constant"]
 
@@ -103,8 +104,11 @@ def test_help_shows_each_default_once_and_no_python_reprs(capsys, monkeypatch):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "[64, 32, 10]" not in text
-    assert "(default: 64,32,10)" in text and "(default: mlp 16, lenet 64)" in text and "runs/<data>-mlp" in text
-    assert "(default: mlp 40, lenet 10; lenet on digits 40)" in text and "(default: mlp on, lenet off)" in text
+    assert ("(default: 64,32,10)" in text and "(default: mlp 16, lenet 64; elman/lstm/gru 64)" in text
+            and "runs/<data>-mlp" in text and "(default: mlp; lstm on shakespeare)" in text)
+    assert ("(default: mlp 40, lenet 10; lenet on digits 40; elman/lstm/gru 20)" in text
+            and "(default: mlp on, lenet off)" in text)
+    assert "(default: 256)" in text and "(default: one whole pass over the training text)" in text
     assert text.count("(default: $FNBP_MNIST_DIR") == 1 and "default: True" not in text
     assert "model's default" not in text and "_Unset" not in text
 
@@ -356,6 +360,7 @@ def jax_leaves(tree):
 
 
 # --- issue #30: no run loses another's files, nothing silently ignored, Ctrl-C finishes cleanly ------------------
+@pytest.mark.slow
 def test_a_fresh_run_refuses_an_out_holding_another_run(capsys, tmp_path):
     out = tmp_path / "run"
     rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))
@@ -374,6 +379,7 @@ def test_a_fresh_run_refuses_an_out_holding_another_run(capsys, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "history.json"]   # no lock left
 
 
+@pytest.mark.slow
 def test_an_out_locked_by_another_fnbp_train_is_refused_naming_its_pid(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -411,6 +417,7 @@ def test_flags_that_do_not_apply_are_refused_by_name(capsys, tmp_path, argv, mes
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_flags_that_do_not_apply_are_not_recorded(capsys, tmp_path):
     out = tmp_path / "run"
     rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))       # constant schedule, relu
@@ -431,6 +438,7 @@ def test_augment_larger_than_the_image_is_refused(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_dp_clip_without_noise_reports_infinite_epsilon_instead_of_crashing(capsys, tmp_path):
     out = tmp_path / "dp"
     rc, so, err = _main(capsys, "train", "--data", "digits", "--layers", "64,8,10", "--epochs", "1", "--batch-size",
@@ -442,6 +450,7 @@ def test_dp_clip_without_noise_reports_infinite_epsilon_instead_of_crashing(caps
     assert checkpoint.load(out / "checkpoint.npz")["extra"]["history"][0]["epsilon"] is None
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_history_up_to_the_last_checkpoint_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
     """KeyboardInterrupt (as Ctrl-C raises it) in epoch 3: history and curves of epochs 1-2, exit 130; the
     SIGINT handler is the caller's again afterwards."""
@@ -532,3 +541,197 @@ def test_sigint_during_training_finishes_cleanly(tmp_path):
                        f"({out / 'checkpoint.npz'}); resume with --resume") in err, err
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())["history"]] == list(range(1, k + 1))
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "history.json"]
+
+
+# --- fnbp train --data shakespeare (elman, lstm, gru) and fnbp sample: tiny models, a few chunks per epoch ---
+TEXT = ["train", "--data", "shakespeare", "--hidden", "16", "--embed", "8", "--seq-len", "8", "--batch-size", "4",
+        "--steps-per-epoch", "6", "--sample-length", "30", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A 2-epoch LSTM run through the command line with the default --model and --out (runs/shakespeare-lstm),
+    and the same run as 1 epoch then --resume to 2; returns (its --out, the other one, the printed text)."""
+    import contextlib
+    import io
+    here = tmp_path_factory.mktemp("text")
+    printed = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert cli.main(TEXT + ["--epochs", "2"]) == 0
+            assert cli.main(TEXT + ["--epochs", "1", "--out", str(here / "b")]) == 0
+            assert cli.main(TEXT + ["--epochs", "2", "--out", str(here / "b"), "--resume"]) == 0
+    finally:
+        os.chdir(cwd)
+    return here / "runs" / "shakespeare-lstm", here / "b", printed.getvalue()
+
+
+@pytest.mark.slow
+def test_text_model_trains_prints_nats_bits_and_a_sample_and_resumes_bit_identically(text_run):
+    import math
+    out, resumed, printed = text_run
+    a, b = _params(out / "checkpoint.npz"), _params(resumed / "checkpoint.npz")
+    assert a.keys() == b.keys() and any(k.startswith("opt_state") for k in a)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    saved = json.loads((out / "history.json").read_text())
+    history = saved["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and [h["steps"] for h in history] == [6, 6]
+    def timeless(hs):
+        return [{k: v for k, v in h.items() if k not in ("seconds", "chars_per_s")} for h in hs]
+    assert timeless(json.loads((resumed / "history.json").read_text())["history"]) == timeless(history)
+    for h in history:
+        assert math.isclose(h["valid_bits"], h["valid_loss"] / math.log(2), rel_tol=1e-12)
+        assert 3.0 < h["valid_loss"] < 1.05 * math.log(67) and h["sample"].startswith("ROMEO:")
+        assert len(h["sample"]) == len("ROMEO:") + 30
+    assert (f"epoch   2  loss {history[1]['loss']:.4f}  validation {history[1]['valid_loss']:.4f} nats/char "
+            f"({history[1]['valid_bits']:.4f} bits/char)") in printed
+    assert "\n    | ROMEO:" in printed and printed.count("final validation loss") == 3
+    assert "resuming from" in printed and (out / "curves.png").stat().st_size > 1000
+    stored = checkpoint.load(out / "checkpoint.npz")
+    model = stored["extra"]["model"]
+    assert model == {"kind": "charlm", "cell": "lstm", "vocab": fnbp_text.load_shakespeare().vocab, "vocab_size": 67,
+                     "hidden": 16, "embed": 8, "data": "shakespeare"}
+    assert stored["args"]["model"] == "lstm" and stored["args"]["seq_len"] == 8
+    assert not {"layers", "activation", "dropout", "augment", "standardize", "l2", "dp_clip"} & set(stored["args"])
+
+
+@pytest.mark.slow
+def test_text_resume_refuses_a_changed_size(capsys, text_run):
+    out, _, _ = text_run
+    rc, _, err = _main(capsys, *TEXT, "--epochs", "3", "--out", str(out), "--resume", "--hidden", "32")
+    assert rc == 2 and "--hidden 16 -> 32" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sample_is_the_same_text_for_a_seed_and_another_for_another_seed(capsys, text_run):
+    out, _, _ = text_run
+    args = ["sample", str(out / "checkpoint.npz"), "--prompt", "ROMEO:", "--length", "80", "--temperature", "0.8"]
+    by_user = fnbp(*args, "--seed", "0")                          # as a user runs it, in its own process
+    assert by_user.returncode == 0, by_user.stderr
+    rc, same, err = _main(capsys, *args, "--seed", "0")
+    assert rc == 0, err
+    assert same == by_user.stdout and same.startswith("ROMEO:") and len(same) == len("ROMEO:") + 80 + 1
+    rc, other, err = _main(capsys, *args[:2], *args[2:], "--seed", "1")
+    assert rc == 0 and other.startswith("ROMEO:") and other != same
+    rc, from_dir, err = _main(capsys, "sample", str(out), "--prompt", "ROMEO:", "--length", "80", "--seed", "0")
+    assert rc == 0 and from_dir == same                          # the --out directory names its checkpoint
+
+
+@pytest.mark.slow
+def test_time_budget_ends_the_epoch_in_progress_and_checkpoints_it(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, printed, err = _main(capsys, *TEXT, "--model", "elman", "--epochs", "3", "--steps-per-epoch", "50",
+                             "--time-budget", "1e-6", "--sample-length", "0", "--out", str(out))
+    assert rc == 0, err
+    saved = json.loads((out / "history.json").read_text())
+    assert [h["steps"] for h in saved["history"]] == [1] and saved["stopped"] == "time budget"
+    assert "--time-budget 1e-06 s reached" in printed and "    |" not in printed
+    assert checkpoint.read_metadata(out / "checkpoint.npz")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_gru_trains_and_samples(capsys, tmp_path):
+    out = tmp_path / "gru"
+    rc, _, err = _main(capsys, *TEXT, "--model", "gru", "--epochs", "1", "--steps-per-epoch", "2", "--out", str(out))
+    assert rc == 0, err
+    assert checkpoint.load(out / "checkpoint.npz")["extra"]["model"]["cell"] == "gru"
+    rc, text, err = _main(capsys, "sample", str(out), "--prompt", "KING", "--length", "5")
+    assert rc == 0 and text.startswith("KING") and len(text) == len("KING") + 5 + 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "2,3"], "--layers does not apply to --data shakespeare --model lstm"),
+    (["--dropout", "0.1"], "--dropout does not apply to --data shakespeare --model lstm (the text models have no "
+                           "dropout): drop --dropout"),
+    (["--augment", "1"], "--augment does not apply"),
+    (["--l2", "0"], "--l2 does not apply"),
+    (["--batch-norm"], "--batch-norm does not apply"),
+    (["--no-standardize"], "--standardize does not apply"),
+    (["--activation", "tanh"], "--activation does not apply"),
+    (["--init", "he"], "--init does not apply"),
+    (["--accumulate", "2"], "--accumulate does not apply"),
+    (["--grad", "backprop"], "--grad does not apply"),
+    (["--dp-clip", "1"], "--dp-clip does not apply"),
+    (["--data-dir", "."], "--data-dir does not apply"),
+    (["--devices", "2"], "--devices does not apply"),
+    (["--model", "gru", "--batch-size", "full"], "--batch-size full does not apply to --data shakespeare"),
+    (["--optimizer", "nesterov"], "--optimizer nesterov needs the gradient at the look-ahead point"),
+    (["--model", "mlp"], "--data shakespeare is text: it needs --model elman, lstm or gru, got --model mlp"),
+    (["--model", "lenet"], "got --model lenet"),
+    (["--seq-len", "600000"], "--seq-len 600000 with --batch-size 64 does not fit the 1059140 training characters"),
+    (["--data", "digits", "--model", "lstm"], "--model lstm is a character-level language model: it needs --data "
+                                              "shakespeare, got --data digits"),
+    (["--data", "digits", "--hidden", "8"], "--hidden applies to the text models only"),
+    (["--data", "xor", "--seq-len", "8"], "--seq-len applies to the text models only"),
+    (["--data", "digits", "--clip", "1"], "--clip applies to the text models only"),
+    (["--data", "digits", "--time-budget", "60"], "--time-budget applies to the text models only"),
+    (["--data", "digits", "--sample-length", "9"], "--sample-length applies to the text models only"),
+])
+def test_flags_that_do_not_apply_to_the_text_models_or_to_the_others_are_refused_by_name(capsys, tmp_path, argv,
+                                                                                       message, monkeypatch):
+    from fnbp import _cli_text, train as training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(_cli_text, "train", no_training)
+    monkeypatch.setattr(training, "train", no_training)
+    rc, _, err = _main(capsys, "train", "--data", "shakespeare", *argv, "--out", str(tmp_path / "o"))
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_errors_name_the_flag_or_the_file(capsys, tmp_path):
+    """A missing file, a file that is no checkpoint and an image model's checkpoint are refused naming the file;
+    temperature <= 0 and length < 1 name the flag; no traceback."""
+    other = tmp_path / "xor.npz"
+    checkpoint.save(other, params={"W": np.zeros(2)}, opt_state={}, step=1, epoch=1, key=None,
+                    extra={"args": {"data": "xor", "model": "mlp"}, "model": {"kind": "mlp"}})
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for argv, message in [([str(tmp_path / "none.npz")], f"fnbp sample: no checkpoint at {tmp_path / 'none.npz'}"),
+                          ([str(tmp_path)], f"no checkpoint at {tmp_path / 'checkpoint.npz'}"),
+                          ([str(tmp_path / "notes.txt")], "notes.txt is not a readable fnbp checkpoint"),
+                          ([str(other)], f"{other} holds a --data xor --model mlp run, not a character-level text "
+                                         f"model")]:
+        rc, _, err = _main(capsys, "sample", *argv)
+        assert rc == 2 and message in err and "Traceback" not in err, (argv, err)
+    for argv, message in [(["--temperature", "0"], "argument --temperature: --temperature must be > 0.0, got 0"),
+                          (["--temperature", "-1"], "--temperature must be > 0.0"),
+                          (["--length", "0"], "argument --length: --length must be an integer >= 1, got 0")]:
+        with pytest.raises(SystemExit) as ei:
+            cli.main(["sample", str(other), *argv])
+        err = capsys.readouterr().err
+        assert ei.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_sample_refuses_a_prompt_outside_the_vocabulary(capsys, text_run):
+    out, _, _ = text_run
+    for prompt, message in [("ROMEO: é", "fnbp sample: --prompt: the characters 'é' are not in the model's "
+                                         "vocabulary (67 symbols"),
+                            ("", "fnbp sample: --prompt must have at least one character")]:
+        rc, _, err = _main(capsys, "sample", str(out), "--prompt", prompt)
+        assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_text_run_writes_its_history_and_curves(capsys, tmp_path, monkeypatch):
+    from fnbp import _cli_text
+    real_train = _cli_text.train
+
+    def interrupted_in_epoch_2(*a, on_epoch, **kw):
+        def on(result):
+            on_epoch(result)
+            raise KeyboardInterrupt
+        return real_train(*a, on_epoch=on, **kw)
+    monkeypatch.setattr(_cli_text, "train", interrupted_in_epoch_2)
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *TEXT, "--model", "elman", "--epochs", "3", "--steps-per-epoch", "2",
+                       "--sample-length", "0", "--out", str(out))
+    assert rc == 130 and "Traceback" not in err
+    assert f"interrupted at epoch 2, step 2; last checkpoint epoch 1 ({out / 'checkpoint.npz'})" in err, err
+    saved = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1] and "valid_bits" in saved["history"][0]
+    assert (out / "curves.png").stat().st_size > 1000

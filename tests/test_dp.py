@@ -2,7 +2,6 @@
 import functools
 import math
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,18 +86,43 @@ def test_epsilon_grows_with_steps_and_shrinks_with_sigma():
     assert dp.epsilon(noise_multiplier=0.0, steps=10, **kw) == math.inf
 
 
-def test_epsilon_matches_dp_accounting_for_the_mnist_setting():
-    """Abadi et al.'s MNIST-style setting: B = 256 of N = 60000, sigma = 1.1, 60 epochs, delta = 1e-5,
-    accounted independently here through dp_accounting's RDP accountant (compose with a count)."""
-    q, sigma, steps, delta = 256 / 60000, 1.1, 60 * 60000 // 256, 1e-5
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    expected = accountant.get_epsilon(delta)
+def _rdp_epsilon_integer_orders(q, sigma, steps, delta, orders=range(2, 257)):
+    """epsilon of ``steps`` Poisson-subsampled Gaussian steps, computed here from the formulas, not from a library.
+
+    RDP at an integer order alpha (Mironov, Talwar & Zhang 2019, "Renyi DP of the sampled Gaussian mechanism", Sec. 3.3):
+        A_alpha = sum_k C(alpha, k) (1 - q)^(alpha - k) q^k exp((k^2 - k) / (2 sigma^2)),  RDP(alpha) = ln A_alpha / (alpha - 1)
+    (q = 1: the plain Gaussian, RDP(alpha) = alpha / (2 sigma^2)); composition adds RDP over the steps; the conversion
+    to (epsilon, delta) is Canonne, Kamath & Steinke 2020, Prop. 12 (Balle et al. 2020, Thm. 21):
+        epsilon = min_alpha  steps RDP(alpha) + ln((alpha - 1) / alpha) - (ln delta + ln alpha) / (alpha - 1).
+    Integer orders only, so this is an upper bound on an accountant that also tries fractional orders."""
+    best = math.inf
+    for a in orders:
+        if q == 1.0:
+            log_a = a * (a - 1) / (2 * sigma ** 2)
+        else:
+            terms = [math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1) + k * math.log(q)
+                     + (a - k) * math.log1p(-q) + (k * k - k) / (2 * sigma ** 2) for k in range(a + 1)]
+            top = max(terms)
+            log_a = top + math.log(sum(math.exp(t - top) for t in terms))
+        eps = steps * log_a / (a - 1) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        best = min(best, eps)
+    return best
+
+
+# (q, sigma, steps): Abadi et al.'s MNIST setting (B = 256 of N = 60000, sigma = 1.1, 60 epochs), their q = 0.01,
+# sigma = 4 (10,000 steps), a small-sigma case and full-batch DP-GD.  Measured (delta = 1e-5): the formula above gives
+# 2.59698 / 1.03549 / 5.39702 / 2.81411 and fnbp.dp.epsilon 2.59656 / 1.03549 / 5.37186 / 2.81365: fnbp's accountant also tries
+# fractional orders, so it sits at or just below (by 0.02 %, 2e-13, 0.47 %, 0.02 %).
+@pytest.mark.parametrize("q, sigma, steps", [(256 / 60000, 1.1, 60 * 60000 // 256), (0.01, 4.0, 10000),
+                                             (0.02, 0.8, 500), (1.0, 5.0, 10)])
+def test_epsilon_equals_the_rdp_formula_computed_here(q, sigma, steps):
+    delta = 1e-5
+    expected = _rdp_epsilon_integer_orders(q, sigma, steps, delta)
     got = dp.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
-    assert got == pytest.approx(expected, rel=1e-9)
-    assert 1.0 < got < 5.0                                   # a meaningful budget, not 0 or inf
+    assert got <= expected * (1 + 1e-9)          # never looser than the integer-order bound
+    assert got >= expected * (1 - 1e-2)          # and not tighter than fractional orders can make it
     pld = dp.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant="pld")
-    assert 0.5 * got < pld <= got * 1.01                      # PLD is the tighter bound
+    assert 0.3 * got < pld <= got * 1.01         # PLD is the tighter bound
 
 
 def test_bad_arguments_are_named():
