@@ -394,7 +394,7 @@ def test_diag_ggn_and_diag_hessian_equal_backpack(backpack_out, quantity, bp_fie
     errs = {}
     with jax.enable_x64(True):
         for name, (case, bp) in backpack_out.items():
-            got = getattr(curvature, quantity)(case.params, case.x, case.d, model=case.model, loss=case.loss)
+            got = jitted(getattr(curvature, quantity))(case.params, case.x, case.d, model=case.model, loss=case.loss)
             for i, layer in enumerate(got):
                 errs[f"{name} {i}.W"] = rel_err(layer["W"], case.to_fnbp_W(i, bp[f"p{i}.weight.{bp_field}"]))
                 errs[f"{name} {i}.b"] = rel_err(layer["b"], bp[f"p{i}.bias.{bp_field}"])
@@ -408,8 +408,8 @@ def test_kflr_factors_equal_backpack(backpack_out):
     errs, differ = {}, {}
     with jax.enable_x64(True):
         for name, (case, bp) in backpack_out.items():
-            kf = curvature.kflr(case.params, case.x, case.d, model=case.model, loss=case.loss)
-            ggn = curvature.diag_ggn(case.params, case.x, case.d, model=case.model, loss=case.loss)
+            kf = jitted(curvature.kflr)(case.params, case.x, case.d, model=case.model, loss=case.loss)
+            ggn = jitted(curvature.diag_ggn)(case.params, case.x, case.d, model=case.model, loss=case.loss)
             for i, layer in enumerate(kf):
                 G_bp, A_bp = bp[f"p{i}.weight.kflr0"], bp[f"p{i}.weight.kflr1"]
                 errs[f"{name} {i}.A"] = rel_err(layer["W"].A, case.to_fnbp_A(i, A_bp))
