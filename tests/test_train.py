@@ -120,6 +120,25 @@ def test_gradient_accumulation_equals_whole_batch(loss):
     assert not np.allclose(part[0]["W"], whole[0]["W"])
 
 
+@pytest.mark.parametrize("loss", [fnbp.losses.softmax_cross_entropy, fnbp.losses.half_sse])
+def test_evaluation_in_chunks_equals_one_forward(loss):
+    """``evaluate_in_chunks`` (``train``'s per-epoch evaluation): the full chunks by lax.map and the rest, the same
+    (loss, accuracy) as one forward over all N examples; N <= chunk is that forward itself."""
+    key = jax.random.PRNGKey(2)
+    params = mlp.init(key, [6, 5, 3], dtype=jnp.float64)
+    x = jax.random.normal(key, (30, 6), jnp.float64)
+    d = jax.random.randint(jax.random.PRNGKey(3), (30,), 0, 3)
+    if loss is fnbp.losses.half_sse:
+        d = jax.nn.one_hot(d, 3, dtype=jnp.float64)
+    cfg = T.Config(loss=loss)
+    whole = T.evaluate(cfg, params, None, x, d)
+    assert 0.2 < float(whole[1]) < 0.8                               # some right, some wrong
+    for chunk in (7, 10, 30, 64):                                    # a rest of 2, none, one chunk, N < chunk
+        got = jax.jit(lambda p, x, d, chunk=chunk: T.evaluate_in_chunks(cfg, p, None, x, d, chunk=chunk))(
+            params, x, d)
+        np.testing.assert_allclose(got, whole, rtol=1e-12, err_msg=str(chunk))
+
+
 def test_backprop_mode_equals_autodiff_mode():
     key = jax.random.PRNGKey(0)
     params = mlp.init(key, [6, 5, 3], dtype=jnp.float64)
