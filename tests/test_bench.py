@@ -613,6 +613,8 @@ def test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both():
     ds = lenet_run.synthetic_images(128, 64, seed=1)
     model = nn.lenet((28, 28, 1), 10, dropout=0.25)
     params, _ = model.init(jax.random.key(0), (28, 28, 1))
+    params = [dict(layer, b=jax.random.normal(jax.random.key(i + 1), layer["b"].shape) * 0.1)   # biases matter
+              for i, layer in enumerate(params)]
     peer = lenet_run.TorchRun(python, ds, params, seed=0, threads=1)
     try:
         got = peer.evaluate()
