@@ -536,8 +536,9 @@ def test_torch_lenet_matches_fnbp_and_learns():
 
 
 def test_quick_run_covers_every_case_but_the_one_tested_elsewhere():
-    """A new case is in the quick run unless it is added here on purpose."""
-    assert set(QUICK_CASES.split(",")) | {"per_example_rules"} == set(registry.load_cases())
+    """A new case is in the quick run unless it is added here on purpose (lenet_run: two epochs of a 28 x 28 LeNet
+    run by ``test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both``)."""
+    assert set(QUICK_CASES.split(",")) | {"per_example_rules", "lenet_run"} == set(registry.load_cases())
 
 
 # --- the per-example benchmark case (fnbp.bench.per_example_rules; moved from tests/test_per_example.py) ---
@@ -601,16 +602,22 @@ def test_lenet_run_finds_a_torch_python_or_says_why_not(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both():
-    """The PyTorch child, from fnbp's initial weights, gives fnbp's test loss and accuracy (same layouts, flatten
-    order, biases); then a 2-epoch run on a tiny synthetic set reports both sides.  Skipped without a torch
-    Python (FNBP_TORCH_PYTHON)."""
+    """A 2-epoch run on a tiny synthetic set reports fnbp's side (and PyTorch's, or why it was skipped); where a
+    torch Python exists (FNBP_TORCH_PYTHON), the PyTorch child, from fnbp's initial weights, gives fnbp's test
+    loss and accuracy (same layouts, flatten order, biases)."""
     import jax
     from fnbp import nn, train
     from fnbp.bench import lenet_run
     python, why = lenet_run.torch_python()
-    if python is None:
-        pytest.skip(why)
     ds = lenet_run.synthetic_images(128, 64, seed=1)
+    sec = lenet_run.bench_lenet_run(ds, 2, python=python, threads=1, skip_reason=why)
+    assert len(sec["fnbp"]["epoch_s"]) == 2 and sec["fnbp"]["images_per_s"] > 0 and sec["images_per_epoch"] == 128
+    text = "\n".join(lenet_run.render(sec))
+    if python is None:
+        assert sec["torch"] == {"skipped": why} and f"| PyTorch loop (eager) | skipped: {why} |" in text
+        return
+    assert len(sec["torch"]["epoch_s"]) == 2 and sec["torch"]["images_per_s"] > 0
+    assert sec["speed_ratio_paired"]["rounds"] == 1 and "paired by epoch" in text
     model = nn.lenet((28, 28, 1), 10, dropout=0.25)
     params, _ = model.init(jax.random.key(0), (28, 28, 1))
     params = [dict(layer, b=jax.random.normal(jax.random.key(i + 1), layer["b"].shape) * 0.1)   # biases matter
@@ -624,8 +631,3 @@ def test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both():
                                model=model)
     np.testing.assert_allclose(got["test_loss"], float(loss), rtol=1e-5)
     assert got["test_accuracy"] == pytest.approx(float(acc), abs=1e-9)
-    sec = lenet_run.bench_lenet_run(ds, 2, python=python, threads=1)
-    for side in ("fnbp", "torch"):
-        assert len(sec[side]["epoch_s"]) == 2 and sec[side]["images_per_s"] > 0
-    assert sec["images_per_epoch"] == 128 and sec["speed_ratio_paired"]["rounds"] == 1
-    assert "| PyTorch loop (eager) |" in "\n".join(lenet_run.render(sec))
