@@ -31,7 +31,8 @@ from .train_checks import (NonFiniteError, NonFiniteInputError, NonFiniteLossErr
                            check_labels, _FN, _check_data, _check_finite_tree, _check_hyperparameters)
 
 __all__ = ["Config", "TrainResult", "train", "evaluate", "evaluate_in_chunks", "forward", "make_step", "make_epoch",
-           "resolve_model", "NonFiniteError", "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError", "batch_plan", "check_labels"]
+           "resolve_model", "NonFiniteError", "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError",
+           "batch_plan", "check_labels"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,7 +106,8 @@ def main(argv=None):
         test_loss, test_acc = evaluate(x_test, y_test)
         _, train_acc = evaluate(x_train, y_train)
         seconds = time.perf_counter() - t0
-        print(json.dumps({"seconds": seconds, "train_seconds": train_seconds, "loss": float(torch.stack(losses).mean()), "test_loss": test_loss,
+        print(json.dumps({"seconds": seconds, "train_seconds": train_seconds,
+                          "loss": float(torch.stack(losses).mean()), "test_loss": test_loss,
                           "test_accuracy": test_acc, "train_accuracy": train_acc}), flush=True)
 
 

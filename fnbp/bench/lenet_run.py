@@ -144,7 +144,8 @@ def bench_lenet_run(ds, epochs, *, seed=0, python=None, threads=None, skip_reaso
 
     def rows(walls, train_walls, accs):
         st = summarize({"wall": walls[warm]})
-        return {"epoch_s": walls, "train_s": train_walls, "test_accuracy": accs, "epoch_s_median": st["ms_median"] / 1e3,
+        return {"epoch_s": walls, "train_s": train_walls, "test_accuracy": accs,
+                "epoch_s_median": st["ms_median"] / 1e3,
                 "images_per_s": images / (st["ms_median"] / 1e3),
                 "train_images_per_s": images / float(np.median(train_walls[warm]))}
 
