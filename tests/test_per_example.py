@@ -185,6 +185,45 @@ def test_norm_method_rule_picks_gram_when_two_positions_squared_fit_in_the_weigh
             for delta, patches in shapes] == ["direct", "gram", "gram"]
 
 
+def test_clip_method_rule_picks_direct_where_the_per_example_matrices_fit_in_the_patches():
+    assert per_example.clip_method(1, 3, 7) == "gram"                  # dense layer: the ghost norm
+    assert per_example.clip_method(576, 32, 25) == "direct"            # MNIST LeNet conv 1: 24 x 24 positions
+    assert per_example.clip_method(64, 64, 800) == "direct"            # MNIST LeNet conv 2: 8 x 8 positions
+    assert per_example.clip_method(49, 512, 4608) == "gram"            # C_out > S: G_n bigger than the patches
+    assert per_example.clip_method(576, 32, 25, "gram") == "gram"
+    with pytest.raises(ValueError, match=r"fnbp\.per_example: method must be one of .* got 'ghost'"):
+        per_example.clip_method(4, 2, 3, "ghost")
+
+
+def test_norms_and_clipped_sums_together_equal_the_two_step_forms():
+    """``rows_norms_and_clipped_sums`` (a "direct" layer's clipped sum from the G_n it formed for its norm) equals
+    ``rows_norms`` then ``rows_clipped_sum`` (one GEMM over the B S rows), for a conv-like row and a dense one."""
+    ks = jax.random.split(jax.random.key(6), 4)
+    conv = per_example.LayerRows("conv", ("conv", 0, "W"), ("conv", 0, "b"),
+                                 jax.random.normal(ks[0], (5, 12, 6), jnp.float64),
+                                 jax.random.normal(ks[1], (5, 12, 4), jnp.float64), None, None, (4, 6),
+                                 lambda m, s: m)
+    dense = per_example.LayerRows("dense", ("dense", 0, "W"), ("dense", 0, "b"),
+                                  jax.random.normal(ks[2], (5, 1, 3), jnp.float64),
+                                  jax.random.normal(ks[3], (5, 1, 2), jnp.float64), None, None, (2, 3),
+                                  lambda m, s: m)
+    rows = [conv, dense]
+    assert [per_example.clip_method(r.delta.shape[1], r.delta.shape[2], r.patches.shape[2]) for r in rows] == [
+        "direct", "gram"]
+    for method in ("auto", "gram", "direct"):
+        ref_norms = per_example.rows_norms(rows, method)
+        clip = 0.5 * float(jnp.median(ref_norms))
+        c = 1.0 / jnp.maximum(1.0, ref_norms / clip)
+        assert float(jnp.min(c)) < 0.7                                  # some examples clipped
+        norms, sums = per_example.rows_norms_and_clipped_sums(rows, lambda n: 1.0 / jnp.maximum(1.0, n / clip),
+                                                              method)
+        np.testing.assert_allclose(norms, ref_norms, rtol=1e-12, err_msg=method)
+        for r, (W_sum, b_sum) in zip(rows, sums):
+            ref_W, ref_b = per_example.rows_clipped_sum(r, c)
+            np.testing.assert_allclose(W_sum, ref_W, rtol=1e-12, atol=1e-12, err_msg=method)
+            np.testing.assert_allclose(b_sum, ref_b, rtol=1e-12, atol=1e-12, err_msg=method)
+
+
 @pytest.mark.slow
 def test_cnn_dropout_uses_one_mask_per_example_from_its_own_key():
     params, x, d = make_cnn_case(seed=4)
