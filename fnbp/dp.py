@@ -16,10 +16,14 @@ is delta_n h_n^T, the clipped sum is ONE weighted GEMM, the same product as the 
 For any model (``model=``, an ``fnbp.nn`` model whose parametrised nodes have per-example extensions: dense,
 conv2d; ``fnbp.per_example``) the same holds per node.  A conv layer's example-n gradient
 is delta_n^T P_n (delta (B, S, C_out) over the S = H_out W_out positions, patches P (B, S, K)), its norm
-from the Gram matrices over positions or the per-example matrix (``method=``, see ``fnbp.per_example``),
-and the clipped sum is still ONE GEMM per layer, over the B S rows:
+from the Gram matrices over positions or the per-example matrix (``method=``; "auto" is
+``fnbp.per_example.clip_method``'s time rule), and the clipped sum is either ONE GEMM per layer, over the B S rows,
 
     sum_n c_n delta_n^T P_n = (c (.) delta)^T P      (c_n repeated over example n's positions; C_out x K)
+
+or, where the layer formed its per-example matrices G_n = delta_n^T P_n for the norm ("direct"), sum_n c_n G_n
+from those same G_n (book-keeping, Bu et al. 2023): no layer does more GEMM work than the ordinary step's grad_W.
+The memory trade: "direct" holds B C_out K numbers per layer, "gram" 2 B S^2; ``method="gram"`` is the lean one.
 
 The noise is drawn from an explicit key: ``private_grad`` for a one-call noised mean gradient, or
 ``clipped_grad_sum`` followed by the optax-style ``gaussian_noise`` transformation (key and step
@@ -32,10 +36,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import activations, keys, losses
-from .per_example import METHODS, as_params_tree, rows_clipped_sum, rows_norms, walk
+from .per_example import METHODS, as_params_tree, rows_norms_and_clipped_sums, walk
 
 __all__ = ["clipped_grad_sum", "loss_and_clipped_grad_sum", "clipped_objective", "private_grad", "gaussian_noise",
            "GaussianNoiseState", "add_noise", "gaussian", "noise_std", "clip_factors", "epsilon"]
@@ -90,10 +95,8 @@ def loss_and_clipped_grad_sum(params, x, d, *, clip, model=None, loss=losses.hal
         raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
     E, rows, _ = walk(params, x, d, model=model, loss=loss, key=key, arch=arch, activation=activation,
                       output=output, dropout=dropout, name=name)
-    norms = rows_norms(rows, method)
-    c = clip_factors(norms, clip)
-    sums = as_params_tree(params, rows, [rows_clipped_sum(r, c) for r in rows], jnp.zeros_like)
-    return E, sums, norms
+    norms, row_sums = rows_norms_and_clipped_sums(rows, lambda n: clip_factors(n, clip), method)
+    return E, as_params_tree(params, rows, row_sums, jnp.zeros_like), norms
 
 
 def clipped_grad_sum(params, x, d, *, clip, model=None, loss=losses.half_sse, key=None, method="auto",
@@ -114,9 +117,8 @@ def clipped_objective(params, x, d, *, clip, model=None, loss=losses.softmax_cro
     clip, _ = _check_clip(name, clip)
     spec = losses.loss_spec(loss, name=name)
     E, rows, penalty = walk(params, x, d, model=model, loss=spec, l2=l2, key=key, name=name)
-    norms = rows_norms(rows, method)
-    sums = as_params_tree(params, rows, [rows_clipped_sum(r, clip_factors(norms, clip)) for r in rows],
-                          jnp.zeros_like)
+    norms, row_sums = rows_norms_and_clipped_sums(rows, lambda n: clip_factors(n, clip), method)
+    sums = as_params_tree(params, rows, row_sums, jnp.zeros_like)
     scale = example_scale(spec, jnp.shape(x)[0])
     if penalty is None:
         return E * scale, jax.tree_util.tree_map(lambda g: g * scale, sums), norms
@@ -130,10 +132,59 @@ def example_scale(spec, batch_size):
     return 1.0 / batch_size if spec.reduction == "mean" else 1.0
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+    """The Threefry-2x32 block cipher (Salmon et al. 2011; 20 rounds), as ``jax.random``'s threefry2x32 computes
+    it, written out round by round: XLA fuses it into ONE elementwise loop.  (JAX lowers it on the CPU as a rolled
+    loop of 5 iterations, each a pass over memory: about 4x slower for the DP noise of a 670k-parameter MLP.)"""
+    u32 = jnp.uint32
+    ks = (k1, k2, k1 ^ k2 ^ u32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = jax.lax.shift_left(x2, u32(r)) | jax.lax.shift_right_logical(x2, u32(32 - r))
+            x2 = x1 ^ x2
+        x1, x2 = x1 + ks[(i + 1) % 3], x2 + ks[(i + 2) % 3] + u32(i + 1)
+    return x1, x2
+
+
+def _normal(key, shape, dtype):
+    """``jax.random.normal(key, shape, dtype)``, bit for bit, for a threefry2x32 key (JAX's default, with
+    ``jax_threefry_partitionable``, JAX's default since 0.5), with the cipher unrolled (``_threefry2x32``):
+    counter i = the flat index, bits = (hi ^ lo) (32-bit) or hi << 32 | lo (64-bit), u uniform in (-1, 1) from the
+    mantissa bits, z = sqrt(2) erfinv(u).  Any other key, dtype or size: ``jax.random.normal`` itself."""
+    dtype = jnp.dtype(dtype)
+    typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+    size = math.prod(shape)
+    if ("threefry2x32" not in impl or not jax.config.jax_threefry_partitionable or size == 0 or size >= 2 ** 32
+            or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)) or jnp.ndim(key) != (0 if typed else 1)):
+        return jax.random.normal(key, shape, dtype)
+    data = jax.random.key_data(key) if typed else jnp.asarray(key, jnp.uint32)
+    lo = jax.lax.broadcasted_iota(jnp.uint32, (size,), 0).reshape(shape)
+    hi, lo = _threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), lo)
+    finfo = jnp.finfo(dtype)
+    if finfo.bits == 32:
+        bits, uint = hi ^ lo, jnp.uint32
+    else:
+        uint = jnp.uint64
+        bits = jax.lax.shift_left(hi.astype(uint), uint(32)) | lo.astype(uint)
+    one = np.array(1.0, dtype)
+    float_bits = jax.lax.shift_right_logical(bits, uint(finfo.bits - finfo.nmant)) | jnp.asarray(one.view(uint))
+    floats = jax.lax.bitcast_convert_type(float_bits, dtype) - one
+    low, high = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype)), one
+    u = jax.lax.max(jnp.asarray(low), floats * (high - low) + low)
+    return np.array(np.sqrt(2), dtype) * jax.lax.erf_inv(u)
+
+
 def gaussian(tree, key, std):
-    """tree + N(0, std^2 I), one normal draw per leaf from ``fnbp.keys.leaf(key, leaf index)``."""
+    """tree + N(0, std^2 I), one normal draw per leaf from ``fnbp.keys.leaf(key, leaf index)`` (the numbers of
+    ``jax.random.normal``, drawn by ``_normal``)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    noised = [g + std * jax.random.normal(keys.leaf(key, i), jnp.shape(g), jnp.result_type(g))
+    noised = [g + std * _normal(keys.leaf(key, i), jnp.shape(g), jnp.result_type(g))
               for i, g in enumerate(leaves)]
     return jax.tree_util.tree_unflatten(treedef, noised)
 

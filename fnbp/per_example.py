@@ -21,7 +21,8 @@ S = T, W_x against the inputs x_t and W_h against h_{t-1}, both with BPTT's delt
     sum_grad_squared sum_n (grad E_n)^2 entrywise: (delta^2)^T (P^2), one GEMM, when S = 1; else squared
                      per-example matrices (positions mix)
     variance         1/B sum_n (grad E_n - g_bar)^2 = SGS / B - g_bar^2, g_bar = 1/B sum_n grad E_n
-    clipped sum      sum_n c_n grad_W E_n = (c (.) delta)^T P, ONE GEMM over the B S rows (``fnbp.dp``)
+    clipped sum      sum_n c_n grad_W E_n = (c (.) delta)^T P, ONE GEMM over the B S rows, or sum_n c_n G_n from
+                     the per-example matrices G_n a "direct" layer formed for its norm (``clip_method``, ``fnbp.dp``)
 
 Every function takes ``(params, x, d, *, model=, loss=)``: ``model`` any ``fnbp.nn`` model (or a
 ``fnbp.graph.Graph`` with input "x"); without it, ``fnbp.backprop``'s MLP (``activation=``, ``output=``).
@@ -42,9 +43,9 @@ from .nn.recurrent import zero_state
 from .objective import objective
 from .rules import rule_of
 
-__all__ = ["METHODS", "LayerRows", "network", "extension_layers", "walk", "norm_method", "rows_grads", "rows_batch_l2", "rows_norms",
-           "rows_sum_grad_squared", "rows_clipped_sum", "as_params_tree", "grads", "batch_l2", "grad_norms",
-           "sum_grad_squared", "variance"]
+__all__ = ["METHODS", "LayerRows", "network", "extension_layers", "walk", "norm_method", "clip_method", "rows_grads",
+           "rows_batch_l2", "rows_norms", "rows_sum_grad_squared", "rows_clipped_sum", "rows_norms_and_clipped_sums",
+           "as_params_tree", "grads", "batch_l2", "grad_norms", "sum_grad_squared", "variance"]
 
 METHODS = ("auto", "gram", "direct")
 """Ways to get a layer's per-example squared norm: "auto" (``norm_method``'s rule), "gram", "direct"."""
@@ -214,6 +215,24 @@ def norm_method(S, C_out, K, method="auto"):
     return "gram" if 2 * S * S <= C_out * K else "direct"
 
 
+def clip_method(S, C_out, K, method="auto"):
+    """'gram' or 'direct' for a layer's part of the DP-SGD step (``rows_norms_and_clipped_sums``): ``method``
+    itself when forced; else 'direct' iff 1 < S and C_out <= S.
+
+    Per example, "direct" forms G_n = delta_n^T P_n (S C_out K multiply-adds, the ordinary grad_W GEMM's share)
+    and then only ||G_n||^2 and sum_n c_n G_n (2 C_out K); "gram" forms the Gram matrices (S^2 (C_out + K))
+    and then still the clipped-sum GEMM (S C_out K).  "direct" is the faster when 2 C_out K < S^2 (C_out + K),
+    which C_out <= S and S >= 2 imply (S^2 (C_out + K) > S^2 K >= S C_out K >= 2 C_out K); its memory, B C_out K
+    numbers for the G_n (against 2 B S^2 for the Gram matrices), is then no bigger than the patches P (B S K) the
+    walk holds anyway.  Every conv layer of the MNIST LeNet is "direct"; a dense layer (S = 1) always "gram" (the
+    ghost norm).  ``method="gram"`` is the lean choice where memory is the limit (K and C_out large, S small)."""
+    if method not in METHODS:
+        raise ValueError(f"fnbp.per_example: method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return "direct" if 1 < S and C_out <= S else "gram"
+
+
 def _matrices(r):
     return jnp.einsum("bso,bsk->bok", r.delta, r.patches)          # delta_n^T P_n: one batched GEMM
 
@@ -253,6 +272,41 @@ def rows_sum_grad_squared(r):
     else:
         sq_W = jnp.sum(_matrices(r) ** 2, axis=0)
     return r.to_W(sq_W, r.W_shape), jnp.sum(jnp.sum(r.delta, axis=1) ** 2, axis=0)
+
+
+def rows_norms_and_clipped_sums(rows, factors, method="auto"):
+    """(norms (B,), [(W sum, b sum)] per row): the per-example norms over every layer and the clipped sums
+    sum_n c_n grad E_n, with c = ``factors(norms)`` (B,), from the rows of ONE walk (book-keeping, Bu et al. 2023).
+
+    Per layer by ``clip_method``: a "gram" layer (and every dense one, S = 1) gets its norm from the Gram
+    matrices (the ghost norm) and its clipped sum from ONE GEMM over the B S rows, (c (.) delta)^T P
+    (``rows_clipped_sum``); a "direct" layer forms its per-example matrices G_n = delta_n^T P_n once, for the norm
+    ||G_n||_F^2 AND for the clipped sum sum_n c_n G_n (B C_out K multiply-adds), instead of a second GEMM over the
+    B S rows.  Either way no layer does more GEMM work than the ordinary step's grad_W, and there is no second
+    backward.  Equal to ``rows_norms`` and ``rows_clipped_sum`` (up to rounding)."""
+    parts, kept = [], []
+    for r in rows:
+        _, S, C_out = r.delta.shape
+        direct = S > 1 and clip_method(S, C_out, r.patches.shape[-1], method) == "direct"
+        G = _matrices(r) if direct else None
+        kept.append(G)
+        if direct:
+            w = jnp.sum(G * G, axis=(1, 2))
+            delta_b = jnp.sum(r.delta, axis=1)
+            parts.append(w + jnp.sum(delta_b * delta_b, axis=-1))
+        else:
+            parts.append(sum(rows_batch_l2(r, method)))
+    norms = jnp.sqrt(sum(parts))
+    c = factors(norms)
+    sums = []
+    for r, G in zip(rows, kept):
+        if G is None:
+            sums.append(rows_clipped_sum(r, c))
+        else:
+            cw = c.astype(G.dtype)
+            sums.append((r.to_W(jnp.einsum("b,bok->ok", cw, G), r.W_shape),
+                         jnp.einsum("b,bo->o", cw, jnp.sum(r.delta, axis=1))))
+    return norms, sums
 
 
 def rows_clipped_sum(r, c):

@@ -30,8 +30,9 @@ from .rules import rule_of
 from .train_checks import (NonFiniteError, NonFiniteInputError, NonFiniteLossError, NonFiniteParamsError,
                            check_labels, _FN, _check_data, _check_finite_tree, _check_hyperparameters)
 
-__all__ = ["Config", "TrainResult", "train", "evaluate", "forward", "make_step", "make_epoch", "resolve_model", "NonFiniteError",
-           "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError", "batch_plan", "check_labels"]
+__all__ = ["Config", "TrainResult", "train", "evaluate", "evaluate_in_chunks", "forward", "make_step", "make_epoch",
+           "resolve_model", "NonFiniteError", "NonFiniteLossError", "NonFiniteParamsError", "NonFiniteInputError",
+           "batch_plan", "check_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +262,34 @@ def evaluate(cfg: Config, params, state, x, d, *, model=None):
     return losses.loss_spec(cfg.loss, name="fnbp.train")(y, d, reduction="mean"), _accuracy(y, d)
 
 
+EVAL_CHUNK = 256
+"""Examples per forward of ``evaluate_in_chunks`` (``train``'s evaluation after every epoch)."""
+
+
+def evaluate_in_chunks(cfg: Config, params, state, x, d, *, model=None, chunk=EVAL_CHUNK):
+    """``evaluate``'s (mean loss, accuracy) from forwards of at most ``chunk`` examples: ``lax.map`` over the
+    N // chunk full chunks, one more forward for the rest, then loss = sum_c n_c L_c / N and accuracy = sum_c n_c
+    A_c / N (L_c, A_c each chunk's mean).  The same numbers up to rounding, with the temporaries of ``chunk``
+    examples instead of N (one forward of a LeNet over 60,000 MNIST images holds a 3.5 GB im2col matrix)."""
+    N = x.shape[0]
+    if N <= chunk:
+        return evaluate(cfg, params, state, x, d, model=model)
+
+    def part(xd):
+        xc, dc = xd
+        loss, acc = evaluate(cfg, params, state, xc, dc, model=model)
+        return loss * xc.shape[0], acc * xc.shape[0]
+
+    full = (N // chunk) * chunk
+    chunks = jax.tree_util.tree_map(lambda v: v[:full].reshape((N // chunk, chunk) + v.shape[1:]), (x, d))
+    loss_sums, hits = jax.lax.map(part, chunks)
+    loss, hit = jnp.sum(loss_sums), jnp.sum(hits)
+    if full < N:
+        rest_loss, rest_hit = part((x[full:], d[full:]))
+        loss, hit = loss + rest_loss, hit + rest_hit
+    return loss / N, hit / N
+
+
 def _learning_rate(schedule, step, opt_state):
     """eta at ``step``: from ``record_learning_rate``, else from an ``optax.inject_hyperparams`` state, else None."""
     if schedule is not None:
@@ -354,7 +383,7 @@ def train(params, opt, data, *, key, epochs, batch_size=64, cfg=Config(), model=
     epoch_fn = jax.jit(_make_epoch(cfg, opt, model=m, batch_size=B, n_examples=x_train.shape[0],
                                    accumulate=accumulate, batch_sharding=batch_sharding, finite_flags=True),
                        donate_argnums=(0, 1, 2))
-    eval_fn = jax.jit(functools.partial(evaluate, cfg, model=m))
+    eval_fn = jax.jit(functools.partial(evaluate if mesh is not None else evaluate_in_chunks, cfg, model=m))
     t0 = time.perf_counter()
     compiled = epoch_fn.lower(params, opt_state, state, x_train, y_train, jax.random.fold_in(key, start_epoch)).compile()
     compile_seconds = time.perf_counter() - t0

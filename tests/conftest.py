@@ -1,7 +1,8 @@
 """Test configuration: float64 is available everywhere (tests that need float32 ask for it).
 
 ``pytest -m "not slow"`` is the fast loop (unit tests); CI (.ci/run) runs everything.  Slow tests carry
-``@pytest.mark.slow`` (or a module ``pytestmark``) in their own file.
+``@pytest.mark.slow`` (or a module ``pytestmark``) in their own file; a cross-check over many cases keeps one
+or two in the fast loop and marks the rest slow (``tests/marks.py``).
 
 XLA's persistent compilation cache is on for the whole run, the subprocesses included (the CLI, experiments,
 multi-process runs): many tests compile the same training programs, and a cache hit skips XLA's compile, never

@@ -536,8 +536,9 @@ def test_torch_lenet_matches_fnbp_and_learns():
 
 
 def test_quick_run_covers_every_case_but_the_one_tested_elsewhere():
-    """A new case is in the quick run unless it is added here on purpose."""
-    assert set(QUICK_CASES.split(",")) | {"per_example_rules"} == set(registry.load_cases())
+    """A new case is in the quick run unless it is added here on purpose (lenet_run: two epochs of a 28 x 28 LeNet
+    run by ``test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both``)."""
+    assert set(QUICK_CASES.split(",")) | {"per_example_rules", "lenet_run"} == set(registry.load_cases())
 
 
 # --- the per-example benchmark case (fnbp.bench.per_example_rules; moved from tests/test_per_example.py) ---
@@ -568,3 +569,65 @@ def test_bench_lenet_rows_report_the_issue_ratios():
     text = "\n".join(per_example_rules.render(dict(mlp, lenet=res)))
     assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example.norm_method`): direct" in text
     assert text.count("| DP step, temp memory |") == 2
+
+
+def test_lenet_run_section_of_a_known_result():
+    from fnbp.bench import lenet_run
+    row = {"epoch_s": [9.0, 4.0, 5.0], "train_s": [8.0, 3.0, 3.5], "test_accuracy": [0.9, 0.95, 0.97],
+           "epoch_s_median": 4.5, "images_per_s": 1777.7, "train_images_per_s": 2461.5}
+    torch_row = dict(row, epoch_s_median=6.0, images_per_s=1333.3, test_accuracy=[0.9, 0.94, 0.96])
+    sec = {"recipe": dict(lenet_run.RECIPE), "data": "mnist", "n_train": 8000, "n_test": 2000,
+           "images_per_epoch": 8000, "epochs": 3, "compile_s": 2.0, "fnbp": row, "torch": torch_row,
+           "speed_ratio_paired": {"median": 1.25, "q1": 1.2, "q3": 1.3, "rounds": 2}}
+    lines = lenet_run.render(sec)
+    assert lines[0].startswith("## Whole run: `fnbp train --data mnist --model lenet`")
+    assert "| fnbp.train.train (the CLI's recipe) | 4.5 | 1,778 | 2,462 | 0.9700 |" in lines
+    assert "| PyTorch loop (eager) | 6 | 1,333 | 2,462 | 0.9600 |" in lines
+    assert any("paired by epoch: 1.25 [1.2–1.3] over 2 epochs" in ln for ln in lines)
+    assert lenet_run.summary(sec) == ["lenet_run: fnbp 1,778 images/s, PyTorch 1,333 images/s, fnbp / PyTorch 1.25"]
+    skipped = dict(sec, torch={"skipped": "--no-torch"})
+    del skipped["speed_ratio_paired"]
+    assert "| PyTorch loop (eager) | skipped: --no-torch | | | |" in lenet_run.render(skipped)
+
+
+def test_lenet_run_finds_a_torch_python_or_says_why_not(monkeypatch, tmp_path):
+    from fnbp.bench import lenet_run
+    assert lenet_run.torch_python(no_torch=True) == (None, "--no-torch")
+    monkeypatch.setenv("FNBP_TORCH_PYTHON", str(tmp_path / "nowhere" / "python"))
+    python, why = lenet_run.torch_python()
+    assert python is None and "FNBP_TORCH_PYTHON=" in why and "does not exist" in why
+    monkeypatch.setenv("FNBP_TORCH_PYTHON", sys.executable)
+    assert lenet_run.torch_python() == (sys.executable, None)
+
+
+@pytest.mark.slow
+def test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both():
+    """A 2-epoch run on a tiny synthetic set reports fnbp's side (and PyTorch's, or why it was skipped); where a
+    torch Python exists (FNBP_TORCH_PYTHON), the PyTorch child, from fnbp's initial weights, gives fnbp's test
+    loss and accuracy (same layouts, flatten order, biases)."""
+    import jax
+    from fnbp import nn, train
+    from fnbp.bench import lenet_run
+    python, why = lenet_run.torch_python()
+    ds = lenet_run.synthetic_images(128, 64, seed=1)
+    sec = lenet_run.bench_lenet_run(ds, 2, python=python, threads=1, skip_reason=why)
+    assert len(sec["fnbp"]["epoch_s"]) == 2 and sec["fnbp"]["images_per_s"] > 0 and sec["images_per_epoch"] == 128
+    text = "\n".join(lenet_run.render(sec))
+    if python is None:
+        assert sec["torch"] == {"skipped": why} and f"| PyTorch loop (eager) | skipped: {why} |" in text
+        return
+    assert len(sec["torch"]["epoch_s"]) == 2 and sec["torch"]["images_per_s"] > 0
+    assert sec["speed_ratio_paired"]["rounds"] == 1 and "paired by epoch" in text
+    model = nn.lenet((28, 28, 1), 10, dropout=0.25)
+    params, _ = model.init(jax.random.key(0), (28, 28, 1))
+    params = [dict(layer, b=jax.random.normal(jax.random.key(i + 1), layer["b"].shape) * 0.1)   # biases matter
+              for i, layer in enumerate(params)]
+    peer = lenet_run.TorchRun(python, ds, params, seed=0, threads=1)
+    try:
+        got = peer.evaluate()
+    finally:
+        peer.close()
+    loss, acc = train.evaluate(train.Config(), params, None, jax.numpy.asarray(ds.x_test), jax.numpy.asarray(ds.y_test),
+                               model=model)
+    np.testing.assert_allclose(got["test_loss"], float(loss), rtol=1e-5)
+    assert got["test_accuracy"] == pytest.approx(float(acc), abs=1e-9)

@@ -360,6 +360,7 @@ def jax_leaves(tree):
 
 
 # --- issue #30: no run loses another's files, nothing silently ignored, Ctrl-C finishes cleanly ------------------
+@pytest.mark.slow
 def test_a_fresh_run_refuses_an_out_holding_another_run(capsys, tmp_path):
     out = tmp_path / "run"
     rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))
@@ -378,6 +379,7 @@ def test_a_fresh_run_refuses_an_out_holding_another_run(capsys, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "history.json"]   # no lock left
 
 
+@pytest.mark.slow
 def test_an_out_locked_by_another_fnbp_train_is_refused_naming_its_pid(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -415,6 +417,7 @@ def test_flags_that_do_not_apply_are_refused_by_name(capsys, tmp_path, argv, mes
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_flags_that_do_not_apply_are_not_recorded(capsys, tmp_path):
     out = tmp_path / "run"
     rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(out))       # constant schedule, relu
@@ -435,6 +438,7 @@ def test_augment_larger_than_the_image_is_refused(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_dp_clip_without_noise_reports_infinite_epsilon_instead_of_crashing(capsys, tmp_path):
     out = tmp_path / "dp"
     rc, so, err = _main(capsys, "train", "--data", "digits", "--layers", "64,8,10", "--epochs", "1", "--batch-size",
@@ -446,6 +450,7 @@ def test_dp_clip_without_noise_reports_infinite_epsilon_instead_of_crashing(caps
     assert checkpoint.load(out / "checkpoint.npz")["extra"]["history"][0]["epsilon"] is None
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_history_up_to_the_last_checkpoint_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
     """KeyboardInterrupt (as Ctrl-C raises it) in epoch 3: history and curves of epochs 1-2, exit 130; the
     SIGINT handler is the caller's again afterwards."""

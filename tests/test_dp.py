@@ -61,6 +61,20 @@ def test_private_grad_noise_has_std_sigma_clip_and_follows_the_key():
     assert max_abs_diff(zero_noise, jax.tree_util.tree_map(lambda s: s / x.shape[0], sums)) <= 1e-15
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_noise_draw_is_jax_random_normal_bit_for_bit(dtype):
+    """The unrolled threefry of ``dp._normal`` gives exactly ``jax.random.normal``'s numbers (runs reproduce bit
+    for bit): typed and raw keys, odd and multi-axis shapes; other key kinds fall back to jax.random.normal."""
+    for key in (jax.random.key(0), jax.random.key(2 ** 31 + 17), jax.random.PRNGKey(3)):
+        for shape in ((1,), (7,), (3, 5), (2, 3, 4), (64, 33)):
+            got = jax.jit(lambda k, shape=shape: dp._normal(k, shape, dtype))(key)
+            want = jax.jit(lambda k, shape=shape: jax.random.normal(k, shape, dtype))(key)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    rbg = jax.random.key(1, impl="rbg")
+    np.testing.assert_array_equal(dp._normal(rbg, (4, 3), dtype), jax.random.normal(rbg, (4, 3), dtype))
+
+
 def test_gaussian_noise_transformation_chains_with_an_optimizer():
     act, _, loss, _, params, x, d = make_case("relu-half_sse", seed=7)
     clip, sigma, key = 1.0, 0.8, jax.random.key(3)

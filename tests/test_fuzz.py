@@ -11,6 +11,9 @@ from hypothesis import HealthCheck, Phase, example, given, settings, strategies 
 import fnbp
 from fnbp import mlp, optim, reference
 
+# Fuzzing (hypothesis draws of malformed inputs, ~100 s on 2 cores): CI's full run, not the fast loop.
+pytestmark = pytest.mark.slow
+
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])   # no shrinking: bounded
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 3.5, -2.25, 1e30, -1e30, np.nan, np.inf, -np.inf]

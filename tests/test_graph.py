@@ -186,6 +186,7 @@ def check_dag(spec, seed):
         assert tree_rel_err(g, g_ref) <= 1e-12, spec
 
 
+@pytest.mark.slow
 def test_random_dags_walker_equals_jax_grad_of_reference():
     seen = []
 

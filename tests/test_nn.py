@@ -159,6 +159,7 @@ def test_drawn_models_walker_equals_autodiff_and_the_plain_reference(drawn):
 
 
 @SETTINGS
+@pytest.mark.slow
 @given(models(batch_norm=False))
 def test_drawn_models_per_example_quantities_equal_vmap_grad(drawn):
     """Per-example grads, norms (every method) and the DP clipped sum of drawn batch-norm-free models equal
@@ -234,6 +235,7 @@ def test_residual_is_the_sum_over_consumers_of_x():
     assert sorted(trace.nodes) == ["0.residual.add", "0.residual/0.dense", "0.residual/1.tanh", "E"]
 
 
+@pytest.mark.slow
 def test_batch_norm_state_is_updated_in_training_and_used_in_inference():
     model = nn.serial(nn.Conv2D(2, 3), nn.BatchNorm(momentum=0.5), nn.Relu(), nn.Flatten(), nn.Dense(2))
     params, state = model.init(jax.random.key(0), (4, 4, 1), jnp.float64)
@@ -317,6 +319,7 @@ def residual_cnn(input_shape=(8, 8, 1), n_classes=10):
                      nn.Flatten(), nn.Dense(n_classes))
 
 
+@pytest.mark.slow
 def test_a_residual_cnn_trains_through_fnbp_train_with_dp_and_both_gradient_modes():
     """The same run by autodiff and by the explicit walker gives the same parameters; DP-SGD runs on the model."""
     ds = _digits_images()                                                 # 1,437 raw-pixel images

@@ -88,6 +88,7 @@ def test_named_errors():
         nn.Embedding(5, 2.5)
 
 
+@pytest.mark.slow
 def test_embedding_per_example_gradients():
     # the embedding's per-example extension: example n's gradient of its summed token losses, from one walk
     model = nn.serial(nn.Embedding(V, D), nn.Tanh(), nn.Dense(V))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import fnbp
 from fnbp import reference_rnn, rnn, rnn_steps
 from vjp_oracle import FD_RTOL, compile_fast, max_rel, vjp_check
+from marks import slow_except
 
 AD_TOL = 1e-12          # our VJP vs jax.vjp of the plain scan, relative, float64
 
@@ -48,7 +49,7 @@ def _args(cell, B, T, n_in, H, zero_state, rng, scale=0.6):
 SHAPES = [(3, 5, 4, 6, False), (1, 1, 3, 5, True), (2, 7, 1, 3, False), (5, 3, 7, 1, True), (2, 1, 2, 2, False)]
 
 
-@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("cell", slow_except(sorted(CELLS), "elman"))
 def test_rule_matches_autodiff_of_the_plain_scan_and_finite_differences(cell):
     rng = np.random.default_rng(1)
     fn, ref = CELLS[cell][:2]
@@ -74,6 +75,7 @@ def _max_errors(cell, args):
     return max_rel(out, out_ref), max(max_rel(g, g_ref) for g, g_ref in zip(ours, theirs))
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(cell=st.sampled_from(sorted(CELLS)), B=st.integers(1, 3), T=st.integers(1, 6), n_in=st.integers(1, 5),
        H=st.integers(1, 5), zero_state=st.booleans(), seed=st.integers(0, 2 ** 16))
@@ -94,7 +96,7 @@ def test_a_wrong_backward_is_caught():
     assert max(res["ad"].values()) > 1e-3 and max(res["fd"].values()) > 1e-3
 
 
-@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("cell", slow_except(sorted(CELLS), "elman"))
 def test_fnbp_check_accepts_the_rules(cell):
     fn, ref = CELLS[cell][:2]
     result = fnbp.check(fn, ref, *_args(cell, 2, 3, 2, 3, False, np.random.default_rng(2)), name=cell)
@@ -216,7 +218,7 @@ def test_compiled_gradient_hoists_the_big_products_out_of_the_loops(cell):
 
 
 # --- float32, errors -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("cell", slow_except(sorted(CELLS), "elman"))
 def test_float32_close_to_the_plain_scan(cell):
     args = [np.asarray(a, np.float32) for a in _args(cell, 4, 6, 5, 7, False, np.random.default_rng(7))]
     fn, ref = CELLS[cell][:2]

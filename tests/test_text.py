@@ -91,6 +91,7 @@ def test_carried_state_equals_one_pass_over_the_whole_stream_bit_for_bit(cell):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_detached_state_cuts_the_gradient_at_the_chunk_boundary():
     # chunk k+1's loss, started from chunk k's final state: with the state detached its gradient is that of a loss
     # whose h0, c0 are constants (nothing flows back into chunk k); without, it differs (full BPTT through k)
@@ -117,6 +118,7 @@ def test_detached_state_cuts_the_gradient_at_the_chunk_boundary():
         assert float(jnp.max(jnp.abs(grad_h0[0]))) > 1e-6
 
 
+@pytest.mark.slow
 def test_training_steps_on_shakespeare_lower_the_loss_from_ln_V(corpus):
     # a few stateful truncated-BPTT steps with clipping and Adam on the shipped text
     V, B, T = len(corpus.vocab), 16, 32

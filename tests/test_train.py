@@ -142,6 +142,43 @@ def test_gradient_accumulation_equals_whole_batch(loss):
     assert not np.allclose(part[0]["W"], whole[0]["W"])
 
 
+@pytest.mark.parametrize("loss", [fnbp.losses.softmax_cross_entropy, fnbp.losses.half_sse])
+def test_evaluation_in_chunks_equals_one_forward(loss):
+    """``evaluate_in_chunks`` (``train``'s per-epoch evaluation): the full chunks by lax.map and the rest, the same
+    (loss, accuracy) as one forward over all N examples; N <= chunk is that forward itself."""
+    key = jax.random.PRNGKey(2)
+    params = mlp.init(key, [6, 5, 3], dtype=jnp.float64)
+    x = jax.random.normal(key, (30, 6), jnp.float64)
+    d = jax.random.randint(jax.random.PRNGKey(3), (30,), 0, 3)
+    if loss is fnbp.losses.half_sse:
+        d = jax.nn.one_hot(d, 3, dtype=jnp.float64)
+    cfg = T.Config(loss=loss)
+    whole = T.evaluate(cfg, params, None, x, d)
+    assert 0.2 < float(whole[1]) < 0.8                               # some right, some wrong
+    for chunk in (7, 10, 30, 64):                                    # a rest of 2, none, one chunk, N < chunk
+        got = jax.jit(lambda p, x, d, chunk=chunk: T.evaluate_in_chunks(cfg, p, None, x, d, chunk=chunk))(
+            params, x, d)
+        np.testing.assert_allclose(got, whole, rtol=1e-12, err_msg=str(chunk))
+
+
+@pytest.mark.parametrize("grad", ["autodiff", "backprop"])
+def test_lenet_step_computes_no_input_gradient_for_the_data(grad):
+    """The first conv's input is the data: its patch gradient W^T delta (and col2im) is dead code, and the compiled
+    step has no dot making it, while the second conv's (a hidden layer's input) is there."""
+    m = fnbp.nn.lenet((8, 8, 1), 10)                     # 3x3 SAME convs of 16 and 32 channels: 8 -> 4 -> 2
+    B = 4
+    params, _ = m.init(jax.random.PRNGKey(0), (8, 8, 1))
+    opt = optim.adam(1e-3)
+    step = T.make_step(T.Config(grad=grad), opt, model=m)
+    x = jnp.zeros((B, 8, 8, 1), jnp.asarray(params[0]["W"]).dtype)
+    batch = (x, jnp.zeros((B,), jnp.int32), jax.random.PRNGKey(1))
+    hlo = jax.jit(step).lower((params, opt.init(params), m.init_state(params)), batch).compile().as_text()
+    dots = [tuple(int(v) for v in dims.split(",")) for dims in re.findall(r"= f(?:32|64)\[([\d,]+)\]\S* dot\(", hlo)]
+    patch_grads = {K: [d for d in dots if d[-1] == K and np.prod(d) == B * S * K] for S, K in ((64, 9), (16, 144))}
+    assert patch_grads[144], dots                        # layer 2's W^T delta: the dots are seen
+    assert not patch_grads[9], dots                      # layer 1's: none
+
+
 def test_backprop_mode_equals_autodiff_mode():
     key = jax.random.PRNGKey(0)
     params = mlp.init(key, [6, 5, 3], dtype=jnp.float64)

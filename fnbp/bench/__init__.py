@@ -33,8 +33,9 @@ step, weight-gradient layouts, the optimizer alone, per-example gradients), ``si
 (data parallel over simulated CPU devices, in a subprocess), ``multiprocess`` (several
 processes), ``per_example_rules`` (per-example norms and DP-SGD), ``lenet`` (the LeNet step of
 issue #13: fnbp's rules in fnbp's scan loop vs ``jax.grad`` through ``lax`` convolutions, jit per
-step and in scan, vs PyTorch eager), ``report`` (markdown and stdout), ``registry`` (the case
-registry), ``run`` (the command line).
+step and in scan, vs PyTorch eager), ``lenet_run`` (whole-run images/s of ``fnbp train --data mnist --model
+lenet`` vs a plain PyTorch loop in a child process, ``_torch_lenet_run.py``), ``report`` (markdown and stdout),
+``registry`` (the case registry), ``run`` (the command line).
 
 Adding a case (a section of the report: e.g. more per-example or data-parallel rows; see
 ``lenet.py`` for a whole one). Write ``fnbp/bench/<topic>.py``::

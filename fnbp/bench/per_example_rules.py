@@ -186,10 +186,12 @@ def bench_per_example_lenet(arch, batch, *, min_time, seed=0):
     shapes = jax.eval_shape(lambda: [(r.delta, r.patches) for r in fnbp.per_example.walk(
         params, x, d, arch=arch, loss=CE)[1]])
     methods = [fnbp.per_example.norm_method(dl.shape[1], dl.shape[2], pt.shape[2]) for dl, pt in shapes]
+    clip_methods = [fnbp.per_example.clip_method(dl.shape[1], dl.shape[2], pt.shape[2]) for dl, pt in shapes]
     res = _measure(lenet_programs(arch), params, x, d, jax.random.fold_in(key, 3), batch, min_time)
     return {"arch": {"image_shape": list(arch.image_shape), "channels": list(arch.channels), "kernel": arch.kernel,
                      "padding": arch.padding, "hidden": list(arch.hidden)},
-            "n_params": fnbp.cnn.num_params(params), "conv_norm_methods": methods[:len(arch.channels)], **res}
+            "n_params": fnbp.cnn.num_params(params), "conv_norm_methods": methods[:len(arch.channels)],
+            "conv_clip_methods": clip_methods[:len(arch.channels)], **res}
 
 
 def _tables(res):
@@ -227,7 +229,8 @@ def render(res, result=None):
               f"LeNet {'x'.join(map(str, a['image_shape']))} input, conv {a['kernel']}x{a['kernel']} channels "
               f"{tuple(a['channels'])} ({a['padding']}, 2x2 max-pool), dense {tuple(a['hidden'])} -> 10 "
               f"({le['n_params']:,} parameters), B = {le['batch']}, float32. Conv norm methods "
-              f"(`fnbp.per_example.norm_method`): {', '.join(le['conv_norm_methods'])}. The vmap way: "
+              f"(`fnbp.per_example.norm_method`): {', '.join(le['conv_norm_methods'])}; in the DP step "
+              f"(`fnbp.per_example.clip_method`): {', '.join(le.get('conv_clip_methods', ['—']))}. The vmap way: "
               "jit(vmap(grad)) of the same LeNet written with lax.conv_general_dilated / reduce_window.", ""]
         L += _tables(le)
     return L

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.multiprocess", "fnbp.bench.per_example_rules",
-                "fnbp.bench.lenet"]
+                "fnbp.bench.lenet", "fnbp.bench.lenet_run"]
 """Modules whose import registers cases, in report order."""
 
 
@@ -34,6 +34,8 @@ class Context:
     use_torch: bool = False
     threads: Any = None
     torch_skip_reason: str = "torch not installed"
+    no_torch: bool = False
+    run_epochs: int = 3
     per_example_batch: int = 128
     simulated_devices: int = 8
     machine: dict = field(default_factory=dict)

@@ -52,6 +52,8 @@ def build_parser(prog="fnbp bench", results_dir=None):
     p.add_argument("--simulated-devices", type=int, default=8,
                    help="N simulated CPU devices for the data-parallel row (0: skip)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
+    p.add_argument("--run-epochs", type=int, default=3,
+                   help="epochs of the lenet_run case (whole-run throughput; the first is a warm-up), >= 2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None,
                    help=f"write the JSON report here (full run default: {where}; none for --quick)")
@@ -125,6 +127,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
                   quick=quick, cores=cores, use_torch=use_torch, threads=threads,
                   torch_skip_reason="--no-torch" if args.no_torch else "torch not installed",
                   per_example_batch=args.per_example_batch, simulated_devices=args.simulated_devices,
+                  no_torch=args.no_torch, run_epochs=args.run_epochs,
                   machine=machine, results=result, log=log)
     for case in cases:
         result[case.name] = case.run(ctx)
