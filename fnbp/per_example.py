@@ -292,8 +292,10 @@ def rows_norms_and_clipped_sums(rows, factors, method="auto"):
         kept.append(G)
         if direct:
             w = jnp.sum(G * G, axis=(1, 2))
-            delta_b = jnp.sum(r.delta, axis=1)
-            parts.append(w + jnp.sum(delta_b * delta_b, axis=-1))
+            if r.b_path is not None:                                 # no bias (embedding, a recurrent W_h): 0
+                delta_b = jnp.sum(r.delta, axis=1)
+                w = w + jnp.sum(delta_b * delta_b, axis=-1)
+            parts.append(w)
         else:
             parts.append(sum(rows_batch_l2(r, method)))
     norms = jnp.sqrt(sum(parts))
