@@ -281,8 +281,20 @@ def _conv2d_xla_fwd(W, b, h_prev, *, stride=1, padding="SAME"):
     (top, bottom, left, right), _, _ = _geometry(h_prev.shape, kh, kw, stride, padding)
     x = jnp.pad(h_prev, ((0, 0), (top, bottom), (left, right), (0, 0))) if top + bottom + left + right else h_prev
     kernel = jnp.transpose(W, (2, 3, 1, 0))                                  # HWIO: (kh, kw, C_in, C_out)
-    a = lax.conv_general_dilated(x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    a = lax.conv_general_dilated(x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 out_sharding=_output_sharding(W, h_prev))
     return a + b, (W, h_prev)
+
+
+def _output_sharding(W, h_prev):
+    """On a mesh with Explicit axes: a's sharding (B, H_out, W_out, C_out) -- h_prev's batch split, W's C_out
+    split (tensor parallelism) -- which ``conv_general_dilated`` does not infer; None otherwise."""
+    like_W, like_h = out_sharding(W), out_sharding(h_prev)
+    if like_W is None and like_h is None:
+        return None
+    batch = (tuple(like_h.spec) + (None,))[0] if like_h is not None else None
+    c_out = (tuple(like_W.spec) + (None,))[0] if like_W is not None else None
+    return NamedSharding((like_h or like_W).mesh, PartitionSpec(batch, None, None, c_out))
 
 
 def _conv2d_xla_bwd(residuals, delta, *, stride, padding):
@@ -292,7 +304,9 @@ def _conv2d_xla_bwd(residuals, delta, *, stride, padding):
     _, H, W_, _ = h_prev.shape
     grad_b = jnp.sum(delta, axis=(0, 1, 2))
     cols = im2col(h_prev, kh, kw, stride=stride, padding=padding)                # P, recomputed: (B, Ho, Wo, K)
-    grad_W_mat = lax.dot_general(delta, cols, (((0, 1, 2), (0, 1, 2)), ((), ())))   # delta^T P: (C_out, K)
+    # out_sharding as in conv2d's backward: on an Explicit mesh both products contract a possibly sharded axis
+    grad_W_mat = lax.dot_general(delta, cols, (((0, 1, 2), (0, 1, 2)), ((), ())),   # delta^T P: (C_out, K)
+                                 out_sharding=_rows_like(out_sharding(W)))
     grad_W = conv_W(grad_W_mat, W.shape)
     L_h, L_w = (H_out - 1) * stride + 1, (W_out - 1) * stride + 1
     spread = lax.pad(delta, jnp.zeros((), delta.dtype),
@@ -303,7 +317,8 @@ def _conv2d_xla_bwd(residuals, delta, *, stride, padding):
     if stride > 1:          # XLA:CPU must not fold this dilating pad into the convolution (see below)
         spread = lax.optimization_barrier(spread)
     flipped = jnp.transpose(W[:, :, ::-1, ::-1], (2, 3, 0, 1))              # HWIO: (kh, kw, C_out, C_in)
-    grad_h = lax.conv_general_dilated(spread, flipped, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    grad_h = lax.conv_general_dilated(spread, flipped, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      out_sharding=out_sharding(h_prev))
     return grad_W, grad_b, grad_h
 
 

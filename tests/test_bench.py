@@ -443,7 +443,7 @@ def test_quick_run_lenet(quick_run):
     assert sec["flops"] == lenet.lenet_step_flops(cnn.lenet(**lenet.QUICK_ARCH), 8)
     assert sec["gemm_size"] == r["gemm"]["best_size"] and _pos(sec["gemm_gflops_concurrent"])
     v = sec["variants"]
-    for name in ("fnbp_scan", "lax_scan", "fnbp_jit", "lax_jit"):
+    for name in ("fnbp_scan", "fnbp_im2col_scan", "lax_scan", "fnbp_jit", "fnbp_im2col_jit", "lax_jit"):
         row = v[name]
         for key in TIMED + ("gflops", "frac_gemm", "ratio_to_lax_jit", "compile_s"):
             assert _pos(row[key]), (name, key, row.get(key))
@@ -457,7 +457,10 @@ def test_quick_run_lenet(quick_run):
     assert t["lax_scan / fnbp_scan"]["value"] == pytest.approx(v["lax_scan"]["ms_median"] / v["fnbp_scan"]["ms_median"])
     assert t["fnbp_scan / lax_jit"]["met"] == (t["fnbp_scan / lax_jit"]["value"] <= 0.6)
     assert t["lax_scan / fnbp_scan"]["met"] == (t["lax_scan / fnbp_scan"]["value"] >= 5)
-    assert sec["lax_uses_convolution"] is True and sec["fnbp_uses_convolution"] is False
+    assert sec["lax_uses_convolution"] is True and sec["fnbp_uses_convolution"] is True   # conv2d_xla, in its rule
+    assert sec["fnbp_im2col_uses_convolution"] is False                                  # im2col + GEMM
+    assert all(_pos(sec["xla_over_im2col"][loop]["median"]) for loop in ("scan", "jit"))
+    assert lenet.LABELS["fnbp_im2col_scan"] in md and "conv2d_xla / conv2d (paired" in md
     assert "## LeNet training step (issue #13), B = 8" in md and lenet.LABELS["lax_scan"] in md
     assert "LeNet step, B = 8" in stdout and "target fnbp_scan / lax_jit <= 0.6" in stdout
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import activations, norm, ops, pool, regularization
-from ..conv import conv2d, conv_output_size
+from ..conv import conv2d_xla, conv_output_size
 from ..graph import Const
 from ..layers import dense
 from ..pool import pool_output_size
@@ -122,7 +122,7 @@ class Conv2D(Layer):
         return {"W": W, "b": jnp.zeros((self.c_out,), dtype)}, None, (H_out, W_out, self.c_out)
 
     def build(self, g, x):
-        return g.node("", conv2d, g.param("W"), g.param("b"), x, stride=self.stride, padding=self.padding)
+        return g.node("", conv2d_xla, g.param("W"), g.param("b"), x, stride=self.stride, padding=self.padding)
 
 
 @dataclasses.dataclass(frozen=True)
