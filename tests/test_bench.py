@@ -51,13 +51,18 @@ def test_flops_784_512_512_10():
 
 
 def _dot_flops(jaxpr):
-    """2 x multiply-adds of every dot_general of a jaxpr, sub-jaxprs (the rules' custom_vjp) included."""
+    """2 x multiply-adds of every dot_general and conv_general_dilated (conv2d_xla's forward) of a jaxpr,
+    sub-jaxprs (the rules' custom_vjp) included: a convolution's output entry costs a kernel's size / C_out."""
     total = 0
     for e in jaxpr.eqns:
         if e.primitive.name == "dot_general":
             (lhs_contracting, _), _ = e.params["dimension_numbers"]
             total += 2 * math.prod(e.outvars[0].aval.shape) * math.prod(e.invars[0].aval.shape[d]
                                                                           for d in lhs_contracting)
+        if e.primitive.name == "conv_general_dilated":
+            rhs_shape = e.invars[1].aval.shape
+            c_out = rhs_shape[e.params["dimension_numbers"].rhs_spec[0]]
+            total += 2 * math.prod(e.outvars[0].aval.shape) * math.prod(rhs_shape) // c_out
         for v in e.params.values():
             for sub in (v if isinstance(v, (tuple, list)) else (v,)):
                 j = getattr(sub, "jaxpr", sub)
@@ -68,7 +73,8 @@ def _dot_flops(jaxpr):
 
 def test_lenet_flops_hand_count_and_the_programs_dots():
     """The LeNet step's FLOPs: by hand for the issue's network, and from the dots of fnbp's own
-    forward program (3 x forward, less the first convolution's input gradient) for the quick one."""
+    forward program (3 x forward, less the first convolution's input gradient) for the quick one.  (Its
+    convolutions are conv2d_xla's XLA convolutions; the im2col conv2d's GEMMs count the same.)"""
     import jax
     import jax.numpy as jnp
     from fnbp import cnn
@@ -83,7 +89,7 @@ def test_lenet_flops_hand_count_and_the_programs_dots():
     x = jax.ShapeDtypeStruct((B,) + arch.image_shape, jnp.float32)
     forward = _dot_flops(jax.make_jaxpr(lambda p, x: cnn.apply(p, x, arch=arch))(params, x).jaxpr)
     c1 = params["conv"][0]
-    first = _dot_flops(jax.make_jaxpr(lambda W, b, x: cnn.conv2d(W, b, x, padding=arch.padding))(
+    first = _dot_flops(jax.make_jaxpr(lambda W, b, x: cnn.conv2d_xla(W, b, x, padding=arch.padding))(
         c1["W"], c1["b"], x).jaxpr)
     assert lenet.lenet_step_flops(arch, B) == 3 * forward - first
 
