@@ -279,8 +279,10 @@ def _conv2d_xla_fwd(W, b, h_prev, *, stride=1, padding="SAME"):
     """
     C_out, C_in, kh, kw = W.shape
     (top, bottom, left, right), _, _ = _geometry(h_prev.shape, kh, kw, stride, padding)
-    x = jnp.pad(h_prev, ((0, 0), (top, bottom), (left, right), (0, 0))) if top + bottom + left + right else h_prev
-    kernel = jnp.transpose(W, (2, 3, 1, 0))                                  # HWIO: (kh, kw, C_in, C_out)
+    dtype = jnp.result_type(W, h_prev)           # XLA's convolution takes one dtype (conv2d's GEMM promotes alike)
+    x = h_prev.astype(dtype)
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))) if top + bottom + left + right else x
+    kernel = jnp.transpose(W, (2, 3, 1, 0)).astype(dtype)                   # HWIO: (kh, kw, C_in, C_out)
     a = lax.conv_general_dilated(x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                  out_sharding=_output_sharding(W, h_prev))
     return a + b, (W, h_prev)
@@ -309,14 +311,15 @@ def _conv2d_xla_bwd(residuals, delta, *, stride, padding):
                                  out_sharding=_rows_like(out_sharding(W)))
     grad_W = conv_W(grad_W_mat, W.shape)
     L_h, L_w = (H_out - 1) * stride + 1, (W_out - 1) * stride + 1
-    spread = lax.pad(delta, jnp.zeros((), delta.dtype),
+    dtype = jnp.result_type(delta, W)
+    spread = lax.pad(delta.astype(dtype), jnp.zeros((), dtype),
                      ((0, 0, 0),
                       (kh - 1 - top, kh - 1 - bottom + (H + top + bottom - kh + 1 - L_h), stride - 1),
                       (kw - 1 - left, kw - 1 - right + (W_ + left + right - kw + 1 - L_w), stride - 1),
                       (0, 0, 0)))
     if stride > 1:          # XLA:CPU must not fold this dilating pad into the convolution (see below)
         spread = lax.optimization_barrier(spread)
-    flipped = jnp.transpose(W[:, :, ::-1, ::-1], (2, 3, 0, 1))              # HWIO: (kh, kw, C_out, C_in)
+    flipped = jnp.transpose(W[:, :, ::-1, ::-1], (2, 3, 0, 1)).astype(dtype)  # HWIO: (kh, kw, C_out, C_in)
     grad_h = lax.conv_general_dilated(spread, flipped, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                       out_sharding=out_sharding(h_prev))
     return grad_W, grad_b, grad_h

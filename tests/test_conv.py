@@ -83,6 +83,19 @@ def test_xla_conv2d_equals_the_im2col_one():
             assert g_xla.shape == g.shape and max_rel(g_xla, g) <= 1e-12, (case, what, max_rel(g_xla, g))
 
 
+def test_xla_conv2d_promotes_mixed_dtypes_as_conv2d():
+    # XLA's convolution takes one dtype; conv2d's GEMM promotes: float32 W with float64 x (and the reverse) give
+    # conv2d's output dtype, and each gradient its primal's dtype, the same numbers
+    W, b, x = _args(2, 7, 7, 2, 3, 3, 3)
+    for w_dtype, x_dtype in ((np.float32, np.float64), (np.float64, np.float32)):
+        args = (W.astype(w_dtype), b.astype(w_dtype), x.astype(x_dtype))
+        ours, xla = (jax.jit(lambda *a, fn=fn: (fn(*a, stride=2, padding=1),) + jax.grad(
+            lambda *a: jnp.sum(fn(*a, stride=2, padding=1) ** 2), argnums=(0, 1, 2))(*a))(*args)
+            for fn in (conv.conv2d, conv.conv2d_xla))
+        for g, g_xla in zip(ours, xla):
+            assert g_xla.dtype == g.dtype and max_rel(g_xla, g) <= 1e-6
+
+
 def test_xla_conv2d_runs_xla_convolutions_and_keeps_the_per_example_extension():
     # the compiled gradient calls XLA's convolution (forward, grad_x); conv2d's has none.  Per-example gradients
     # of a LeNet whose conv nodes use conv2d_xla equal those with conv2d (the extension recomputes the patches)
