@@ -28,7 +28,10 @@ padded input concatenated into the column matrix P of shape (B H_out W_out, kh k
 then ONE GEMM each for the forward (P W^T), grad_W (delta^T P) and the patch gradient
 (delta W).  ``conv2d_naive`` is the same layer written as loops over offsets with
 einsum, for reading; the tests check the two against each other and against
-``jax.lax.conv_general_dilated``.
+``jax.lax.conv_general_dilated``.  ``conv2d_xla`` is the same layer again with XLA's own convolution as the
+forward and input-gradient primitives inside the hand-written rule (grad_h as the transposed convolution
+with the flipped kernel, derived in its docstring); faster on XLA:CPU, it is the convolution of
+``fnbp.cnn``'s LeNet and ``fnbp.nn.Conv2D``, and a test keeps it equal to ``conv2d``.
 
 Padding: ``"VALID"`` (none), ``"SAME"`` (as ``lax.conv_general_dilated``: H_out =
 ceil(H / stride), the total padding max((H_out - 1) stride + kh - H, 0) split with
@@ -48,7 +51,8 @@ from .rules import out_sharding, rule
 
 _CONV_CHECKS = ({"stride": 1, "padding": "SAME"}, {"stride": 2, "padding": 1})   # fnbp check's rows
 
-__all__ = ["conv2d", "conv2d_xla", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im", "check_conv_shapes",
+__all__ = ["conv2d", "conv2d_xla", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im",
+           "check_conv_shapes",
            "conv_fan_in", "as_count"]
 
 

@@ -74,7 +74,7 @@ def test_xla_conv2d_equals_the_im2col_one():
     def run(all_args):
         out = []
         for (*_, s, p), args in zip(cases, all_args):
-            (a, vjp), (a_xla, vjp_xla) = jax.vjp(_bind(conv.conv2d, s, p), *args), jax.vjp(_bind(conv.conv2d_xla, s, p), *args)
+            (a, vjp), (a_xla, vjp_xla) = (jax.vjp(_bind(fn, s, p), *args) for fn in (conv.conv2d, conv.conv2d_xla))
             c = jnp.sin(1.0 + jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape)
             out.append(((a,) + vjp(c), (a_xla,) + vjp_xla(c)))
         return out

@@ -5,7 +5,7 @@ Shapes exclude the batch axis B.  Every node is one hand-written rule (the op na
 | layer | input -> output | params | rule |
 |---|---|---|---|
 | ``Dense(n_out)`` | (..., n_in) -> (..., n_out) | W (n_out, n_in), b (n_out,) | ``fnbp.dense``: a = W h + b |
-| ``Conv2D(c_out, kernel)`` | (H, W, C_in) -> (H_out, W_out, c_out) | W (c_out, C_in, kh, kw), b (c_out,) | ``fnbp.conv2d`` |
+| ``Conv2D(c_out, kernel)`` | (H, W, C_in) -> (H_out, W_out, c_out) | W (c_out, C_in, kh, kw), b (c_out,) | ``fnbp.conv.conv2d_xla`` |
 | ``MaxPool(window)`` / ``AvgPool`` | (H, W, C) -> (H', W', C) | -- | ``fnbp.max_pool`` / ``fnbp.avg_pool`` |
 | ``Flatten()`` | (H, W, C) -> (H W C,) | -- | ``fnbp.flatten`` |
 | ``GlobalAvgPool()`` | (H, W, C) -> (C,) | -- | ``fnbp.global_avg_pool`` |
