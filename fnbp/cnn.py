@@ -4,7 +4,7 @@
                     ->  flatten  ->  [(dropout) -> dense -> ReLU] per entry of ``hidden``
                     ->  (dropout) -> dense -> logits (B, n_classes)
 
-Every op is a hand-written rule (``fnbp.conv2d``, ``fnbp.max_pool``, ``fnbp.flatten``,
+Every op is a hand-written rule (``fnbp.conv.conv2d_xla``, ``fnbp.max_pool``, ``fnbp.flatten``,
 ``fnbp.dense``, ``fnbp.relu``, ``fnbp.pool.batch_norm_channels``, ``fnbp.dropout``), so
 ``jax.grad`` of the loss through ``apply`` runs the rules' backward equations.
 
@@ -27,7 +27,7 @@ from jax import lax
 from . import graph, keys, norm, regularization
 from .graph import Const, Input, Param, State
 from .activations import relu
-from .conv import conv2d, conv_output_size
+from .conv import conv2d_xla, conv_output_size
 from .layers import dense
 from .ops import batch_norm_eval
 from .pool import batch_norm_channels, flatten, max_pool, pool_output_size
@@ -132,7 +132,8 @@ def check_input(arch, x, name):
 def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, augment=0, bn_eps=1e-5):
     """The LeNet as a ``fnbp.graph.Graph`` with input "x" (and "key" for dropout and shifts).
 
-    Block k (1-based): "conv{k}" (conv2d), ["bn{k}" per channel], "relu{k}", "pool{k}" (max-pool);
+    Block k (1-based): "conv{k}" (``conv2d_xla``: conv2d's layer with XLA's convolution inside the rule),
+    ["bn{k}" per channel], "relu{k}", "pool{k}" (max-pool);
     then "flatten" and dense layers "a{j}", ["bn_d{j}"], "h{j}" (ReLU), with "dropout{j}" on the
     input of dense layer j in training (key ``fold_in(key, j - 1)``); the output is the last
     "a{j}" (logits).  In training with ``augment > 0`` the auxiliary node "x_shifted" applies
@@ -159,7 +160,7 @@ def network(params, *, arch=LeNet(), train=False, dropout=0.0, bn_momentum=0.1, 
 
     for k, layer in enumerate(params["conv"]):
         i = k + 1
-        nodes.append(graph.node(f"conv{i}", conv2d, Param("conv", k, "W"), Param("conv", k, "b"), prev,
+        nodes.append(graph.node(f"conv{i}", conv2d_xla, Param("conv", k, "W"), Param("conv", k, "b"), prev,
                                 padding=arch.padding))
         a = normalise(f"bn{i}", f"conv{i}", "conv", k) if "gamma" in layer else f"conv{i}"
         nodes.append(graph.node(f"relu{i}", relu, a))

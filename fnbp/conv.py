@@ -28,7 +28,10 @@ padded input concatenated into the column matrix P of shape (B H_out W_out, kh k
 then ONE GEMM each for the forward (P W^T), grad_W (delta^T P) and the patch gradient
 (delta W).  ``conv2d_naive`` is the same layer written as loops over offsets with
 einsum, for reading; the tests check the two against each other and against
-``jax.lax.conv_general_dilated``.
+``jax.lax.conv_general_dilated``.  ``conv2d_xla`` is the same layer again with XLA's own convolution as the
+forward and input-gradient primitives inside the hand-written rule (grad_h as the transposed convolution
+with the flipped kernel, derived in its docstring); faster on XLA:CPU, it is the convolution of
+``fnbp.cnn``'s LeNet and ``fnbp.nn.Conv2D``, and a test keeps it equal to ``conv2d``.
 
 Padding: ``"VALID"`` (none), ``"SAME"`` (as ``lax.conv_general_dilated``: H_out =
 ceil(H / stride), the total padding max((H_out - 1) stride + kh - H, 0) split with
@@ -48,7 +51,8 @@ from .rules import out_sharding, rule
 
 _CONV_CHECKS = ({"stride": 1, "padding": "SAME"}, {"stride": 2, "padding": 1})   # fnbp check's rows
 
-__all__ = ["conv2d", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im", "check_conv_shapes",
+__all__ = ["conv2d", "conv2d_xla", "conv2d_naive", "conv_output_size", "pad_amounts", "im2col", "col2im",
+           "check_conv_shapes",
            "conv_fan_in", "as_count"]
 
 
@@ -239,6 +243,96 @@ def conv_W(mat, W_shape):
 
 
 extensions.register(conv2d, view=_conv2d_rows, to_W=conv_W)
+
+
+def _conv2d_xla_fwd(W, b, h_prev, *, stride=1, padding="SAME"):
+    """The same layer as ``conv2d``, with XLA's own NHWC/HWIO convolution as the forward and
+    input-gradient *primitives inside the hand-written rule* (no autodiff: JAX never sees the conv's
+    transpose rules; this backward is the one derived here).
+
+    Forward, on x_pad = h_prev zero-padded (top, bottom, left, right) by ``pad_amounts``:
+        a[n, y, x, o] = b[o] + sum_{i, j, c} W[o, c, i, j] x_pad[n, s y + i, s x + j, c]
+    one ``lax.conv_general_dilated`` (window strides s, "VALID" on x_pad, kernel HWIO (kh, kw, C_in, C_out)).
+
+    Backward, delta = grad_a E of shape (B, H_out, W_out, C_out):
+      grad_b E = sum_{n, y, x} delta[n, y, x]
+      grad_W E = sum_{n, p} delta_{n,p} P_{n,p}^T: the im2col GEMM delta^T P of ``conv2d``, with P
+               recomputed from h_prev here (the forward never materialises the patches).
+      grad_x E, the flipped-kernel identity.  Per axis (rows; columns alike), the input row u of x_pad
+               receives delta from every output row y and kernel row i with s y + i = u:
+                   g[u] = sum_{y, i: s y + i = u} delta[y] W[i]                 (C_out -> C_in per pixel)
+               Spread delta out to the stride: d~[s y] = delta[y], zeros between (length L = (H_out - 1) s + 1).
+               Then g[u] = sum_i d~[u - i] W[i], a *true* convolution of d~ with W; with d~ padded by
+               kh - 1 zeros on the low side, d^[m] = d~[m - (kh - 1)], and i' = kh - 1 - i:
+                   g[u] = sum_{i'} d^[u + i'] W[kh - 1 - i'],
+               a cross-correlation (what ``conv_general_dilated`` computes) of the padded, dilated delta
+               with the spatially flipped kernel whose in/out channels are swapped (HWIO = (kh, kw, C_out,
+               C_in)): a transposed convolution.  Only the rows of x that are not padding are wanted
+               (u = top .. top + H - 1), so the low padding is kh - 1 - top and the high padding
+               kh - 1 - bottom + (H_pad - kh + 1 - L) (the rows a stride skips get zero), either possibly
+               negative (``lax.pad`` crops): one ``lax.pad`` (interior s - 1 spreads delta out) and one
+               stride-1 "VALID" convolution give grad_x (B, H, W, C_in) directly.
+    Residuals: W and h_prev.
+
+    XLA's convolution is always called "VALID" on an explicitly padded operand, and for stride > 1 the
+    dilated delta passes through ``lax.optimization_barrier``: XLA:CPU (jaxlib 0.10.2) folds an
+    interior-padded operand into the convolution as lhs dilation and then aborts the whole process
+    ("Window dimensions do not match RHS shape") for some shapes, e.g. h (1, 4, 4, 1), W (1, 1, 2, 4),
+    stride 2, padding 1 -- the same shapes on which it aborts for lax's own transposes
+    (``fnbp.reference.conv2d``).  The barrier costs one copy of the dilated delta, strided layers only.
+    """
+    C_out, C_in, kh, kw = W.shape
+    (top, bottom, left, right), _, _ = _geometry(h_prev.shape, kh, kw, stride, padding)
+    dtype = jnp.result_type(W, h_prev)           # XLA's convolution takes one dtype (conv2d's GEMM promotes alike)
+    x = h_prev.astype(dtype)
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))) if top + bottom + left + right else x
+    kernel = jnp.transpose(W, (2, 3, 1, 0)).astype(dtype)                   # HWIO: (kh, kw, C_in, C_out)
+    a = lax.conv_general_dilated(x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 out_sharding=_output_sharding(W, h_prev))
+    return a + b, (W, h_prev)
+
+
+def _output_sharding(W, h_prev):
+    """On a mesh with Explicit axes: a's sharding (B, H_out, W_out, C_out) -- h_prev's batch split, W's C_out
+    split (tensor parallelism) -- which ``conv_general_dilated`` does not infer; None otherwise."""
+    like_W, like_h = out_sharding(W), out_sharding(h_prev)
+    if like_W is None and like_h is None:
+        return None
+    batch = (tuple(like_h.spec) + (None,))[0] if like_h is not None else None
+    c_out = (tuple(like_W.spec) + (None,))[0] if like_W is not None else None
+    return NamedSharding((like_h or like_W).mesh, PartitionSpec(batch, None, None, c_out))
+
+
+def _conv2d_xla_bwd(residuals, delta, *, stride, padding):
+    W, h_prev = residuals
+    C_out, C_in, kh, kw = W.shape
+    (top, bottom, left, right), H_out, W_out = _geometry(h_prev.shape, kh, kw, stride, padding)
+    _, H, W_, _ = h_prev.shape
+    grad_b = jnp.sum(delta, axis=(0, 1, 2))
+    cols = im2col(h_prev, kh, kw, stride=stride, padding=padding)                # P, recomputed: (B, Ho, Wo, K)
+    # out_sharding as in conv2d's backward: on an Explicit mesh both products contract a possibly sharded axis
+    grad_W_mat = lax.dot_general(delta, cols, (((0, 1, 2), (0, 1, 2)), ((), ())),   # delta^T P: (C_out, K)
+                                 out_sharding=_rows_like(out_sharding(W)))
+    grad_W = conv_W(grad_W_mat, W.shape)
+    L_h, L_w = (H_out - 1) * stride + 1, (W_out - 1) * stride + 1
+    dtype = jnp.result_type(delta, W)
+    spread = lax.pad(delta.astype(dtype), jnp.zeros((), dtype),
+                     ((0, 0, 0),
+                      (kh - 1 - top, kh - 1 - bottom + (H + top + bottom - kh + 1 - L_h), stride - 1),
+                      (kw - 1 - left, kw - 1 - right + (W_ + left + right - kw + 1 - L_w), stride - 1),
+                      (0, 0, 0)))
+    if stride > 1:          # XLA:CPU must not fold this dilating pad into the convolution (see below)
+        spread = lax.optimization_barrier(spread)
+    flipped = jnp.transpose(W[:, :, ::-1, ::-1], (2, 3, 0, 1)).astype(dtype)  # HWIO: (kh, kw, C_out, C_in)
+    grad_h = lax.conv_general_dilated(spread, flipped, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      out_sharding=out_sharding(h_prev))
+    return grad_W, grad_b, grad_h
+
+
+conv2d_xla = rule(_conv2d_xla_fwd, _conv2d_xla_bwd, name="conv2d_xla",
+                  check=lambda W, b, x, **o: check_conv_shapes(W, b, x, name="fnbp.conv2d_xla", **o))
+register_check(conv2d_xla, "conv2d", "conv", variants=_CONV_CHECKS, batch_only=True)
+extensions.register(conv2d_xla, view=_conv2d_rows, to_W=conv_W)   # P by im2col only when asked
 
 
 def _conv2d_naive_fwd(W, b, h_prev, *, stride=1, padding="SAME"):

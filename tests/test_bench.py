@@ -51,13 +51,18 @@ def test_flops_784_512_512_10():
 
 
 def _dot_flops(jaxpr):
-    """2 x multiply-adds of every dot_general of a jaxpr, sub-jaxprs (the rules' custom_vjp) included."""
+    """2 x multiply-adds of every dot_general and conv_general_dilated (conv2d_xla's forward) of a jaxpr,
+    sub-jaxprs (the rules' custom_vjp) included: a convolution's output entry costs a kernel's size / C_out."""
     total = 0
     for e in jaxpr.eqns:
         if e.primitive.name == "dot_general":
             (lhs_contracting, _), _ = e.params["dimension_numbers"]
             total += 2 * math.prod(e.outvars[0].aval.shape) * math.prod(e.invars[0].aval.shape[d]
                                                                           for d in lhs_contracting)
+        if e.primitive.name == "conv_general_dilated":
+            rhs_shape = e.invars[1].aval.shape
+            c_out = rhs_shape[e.params["dimension_numbers"].rhs_spec[0]]
+            total += 2 * math.prod(e.outvars[0].aval.shape) * math.prod(rhs_shape) // c_out
         for v in e.params.values():
             for sub in (v if isinstance(v, (tuple, list)) else (v,)):
                 j = getattr(sub, "jaxpr", sub)
@@ -68,7 +73,8 @@ def _dot_flops(jaxpr):
 
 def test_lenet_flops_hand_count_and_the_programs_dots():
     """The LeNet step's FLOPs: by hand for the issue's network, and from the dots of fnbp's own
-    forward program (3 x forward, less the first convolution's input gradient) for the quick one."""
+    forward program (3 x forward, less the first convolution's input gradient) for the quick one.  (Its
+    convolutions are conv2d_xla's XLA convolutions; the im2col conv2d's GEMMs count the same.)"""
     import jax
     import jax.numpy as jnp
     from fnbp import cnn
@@ -83,7 +89,7 @@ def test_lenet_flops_hand_count_and_the_programs_dots():
     x = jax.ShapeDtypeStruct((B,) + arch.image_shape, jnp.float32)
     forward = _dot_flops(jax.make_jaxpr(lambda p, x: cnn.apply(p, x, arch=arch))(params, x).jaxpr)
     c1 = params["conv"][0]
-    first = _dot_flops(jax.make_jaxpr(lambda W, b, x: cnn.conv2d(W, b, x, padding=arch.padding))(
+    first = _dot_flops(jax.make_jaxpr(lambda W, b, x: cnn.conv2d_xla(W, b, x, padding=arch.padding))(
         c1["W"], c1["b"], x).jaxpr)
     assert lenet.lenet_step_flops(arch, B) == 3 * forward - first
 
@@ -443,7 +449,7 @@ def test_quick_run_lenet(quick_run):
     assert sec["flops"] == lenet.lenet_step_flops(cnn.lenet(**lenet.QUICK_ARCH), 8)
     assert sec["gemm_size"] == r["gemm"]["best_size"] and _pos(sec["gemm_gflops_concurrent"])
     v = sec["variants"]
-    for name in ("fnbp_scan", "lax_scan", "fnbp_jit", "lax_jit"):
+    for name in ("fnbp_scan", "fnbp_im2col_scan", "lax_scan", "fnbp_jit", "fnbp_im2col_jit", "lax_jit"):
         row = v[name]
         for key in TIMED + ("gflops", "frac_gemm", "ratio_to_lax_jit", "compile_s"):
             assert _pos(row[key]), (name, key, row.get(key))
@@ -457,7 +463,10 @@ def test_quick_run_lenet(quick_run):
     assert t["lax_scan / fnbp_scan"]["value"] == pytest.approx(v["lax_scan"]["ms_median"] / v["fnbp_scan"]["ms_median"])
     assert t["fnbp_scan / lax_jit"]["met"] == (t["fnbp_scan / lax_jit"]["value"] <= 0.6)
     assert t["lax_scan / fnbp_scan"]["met"] == (t["lax_scan / fnbp_scan"]["value"] >= 5)
-    assert sec["lax_uses_convolution"] is True and sec["fnbp_uses_convolution"] is False
+    assert sec["lax_uses_convolution"] is True and sec["fnbp_uses_convolution"] is True   # conv2d_xla, in its rule
+    assert sec["fnbp_im2col_uses_convolution"] is False                                  # im2col + GEMM
+    assert all(_pos(sec["xla_over_im2col"][loop]["median"]) for loop in ("scan", "jit"))
+    assert lenet.LABELS["fnbp_im2col_scan"] in md and "conv2d_xla / conv2d (paired" in md
     assert "## LeNet training step (issue #13), B = 8" in md and lenet.LABELS["lax_scan"] in md
     assert "LeNet step, B = 8" in stdout and "target fnbp_scan / lax_jit <= 0.6" in stdout
 

@@ -1,5 +1,6 @@
 """fnbp.conv: conv2d's hand-written rule against autodiff of lax.conv_general_dilated and finite
-differences; the readable conv2d_naive against the fast one; padding semantics; named errors."""
+differences; the readable conv2d_naive and the XLA-convolution conv2d_xla against the im2col one; padding
+semantics; named errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +62,60 @@ def test_naive_conv2d_matches_the_fast_one():
         assert max_rel(a_naive, a) <= 1e-12 and max_rel(a, a_ref) <= 1e-12
         for g, g_naive, g_ref in zip(grads, grads_naive, grads_ref):
             assert max_rel(g_naive, g) <= 1e-12 and max_rel(g, g_ref) <= 1e-10
+
+
+def test_xla_conv2d_equals_the_im2col_one():
+    # XLA's convolution inside the hand-written rule (forward; grad_x by the flipped-kernel transposed convolution)
+    # against im2col + GEMM: forward and all three gradients <= 1e-12 in float64, strides 1-3, SAME/VALID/int
+    # padding, odd sizes, 1x1 kernels, the shapes on which lax's own autodiff aborts XLA:CPU
+    cases = CASES + MORE_CASES + XLA_ABORT_CASES + [(2, 7, 7, 1, 2, 1, 1, 3, "SAME"), (2, 9, 8, 3, 4, 5, 5, 2, 2)]
+    all_args = [_args(B, H, W, C_in, C_out, kh, kw) for B, H, W, C_in, C_out, kh, kw, _, _ in cases]
+
+    def run(all_args):
+        out = []
+        for (*_, s, p), args in zip(cases, all_args):
+            (a, vjp), (a_xla, vjp_xla) = (jax.vjp(_bind(fn, s, p), *args) for fn in (conv.conv2d, conv.conv2d_xla))
+            c = jnp.sin(1.0 + jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape)
+            out.append(((a,) + vjp(c), (a_xla,) + vjp_xla(c)))
+        return out
+    for case, (ours, xla) in zip(cases, jax.jit(run)(all_args)):
+        for what, g, g_xla in zip(("a", "grad_W", "grad_b", "grad_x"), ours, xla):
+            assert g_xla.shape == g.shape and max_rel(g_xla, g) <= 1e-12, (case, what, max_rel(g_xla, g))
+
+
+def test_xla_conv2d_promotes_mixed_dtypes_as_conv2d():
+    # XLA's convolution takes one dtype; conv2d's GEMM promotes: float32 W with float64 x (and the reverse) give
+    # conv2d's output dtype, and each gradient its primal's dtype, the same numbers
+    W, b, x = _args(2, 7, 7, 2, 3, 3, 3)
+    for w_dtype, x_dtype in ((np.float32, np.float64), (np.float64, np.float32)):
+        args = (W.astype(w_dtype), b.astype(w_dtype), x.astype(x_dtype))
+        ours, xla = (jax.jit(lambda *a, fn=fn: (fn(*a, stride=2, padding=1),) + jax.grad(
+            lambda *a: jnp.sum(fn(*a, stride=2, padding=1) ** 2), argnums=(0, 1, 2))(*a))(*args)
+            for fn in (conv.conv2d, conv.conv2d_xla))
+        for g, g_xla in zip(ours, xla):
+            assert g_xla.dtype == g.dtype and max_rel(g_xla, g) <= 1e-6
+
+
+def test_xla_conv2d_runs_xla_convolutions_and_keeps_the_per_example_extension():
+    # the compiled gradient calls XLA's convolution (forward, grad_x); conv2d's has none.  Per-example gradients
+    # of a LeNet whose conv nodes use conv2d_xla equal those with conv2d (the extension recomputes the patches)
+    from fnbp import cnn, per_example
+    W, b, x = _args(2, 9, 8, 3, 4, 3, 3)
+
+    def program(fn):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a, stride=2, padding=1) ** 2), argnums=(0, 2))).lower(
+            W, b, x).compile().as_text()
+    assert program(conv.conv2d_xla).count(" convolution(") == 2 and " convolution(" not in program(conv.conv2d)
+    arch = cnn.LeNet(image_shape=(10, 10, 1), channels=(2, 3), kernel=3, padding="SAME", hidden=(5,), n_classes=3)
+    params = cnn.init(jax.random.key(0), arch, dtype=jnp.float64)
+    xs, d = rng.standard_normal((3, 10, 10, 1)), rng.standard_normal((3, 3))
+    net = cnn.network(params, arch=arch, train=True)
+    net_xla = net._replace(nodes=tuple(n._replace(op=conv.conv2d_xla) if n.op is conv.conv2d else n
+                                       for n in net.nodes))
+    assert sum(n.op is conv.conv2d_xla for n in net_xla.nodes) == 2
+    grads = jax.jit(lambda p, x, d: [per_example.grads(p, x, d, model=g) for g in (net, net_xla)])(params, xs, d)
+    for g, g_xla in zip(*(jax.tree_util.tree_leaves(t) for t in grads)):
+        assert max_rel(g_xla, g) <= 1e-12
 
 
 def test_output_sizes_follow_lax_padding_semantics():
@@ -184,7 +239,7 @@ def test_float32_forward_and_gradient_close_to_lax():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fn", [conv.conv2d, conv.conv2d_naive])
+@pytest.mark.parametrize("fn", [conv.conv2d, conv.conv2d_naive, conv.conv2d_xla])
 def test_named_errors(fn):
     name = "fnbp." + fn.__name__
     W, b, x = np.zeros((4, 3, 3, 3)), np.zeros(4), np.zeros((2, 8, 8, 3))
@@ -216,7 +271,7 @@ def test_nan_in_the_input_propagates():
     assert np.isnan(a[:2, :2]).all() and np.isfinite(a[2:, :]).all()
 
 
-@pytest.mark.parametrize("fn", [conv.conv2d, conv.conv2d_naive])
+@pytest.mark.parametrize("fn", [conv.conv2d, conv.conv2d_naive, conv.conv2d_xla])
 def test_integer_like_scalars_are_accepted_as_ints(fn):
     """numpy and JAX integer scalars are integers (operator.index accepts them): the same result as a Python int,
     under jit too (the options are static)."""

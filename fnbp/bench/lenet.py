@@ -7,12 +7,14 @@ dense 128 -> 10, ReLU, softmax cross-entropy), float32, B = 64, ``fnbp.optim.ada
 Each timed call runs ``steps`` optimizer steps (8; 2 with ``--quick``) of
 
 * ``fnbp_scan``: fnbp's rules inside fnbp's own epoch loop (``fnbp.train.make_epoch``: one
-  jit-compiled ``lax.scan`` over the steps);
+  jit-compiled ``lax.scan`` over the steps); its convolutions are ``fnbp.conv.conv2d_xla`` (XLA's
+  convolution as the forward and grad_x primitives inside the hand-written rule), LeNet's default;
+* ``fnbp_im2col_scan``: the same with the readable ``fnbp.conv.conv2d`` (im2col + one GEMM each way);
 * ``lax_scan``: the same network written with JAX's ops (``LaxNetwork``: ``fnbp.reference.conv2d``
   = ``lax.conv_general_dilated``, ``fnbp.reference.max_pool`` = ``lax.reduce_window``, plain
   ``h @ W.T + b``), differentiated by ``jax.grad`` (conv transposes, select_and_scatter), inside
   the same scan;
-* ``fnbp_jit``, ``lax_jit``: the same two steps, ``jax.jit`` per step, called ``steps`` times;
+* ``fnbp_jit``, ``fnbp_im2col_jit``, ``lax_jit``: the same steps, ``jax.jit`` per step, called ``steps`` times;
 * ``torch_eager``: PyTorch eager on CPU (``TorchLeNet``: ``nn.Conv2d``/``MaxPool2d``/``Linear``,
   same initial weights, ``torch.optim.Adam``) when torch is installed;
 * ``gemm``: the machine's GEMM rate (the ``gemm`` case's best size), in the same rounds.
@@ -28,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from fnbp import cnn, graph
+from fnbp import cnn, conv, graph
 from fnbp import reference as R
 
 from .harness import interleaved, paired_ratio, summarize
@@ -36,10 +38,13 @@ from .registry import register
 from .report import measured
 from .steps import LEARNING_RATE, Gemm
 
-VARIANTS = ("fnbp_scan", "lax_scan", "fnbp_jit", "lax_jit", "torch_eager")
-LABELS = {"fnbp_scan": "fnbp rules, fnbp's epoch loop (make_epoch: lax.scan)",
+VARIANTS = ("fnbp_scan", "fnbp_im2col_scan", "lax_scan", "fnbp_jit", "fnbp_im2col_jit", "lax_jit", "torch_eager")
+JAX_VARIANTS = VARIANTS[:-1]
+LABELS = {"fnbp_scan": "fnbp rules (conv2d_xla), fnbp's epoch loop (make_epoch: lax.scan)",
           "lax_scan": "jax.grad through lax.conv_general_dilated + reduce_window, inside the same scan",
-          "fnbp_jit": "fnbp rules, jit per step",
+          "fnbp_im2col_scan": "fnbp rules with the im2col conv2d, fnbp's epoch loop",
+          "fnbp_jit": "fnbp rules (conv2d_xla), jit per step",
+          "fnbp_im2col_jit": "fnbp rules with the im2col conv2d, jit per step",
           "lax_jit": "jax.grad through lax.conv_general_dilated + reduce_window, jit per step (the reference)",
           "torch_eager": "PyTorch eager (CPU) + torch.optim.Adam"}
 TARGETS = (("fnbp_scan", "lax_jit", "<=", 0.6, "fnbp in its scan loop <= 0.6x the jit-per-step autodiff reference"),
@@ -75,6 +80,17 @@ class LaxNetwork(cnn.Network):
     def graph(self, params, *, train=False, running=True):
         return graph.make([graph.node("logits", R.lenet_logits, graph.Param(), graph.Input("x"), arch=self.arch)],
                           "logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Im2colConvNetwork(cnn.Network):
+    """fnbp's LeNet with every ``conv2d_xla`` node running the readable ``fnbp.conv.conv2d`` (same options,
+    same parameters)."""
+
+    def graph(self, params, *, train=False, running=True):
+        net = super().graph(params, train=train, running=running)
+        return net._replace(nodes=tuple(n._replace(op=conv.conv2d) if n.op is conv.conv2d_xla else n
+                                        for n in net.nodes))
 
 
 def _data(arch, n, seed):
@@ -206,10 +222,10 @@ def bench_lenet(arch, batch_size, steps, *, min_time, seed=0, gemm_size=1024, us
     key, x, y = _data(arch, batch_size * steps, seed)
     params = jax.jit(cnn.init, static_argnums=1)(key, arch)              # one compile, not one per eager op
     opt = optim.adam(LEARNING_RATE)
-    configs = {"fnbp": cnn.Network(arch), "lax": LaxNetwork(arch)}
+    configs = {"fnbp": cnn.Network(arch), "fnbp_im2col": Im2colConvNetwork(arch), "lax": LaxNetwork(arch)}
     runners = {}
-    for name in VARIANTS[:4]:
-        kind, loop = name.split("_")
+    for name in JAX_VARIANTS:
+        kind, loop = name.rsplit("_", 1)
         log(f"  compiling {name} ...")
         runners[name] = (ScanEpoch if loop == "scan" else JitSteps)(configs[kind], opt, params, x, y, key, batch_size)
     if use_torch:
@@ -234,14 +250,19 @@ def bench_lenet(arch, batch_size, steps, *, min_time, seed=0, gemm_size=1024, us
         row["ratio_to_lax_jit"] = row["ms_median"] / variants["lax_jit"]["ms_median"]
     if not use_torch:
         variants["torch_eager"] = {"label": LABELS["torch_eager"], "skipped": torch_skip_reason}
-    programs = {n: runners[n].hlo for n in VARIANTS[:4]}
+    programs = {n: runners[n].hlo for n in JAX_VARIANTS}
+    xla_over_im2col = {loop: paired_ratio(_per_step(samples[f"fnbp_{loop}"], steps),
+                                          _per_step(samples[f"fnbp_im2col_{loop}"], steps)) for loop in ("scan", "jit")}
     return {"arch": dataclasses.asdict(arch), "batch_size": batch_size, "steps_per_call": steps,
             "flops": flops, "flop_formula": FLOP_FORMULA, "gemm_size": gemm_size,
             "gemm_gflops_concurrent": gemm_row["gflops"], "gemm": gemm_row, "variants": variants,
-            "targets": lenet_targets(variants),
-            # the reference really runs XLA convolutions (conv_general_dilated and its transposes); fnbp does not
+            "targets": lenet_targets(variants), "xla_over_im2col": xla_over_im2col,
+            # the reference really runs XLA convolutions (conv_general_dilated and its transposes), so does fnbp's
+            # conv2d_xla (inside its rule); the im2col conv2d does not
             "lax_uses_convolution": all(" convolution(" in programs[n] for n in ("lax_scan", "lax_jit")),
-            "fnbp_uses_convolution": any(" convolution(" in programs[n] for n in ("fnbp_scan", "fnbp_jit"))}
+            "fnbp_uses_convolution": all(" convolution(" in programs[n] for n in ("fnbp_scan", "fnbp_jit")),
+            "fnbp_im2col_uses_convolution": any(" convolution(" in programs[n]
+                                                for n in ("fnbp_im2col_scan", "fnbp_im2col_jit"))}
 
 
 def _f(x, digits=3):
@@ -273,8 +294,14 @@ def render(sec, result=None):
     L += [f"| {t['target']} | {t['ratio']} | {t['value']:.2f}× (bound {t['op']} {t['bound']:g}) | "
           f"{'yes' if t['met'] else '**no**'} |" for t in sec["targets"]]
     L.append(f"\nThe reference's compiled programs contain XLA convolutions: "
-             f"{'yes' if sec['lax_uses_convolution'] else '**no**'}; fnbp's (im2col + GEMM) do: "
-             f"{'**yes**' if sec['fnbp_uses_convolution'] else 'no'}.\n")
+             f"{'yes' if sec['lax_uses_convolution'] else '**no**'}; fnbp's (conv2d_xla) do: "
+             f"{'yes' if sec['fnbp_uses_convolution'] else '**no**'}"
+             + (f"; with the im2col conv2d: {'**yes**' if sec['fnbp_im2col_uses_convolution'] else 'no'}"
+                if "fnbp_im2col_uses_convolution" in sec else "") + ".\n")
+    if sec.get("xla_over_im2col"):
+        L.append("conv2d_xla / conv2d (paired per-round ratio of the same network's step, median [IQR]): " + "; ".join(
+            f"{loop} {p['median']:.2f} [{p['q1']:.2f}–{p['q3']:.2f}] over {p['rounds']} rounds"
+            for loop, p in sec["xla_over_im2col"].items()) + ".\n")
     return L
 
 

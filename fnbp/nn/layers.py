@@ -5,7 +5,7 @@ Shapes exclude the batch axis B.  Every node is one hand-written rule (the op na
 | layer | input -> output | params | rule |
 |---|---|---|---|
 | ``Dense(n_out)`` | (..., n_in) -> (..., n_out) | W (n_out, n_in), b (n_out,) | ``fnbp.dense``: a = W h + b |
-| ``Conv2D(c_out, kernel)`` | (H, W, C_in) -> (H_out, W_out, c_out) | W (c_out, C_in, kh, kw), b (c_out,) | ``fnbp.conv2d`` |
+| ``Conv2D(c_out, kernel)`` | (H, W, C_in) -> (H_out, W_out, c_out) | W (c_out, C_in, kh, kw), b (c_out,) | ``fnbp.conv.conv2d_xla`` |
 | ``MaxPool(window)`` / ``AvgPool`` | (H, W, C) -> (H', W', C) | -- | ``fnbp.max_pool`` / ``fnbp.avg_pool`` |
 | ``Flatten()`` | (H, W, C) -> (H W C,) | -- | ``fnbp.flatten`` |
 | ``GlobalAvgPool()`` | (H, W, C) -> (C,) | -- | ``fnbp.global_avg_pool`` |
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import activations, norm, ops, pool, regularization
-from ..conv import conv2d, conv_output_size
+from ..conv import conv2d_xla, conv_output_size
 from ..graph import Const
 from ..layers import dense
 from ..pool import pool_output_size
@@ -122,7 +122,7 @@ class Conv2D(Layer):
         return {"W": W, "b": jnp.zeros((self.c_out,), dtype)}, None, (H_out, W_out, self.c_out)
 
     def build(self, g, x):
-        return g.node("", conv2d, g.param("W"), g.param("b"), x, stride=self.stride, padding=self.padding)
+        return g.node("", conv2d_xla, g.param("W"), g.param("b"), x, stride=self.stride, padding=self.padding)
 
 
 @dataclasses.dataclass(frozen=True)
