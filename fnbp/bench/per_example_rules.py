@@ -241,10 +241,11 @@ def _tables(res):
           f"| DP step / ordinary step, time | {_fmt(r['dp_vs_plain_step']['median'])} | "
           f"{_fmt(r['dp_vs_plain_step']['q1'])}–{_fmt(r['dp_vs_plain_step']['q3'])} | ≤ 1.15 |"]
     if "dp_clip_vs_plain_step" in r:       # results written before the split have no such rows
-        L += [f"| … its clipping only (dp_clip) / ordinary step, time | {_fmt(r['dp_clip_vs_plain_step']['median'])} | "
-              f"{_fmt(r['dp_clip_vs_plain_step']['q1'])}–{_fmt(r['dp_clip_vs_plain_step']['q3'])} | — |",
-              f"| … its noise draw alone / ordinary step, time | {_fmt(r['noise_vs_plain_step']['median'])} | "
-              f"{_fmt(r['noise_vs_plain_step']['q1'])}–{_fmt(r['noise_vs_plain_step']['q3'])} | — |",
+        clip_only, noise_only = r["dp_clip_vs_plain_step"], r["noise_vs_plain_step"]
+        L += [f"| … its clipping only (dp_clip) / ordinary step, time | {_fmt(clip_only['median'])} | "
+              f"{_fmt(clip_only['q1'])}–{_fmt(clip_only['q3'])} | — |",
+              f"| … its noise draw alone / ordinary step, time | {_fmt(noise_only['median'])} | "
+              f"{_fmt(noise_only['q1'])}–{_fmt(noise_only['q3'])} | — |",
               f"| DP step / ordinary step, temp memory | {_fmt(m.get('dp_vs_plain_temp'))} | — | ≤ 1.15 |"]
     L += ["", f"Agreement in float32: norms max relative difference {_fmt(res['agreement_float32']['norms_max_rel'])}, "
           f"DP step parameters max abs difference {_fmt(res['agreement_float32']['dp_step_max_abs'])} "
