@@ -558,10 +558,15 @@ def test_bench_case_reports_the_issue_ratios():
     from fnbp.bench import per_example_rules
     res = per_example_rules.bench_per_example_rules((8, 6, 3), 4, min_time=0.001, seed=0)
     assert set(res["stats"]) == set(per_example_rules.VARIANTS)
-    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
+    assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step",
+                                                         "dp_clip_vs_plain_step", "noise_vs_plain_step"))
     assert res["agreement_float32"]["norms_max_rel"] < 1e-5 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
+    # the split timed apart adds up to the DP step: dp_fnbp = dp_clip - LR / B (noise - p)
+    assert res["agreement_float32"]["dp_split_max_abs"] < 1e-6 and res["temp_ratios"]["dp_vs_plain_temp"] > 0
     text = "\n".join(per_example_rules.render(res))
     assert "| DP step, temp memory |" in text and "≤ 0.1" in text
+    assert "| … its noise draw alone / ordinary step, time |" in text
+    assert "| DP step / ordinary step, temp memory |" in text
 
 
 @pytest.mark.slow
@@ -574,6 +579,7 @@ def test_bench_lenet_rows_report_the_issue_ratios():
     assert set(res["stats"]) == set(per_example_rules.VARIANTS) and res["conv_norm_methods"] == ["direct"]
     assert all(res["ratios"][k]["median"] > 0 for k in ("norms_time", "dp_time", "dp_vs_plain_step"))
     assert res["agreement_float32"]["norms_max_rel"] < 1e-4 and res["agreement_float32"]["dp_step_max_abs"] < 1e-5
+    assert res["agreement_float32"]["dp_split_max_abs"] < 1e-6
     mlp = per_example_rules.bench_per_example_rules((4, 3), 3, min_time=0.001, seed=0)
     text = "\n".join(per_example_rules.render(dict(mlp, lenet=res)))
     assert "### LeNet rows" in text and "Conv norm methods (`fnbp.per_example.norm_method`): direct" in text

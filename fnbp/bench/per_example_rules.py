@@ -11,13 +11,18 @@ float32, side by side, interleaved (one call of each variant per round, shuffled
 * ``dp_fnbp``: one DP-SGD step, ``fnbp.dp.private_grad`` (norms, clip factors, the clipped sum as
   delta^T diag(c) H, Gaussian noise) + the SGD update;
 * ``dp_vmap``: the same step with ``vmap(grad)`` + clip + sum (same noise function, same update);
-* ``step_plain``: the ordinary (non-private) step ``fnbp.backprop`` + SGD, for scale.
+* ``step_plain``: the ordinary (non-private) step ``fnbp.backprop`` + SGD, for scale;
+* ``dp_clip``: ``dp_fnbp`` without the noise (norms, clip factors, clipped sum + the SGD update): the
+  book-keeping part of the DP step;
+* ``noise``: the noise alone, ``fnbp.dp.gaussian`` on a params-shaped tree (one N(0, 1) per parameter,
+  ``fnbp.dp._normal``'s unrolled threefry + erf_inv): the part no clipping method removes.
 
-Reported: median ms per call (IQR), the paired per-round ratios fnbp / vmap, XLA's temp memory of
-each compiled program (``memory_analysis().temp_size_in_bytes``).  Targets of issue #14: norms
+Reported: median ms per call (IQR), the paired per-round ratios fnbp / vmap and DP step / ordinary step
+(whole, clipping only, noise only), XLA's temp memory of each compiled program
+(``memory_analysis().temp_size_in_bytes``) and the DP step's over the ordinary step's.  Targets of issue #14: norms
 <= 0.1x the time, DP step >= 5x faster with temp memory <= 1/10.
 
-LeNet rows (``bench_per_example_lenet``): the same five variants on ``fnbp.cnn.lenet((28, 28, 1))``
+LeNet rows (``bench_per_example_lenet``): the same seven variants on ``fnbp.cnn.lenet((28, 28, 1))``
 (conv 5x5x32 -> pool -> conv 5x5x64 -> pool -> 128 -> 10), B = 64 (``--quick``: a tiny 8 x 8 x 1
 LeNet, channels (4, 6), B = ``--per-example-batch`` <= 8); fnbp's conv norms by the per-layer
 Gram/direct choice (``fnbp.per_example.norm_method``), the clipped sum (c (.) delta)^T P;
@@ -47,7 +52,7 @@ def md_table(headers, rows):
                      + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
-VARIANTS = ("norms_fnbp", "norms_vmap", "dp_fnbp", "dp_vmap", "step_plain")
+VARIANTS = ("norms_fnbp", "norms_vmap", "dp_fnbp", "dp_vmap", "step_plain", "dp_clip", "noise")
 CLIP, SIGMA, LR = 1.0, 1.1, 0.05
 
 
@@ -95,11 +100,23 @@ def programs():
                                                                      loss=CE)[0]),
         "dp_vmap": lambda p, x, d, key: sgd(p, vmap_private_grad(p, x, d, key)),
         "step_plain": lambda p, x, d, key: sgd(p, fnbp.backprop(p, x, d, loss=CE)[1]),
+        "dp_clip": lambda p, x, d, key: sgd(p, _mean(fnbp.dp.clipped_grad_sum(p, x, d, clip=CLIP, loss=CE)[0], x)),
+        "noise": _noise,
     }
 
 
+def _mean(sums, x):
+    """The clipped sum over the batch divided by B (what ``add_noise`` does, without the noise)."""
+    return jax.tree_util.tree_map(lambda g: g / x.shape[0], sums)
+
+
+def _noise(p, x, d, key):
+    """p + sigma C N(0, I): the DP step's noise draw on a tree of params' shapes (``fnbp.dp.gaussian``)."""
+    return fnbp.dp.gaussian(p, key, fnbp.dp.noise_std(CLIP, SIGMA))
+
+
 def _measure(progs, params, x, d, noise_key, batch, min_time):
-    """Compile the five programs, check the two ways agree, time them interleaved: the section's numbers."""
+    """Compile the seven programs, check the two ways agree, time them interleaved: the section's numbers."""
     compiled, info = {}, {}
     for name, fn in progs.items():
         t0 = time.perf_counter()
@@ -108,25 +125,36 @@ def _measure(progs, params, x, d, noise_key, batch, min_time):
     # the two ways agree (float32): norms and the private step
     n1, n2 = compiled["norms_fnbp"](params, x, d, noise_key), compiled["norms_vmap"](params, x, d, noise_key)
     p1, p2 = compiled["dp_fnbp"](params, x, d, noise_key), compiled["dp_vmap"](params, x, d, noise_key)
-    agree = {"norms_max_rel": float(jnp.max(jnp.abs(n1 - n2) / n2)),
-             "dp_step_max_abs": max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                                    zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)))}
+    # and the split adds up: dp_fnbp = dp_clip - LR / B (noise - p), noise = p + sigma C z
+    p_clip, p_noise = compiled["dp_clip"](params, x, d, noise_key), compiled["noise"](params, x, d, noise_key)
+    split = jax.tree_util.tree_map(lambda c, z, p: c - LR / batch * (z - p), p_clip, p_noise, params)
+
+    def max_abs(t1, t2):
+        return max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                   zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)))
+
+    agree = {"norms_max_rel": float(jnp.max(jnp.abs(n1 - n2) / n2)), "dp_step_max_abs": max_abs(p1, p2),
+             "dp_split_max_abs": max_abs(p1, split)}
     fns = {n: (lambda c=c: jax.block_until_ready(c(params, x, d, noise_key))) for n, c in compiled.items()}
     samples = interleaved(fns, min_time)
     stats = {n: dict(summarize(samples[n], batch_size=batch), **info[n]) for n in VARIANTS}
     ratios = {"norms_time": paired_ratio(samples["norms_fnbp"], samples["norms_vmap"]),
               "dp_time": paired_ratio(samples["dp_fnbp"], samples["dp_vmap"]),
-              "dp_vs_plain_step": paired_ratio(samples["dp_fnbp"], samples["step_plain"])}
+              "dp_vs_plain_step": paired_ratio(samples["dp_fnbp"], samples["step_plain"]),
+              "dp_clip_vs_plain_step": paired_ratio(samples["dp_clip"], samples["step_plain"]),
+              "noise_vs_plain_step": paired_ratio(samples["noise"], samples["step_plain"])}
     mem = {}
     for a, b in (("norms_fnbp", "norms_vmap"), ("dp_fnbp", "dp_vmap")):
         ta, tb = info[a]["temp_bytes"], info[b]["temp_bytes"]
         mem[a.split("_")[0] + "_temp"] = (ta / tb) if ta is not None and tb else None
+    ta, tb = info["dp_fnbp"]["temp_bytes"], info["step_plain"]["temp_bytes"]
+    mem["dp_vs_plain_temp"] = (ta / tb) if ta is not None and tb else None
     return {"batch": batch, "min_time": min_time, "stats": stats, "ratios": ratios, "temp_ratios": mem,
             "agreement_float32": agree}
 
 
 def bench_per_example_rules(sizes, batch, *, min_time, seed=0):
-    """Interleaved timing of the five variants; returns the report section (stats, paired ratios, temp ratios)."""
+    """Interleaved timing of the seven variants; returns the report section (stats, paired ratios, temp ratios)."""
     key = jax.random.key(seed)
     params = fnbp.mlp.init(key, sizes)
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch, sizes[0]), jnp.float32)
@@ -149,7 +177,7 @@ def lenet_plain_loss(arch, params, x_n, d_n):
 
 
 def lenet_programs(arch):
-    """The five variants for a LeNet ``arch`` (fnbp: ``arch=``; vmap: ``lenet_plain_loss``)."""
+    """The seven variants for a LeNet ``arch`` (fnbp: ``arch=``; vmap: ``lenet_plain_loss``)."""
     def sgd(params, g):
         return jax.tree_util.tree_map(lambda p, u: p - LR * u, params, g)
 
@@ -173,11 +201,14 @@ def lenet_programs(arch):
                                                                      loss=CE, arch=arch)[0]),
         "dp_vmap": lambda p, x, d, key: sgd(p, vmap_private(p, x, d, key)),
         "step_plain": lambda p, x, d, key: sgd(p, plain_step(p, x, d)),
+        "dp_clip": lambda p, x, d, key: sgd(p, _mean(fnbp.dp.clipped_grad_sum(p, x, d, clip=CLIP, loss=CE,
+                                                                            arch=arch)[0], x)),
+        "noise": _noise,
     }
 
 
 def bench_per_example_lenet(arch, batch, *, min_time, seed=0):
-    """The five variants on a LeNet (``fnbp.cnn.LeNet``), float32; the same fields as ``bench_per_example_rules``
+    """The seven variants on a LeNet (``fnbp.cnn.LeNet``), float32; the same fields as ``bench_per_example_rules``
     plus the architecture and each conv layer's norm method."""
     key = jax.random.key(seed)
     params = fnbp.cnn.init(key, arch)
@@ -198,7 +229,7 @@ def _tables(res):
     s, r, m = res["stats"], res["ratios"], res["temp_ratios"]
     rows = [[n, _fmt(s[n]["ms_median"]), f"{_fmt(s[n]['ms_q1'])}–{_fmt(s[n]['ms_q3'])}",
              _fmt(s[n]["n_samples"]), _fmt((s[n]["temp_bytes"] or 0) / 2 ** 20),
-             _fmt(s[n]["compile_s"])] for n in VARIANTS]
+             _fmt(s[n]["compile_s"])] for n in VARIANTS if n in s]
     L = [md_table(["variant", "ms median", "IQR", "samples", "temp MB", "compile s"], rows)]
     L += ["", "| ratio (fnbp / vmap way) | median over rounds | IQR | target |", "|---|---|---|---|",
           f"| per-example norms, time | {_fmt(r['norms_time']['median'])} | "
@@ -208,8 +239,15 @@ def _tables(res):
           f"| DP step, temp memory | {_fmt(m['dp_temp'])} | — | ≤ 0.1 |",
           f"| norms, temp memory | {_fmt(m['norms_temp'])} | — | — |",
           f"| DP step / ordinary step, time | {_fmt(r['dp_vs_plain_step']['median'])} | "
-          f"{_fmt(r['dp_vs_plain_step']['q1'])}–{_fmt(r['dp_vs_plain_step']['q3'])} | — |", "",
-          f"Agreement in float32: norms max relative difference {_fmt(res['agreement_float32']['norms_max_rel'])}, "
+          f"{_fmt(r['dp_vs_plain_step']['q1'])}–{_fmt(r['dp_vs_plain_step']['q3'])} | ≤ 1.15 |"]
+    if "dp_clip_vs_plain_step" in r:       # results written before the split have no such rows
+        clip_only, noise_only = r["dp_clip_vs_plain_step"], r["noise_vs_plain_step"]
+        L += [f"| … its clipping only (dp_clip) / ordinary step, time | {_fmt(clip_only['median'])} | "
+              f"{_fmt(clip_only['q1'])}–{_fmt(clip_only['q3'])} | — |",
+              f"| … its noise draw alone / ordinary step, time | {_fmt(noise_only['median'])} | "
+              f"{_fmt(noise_only['q1'])}–{_fmt(noise_only['q3'])} | — |",
+              f"| DP step / ordinary step, temp memory | {_fmt(m.get('dp_vs_plain_temp'))} | — | ≤ 1.15 |"]
+    L += ["", f"Agreement in float32: norms max relative difference {_fmt(res['agreement_float32']['norms_max_rel'])}, "
           f"DP step parameters max abs difference {_fmt(res['agreement_float32']['dp_step_max_abs'])} "
           "(same noise key; the float64 tests check ≤ 1e-10).", ""]
     return L
