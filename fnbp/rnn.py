@@ -21,14 +21,17 @@ pre-activation gradients delta_t = grad_{a_t} E, carrying grad_{h_t} E (and grad
 from step t+1 to step t.  The three big products are not done step by step but as ONE
 GEMM over all T B rows each (cuDNN's arrangement):
 
-    before the forward scan:  A_x = X W_x^T + b                  (T B, n_in)(n_in, k H)
+    before the forward scan:  A_x = X W_x^T (+ b)                (T B, n_in)(n_in, k H)
     after the backward scan:  grad W_x = sum_t delta_t^T x_t      one (k H, T B)(T B, n_in) GEMM
                               grad W_h = sum_t delta_t^T h_{t-1}  one (k H, T B)(T B, H) GEMM
                               grad x   = delta W_x                (T B, k H)(k H, n_in)
 
 so only the truly sequential products h_{t-1} W_h^T (forward) and delta_t W_h
 (backward) stay inside the loops.  Inside the rules the time axis leads ((T, B, .) arrays):
-``lax.scan`` walks the leading axis.
+``lax.scan`` walks the leading axis.  The LSTM also keeps its loops lean (``_lstm_fwd``): b is
+added inside the forward loop (fused with the gates, no extra pass over A_x), the forward stores
+the backward's local derivatives rather than the gates, and one (T, B, 4H) buffer holds A_x, then
+those derivatives, then delta, each loop overwriting row t in place.
 
 ``fnbp.rnn_steps`` has the same equations one step at a time with Python loops (CS231n's
 ``rnn_layers.py``), for reading; the tests check them against the fast rules.  ``fnbp.reference_rnn`` has the plain-jnp
