@@ -35,7 +35,8 @@ def test_char_rnn_quick(tmp_path):
 def test_bench_lstm_quick(tmp_path):
     summary, ratios = bench_lstm.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_lstm.json").read_text())
-    assert set(summary) == {"fnbp step", "autodiff step", "fnbp scan", "autodiff scan"}
+    # (and "torch eager" where torch is installed)
+    assert set(summary) - {"torch eager"} == {"fnbp step", "autodiff step", "fnbp scan", "autodiff scan"}
     assert data["gradient_agreement"] <= 1e-4 and ratios["step"]["median"] > 0
     assert "measured on a loaded machine" in (tmp_path / "bench_lstm.md").read_text()
 
