@@ -21,17 +21,17 @@ pre-activation gradients delta_t = grad_{a_t} E, carrying grad_{h_t} E (and grad
 from step t+1 to step t.  The three big products are not done step by step but as ONE
 GEMM over all T B rows each (cuDNN's arrangement):
 
-    before the forward scan:  A_x = X W_x^T (+ b)                (T B, n_in)(n_in, k H)
+    before the forward scan:  A_x = X W_x^T                      (T B, n_in)(n_in, k H)
     after the backward scan:  grad W_x = sum_t delta_t^T x_t      one (k H, T B)(T B, n_in) GEMM
                               grad W_h = sum_t delta_t^T h_{t-1}  one (k H, T B)(T B, H) GEMM
                               grad x   = delta W_x                (T B, k H)(k H, n_in)
 
 so only the truly sequential products h_{t-1} W_h^T (forward) and delta_t W_h
 (backward) stay inside the loops.  Inside the rules the time axis leads ((T, B, .) arrays):
-``lax.scan`` walks the leading axis.  The LSTM also keeps its loops lean (``_lstm_fwd``): b is
-added inside the forward loop (fused with the gates, no extra pass over A_x), the forward stores
-the backward's local derivatives rather than the gates, and one (T, B, 4H) buffer holds A_x, then
-those derivatives, then delta, each loop overwriting row t in place.
+``lax.scan`` walks the leading axis.  The bias is added inside the forward loop, fused with the
+gates (no extra pass over A_x).  The LSTM also keeps its loops lean (``_lstm_fwd``): its forward
+stores the backward's local derivatives rather than the gates, and one (T, B, 4H) buffer holds
+A_x, then those derivatives, then delta, each loop overwriting row t in place.
 
 ``fnbp.rnn_steps`` has the same equations one step at a time with Python loops (CS231n's
 ``rnn_layers.py``), for reading; the tests check them against the fast rules.  ``fnbp.reference_rnn`` has the plain-jnp
@@ -86,11 +86,11 @@ def check_rnn_shapes(name, k, W_x, W_h, biases, x, states):
             raise ValueError(f"{name}: {arg} must be a floating array, got dtype {jnp.result_type(a)}")
 
 
-def _input_projection(W_x, x, b=None):
-    """A_x = X W_x^T (+ b) for all T B rows at once, time-major: x (B, T, n_in) -> (T, B, k H), and x_tm."""
+def _input_projection(W_x, x):
+    """A_x = X W_x^T for all T B rows at once, time-major: x (B, T, n_in) -> (T, B, k H), and x_tm.  (The bias
+    is added in the loop, where XLA fuses it with the gates: no extra pass over the (T, B, k H) array.)"""
     x_tm = jnp.swapaxes(x, 0, 1)                                                   # (T, B, n_in)
-    A_x = lax.dot_general(x_tm, W_x, (((2,), (1,)), ((), ())))
-    return (A_x if b is None else A_x + b), x_tm
+    return lax.dot_general(x_tm, W_x, (((2,), (1,)), ((), ()))), x_tm
 
 
 def _weight_grads(delta_x, delta_h, W_x, x_tm, h_prev):
@@ -139,10 +139,10 @@ def _elman_fwd(W_x, W_h, b, x, h0):
     Args: W_x (H, n_in), W_h (H, H), b (H,), x (B, T, n_in), h0 (B, H).
     Returns hs (B, T, H), every h_t.  Residuals: W_x, W_h, x_tm, h0 and hs (time-major).
     """
-    A_x, x_tm = _input_projection(W_x, x, b)                       # (T, B, H): one GEMM for all steps
+    A_x, x_tm = _input_projection(W_x, x)                          # (T, B, H): one GEMM for all steps
 
-    def step(h_prev, a_x):
-        h = jnp.tanh(a_x + _matmul_T(h_prev, W_h))                 # h_t = tanh(W_x x_t + W_h h_{t-1} + b)
+    def step(h_prev, a_x):                                         # b added here, fused with the tanh
+        h = jnp.tanh(a_x + b + _matmul_T(h_prev, W_h))             # h_t = tanh(W_x x_t + W_h h_{t-1} + b)
         return h, h
     _, hs_tm = lax.scan(step, h0, A_x)
     return jnp.swapaxes(hs_tm, 0, 1), (W_x, W_h, x_tm, h0, hs_tm)
@@ -317,9 +317,10 @@ def _gru_fwd(W_x, W_h, b_x, b_h, x, h0):
     Returns hs (B, T, H).  Residuals: W_x, W_h, x_tm, h0, the gates r, z, n and v^n (T, B, 4H), hs.
     """
     H = W_h.shape[1]
-    U, x_tm = _input_projection(W_x, x, b_x)                       # (T, B, 3H): one GEMM for all steps
+    U, x_tm = _input_projection(W_x, x)                            # (T, B, 3H): one GEMM for all steps
 
     def step(h_prev, u):
+        u = u + b_x                                                # b_x added here, fused with the gates
         v = _matmul_T(h_prev, W_h) + b_h
         rz = _sigmoid(u[:, :2 * H] + v[:, :2 * H])
         r, z = rz[:, :H], rz[:, H:]
