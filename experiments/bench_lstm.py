@@ -96,6 +96,12 @@ class TorchStep:
         return float(loss.detach())
 
 
+def steps_per_call(variant, steps):
+    """Optimizer steps one timed call of ``variant`` runs: ``steps`` for the "... scan" variants, 1 for the
+    others ("... step" and "torch eager", which runs one step per call)."""
+    return steps if variant.endswith(" scan") else 1
+
+
 def step_flops(B, T, n_in, H, V):
     """Matrix-product FLOPs of one training step: forward 2 B T (4H (n_in + H) + V H), backward twice that."""
     return 3 * 2 * B * T * (4 * H * (n_in + H) + V * H)
@@ -147,7 +153,7 @@ def main(argv=None):
     with common.Timer() as timer:
         samples = interleaved(fns, args.min_time, min_samples=3 if args.quick else 5, seed=args.seed)
     flops = step_flops(B, T, d, H, V)
-    per_step = {n: (1 if n.endswith("step") else args.steps) for n in fns}
+    per_step = {n: steps_per_call(n, args.steps) for n in fns}
     rows, summary = [], {}
     for n in fns:
         s = {"wall": [t / per_step[n] for t in samples[n]["wall"]], "cpu": [t / per_step[n] for t in samples[n]["cpu"]],

@@ -21,14 +21,17 @@ pre-activation gradients delta_t = grad_{a_t} E, carrying grad_{h_t} E (and grad
 from step t+1 to step t.  The three big products are not done step by step but as ONE
 GEMM over all T B rows each (cuDNN's arrangement):
 
-    before the forward scan:  A_x = X W_x^T + b                  (T B, n_in)(n_in, k H)
+    before the forward scan:  A_x = X W_x^T                      (T B, n_in)(n_in, k H)
     after the backward scan:  grad W_x = sum_t delta_t^T x_t      one (k H, T B)(T B, n_in) GEMM
                               grad W_h = sum_t delta_t^T h_{t-1}  one (k H, T B)(T B, H) GEMM
                               grad x   = delta W_x                (T B, k H)(k H, n_in)
 
 so only the truly sequential products h_{t-1} W_h^T (forward) and delta_t W_h
 (backward) stay inside the loops.  Inside the rules the time axis leads ((T, B, .) arrays):
-``lax.scan`` walks the leading axis.
+``lax.scan`` walks the leading axis.  The bias is added inside the forward loop, fused with the
+gates (no extra pass over A_x).  The LSTM also keeps its loops lean (``_lstm_fwd``): its forward
+stores the backward's local derivatives rather than the gates, and one (T, B, 4H) buffer holds
+A_x, then those derivatives, then delta, each loop overwriting row t in place.
 
 ``fnbp.rnn_steps`` has the same equations one step at a time with Python loops (CS231n's
 ``rnn_layers.py``), for reading; the tests check them against the fast rules.  ``fnbp.reference_rnn`` has the plain-jnp
@@ -83,10 +86,11 @@ def check_rnn_shapes(name, k, W_x, W_h, biases, x, states):
             raise ValueError(f"{name}: {arg} must be a floating array, got dtype {jnp.result_type(a)}")
 
 
-def _input_projection(W_x, x, b):
-    """A_x = X W_x^T + b for all T B rows at once, time-major: x (B, T, n_in) -> (T, B, k H)."""
+def _input_projection(W_x, x):
+    """A_x = X W_x^T for all T B rows at once, time-major: x (B, T, n_in) -> (T, B, k H), and x_tm.  (The bias
+    is added in the loop, where XLA fuses it with the gates: no extra pass over the (T, B, k H) array.)"""
     x_tm = jnp.swapaxes(x, 0, 1)                                                   # (T, B, n_in)
-    return lax.dot_general(x_tm, W_x, (((2,), (1,)), ((), ()))) + b, x_tm
+    return lax.dot_general(x_tm, W_x, (((2,), (1,)), ((), ()))), x_tm
 
 
 def _weight_grads(delta_x, delta_h, W_x, x_tm, h_prev):
@@ -135,10 +139,10 @@ def _elman_fwd(W_x, W_h, b, x, h0):
     Args: W_x (H, n_in), W_h (H, H), b (H,), x (B, T, n_in), h0 (B, H).
     Returns hs (B, T, H), every h_t.  Residuals: W_x, W_h, x_tm, h0 and hs (time-major).
     """
-    A_x, x_tm = _input_projection(W_x, x, b)                       # (T, B, H): one GEMM for all steps
+    A_x, x_tm = _input_projection(W_x, x)                          # (T, B, H): one GEMM for all steps
 
-    def step(h_prev, a_x):
-        h = jnp.tanh(a_x + _matmul_T(h_prev, W_h))                 # h_t = tanh(W_x x_t + W_h h_{t-1} + b)
+    def step(h_prev, a_x):                                         # b added here, fused with the tanh
+        h = jnp.tanh(a_x + b + _matmul_T(h_prev, W_h))             # h_t = tanh(W_x x_t + W_h h_{t-1} + b)
         return h, h
     _, hs_tm = lax.scan(step, h0, A_x)
     return jnp.swapaxes(hs_tm, 0, 1), (W_x, W_h, x_tm, h0, hs_tm)
@@ -201,49 +205,62 @@ def _lstm_fwd(W_x, W_h, b, x, h0, c0):
         grad W_x = sum_t delta_t x_t^T,  grad W_h = sum_t delta_t h_{t-1}^T,  grad b = sum_t delta_t
         grad x_t = W_x^T delta_t,  grad h_0 = W_h^T delta_1,  grad c_0 = grad_{c_1} E (.) f_1
 
+    The forward keeps, per step, the backward's local derivatives, so that the backward step is a few products:
+        D_t = (g_t (.) i (1 - i),  c_{t-1} (.) f (1 - f),  i_t (.) (1 - g^2),  tanh(c_t) (.) o (1 - o))   (B, 4H)
+        dh_dc_t = o_t (.) (1 - tanh^2 c_t)  (= d h_t / d c_t)  and  f_t                             (B, H) each
+    and then delta_t = (grad_{c_t} E, grad_{c_t} E, grad_{c_t} E, grad_{h_t} E) (.) D_t, with
+    grad_{c_t} E = f_{t+1} (.) grad_{c_{t+1}} E + grad_{h_t} E (.) dh_dc_t.
+
     Args: W_x (4H, n_in), W_h (4H, H), b (4H,), x (B, T, n_in), h0 (B, H), c0 (B, H).
     Returns (hs, c_T): hs (B, T, H) every h_t, c_T (B, H) the last cell state.
-    Residuals: W_x, W_h, x_tm, h0, c0, the gates (T, B, 4H), cs (T, B, H), hs (T, B, H).
-    The gates are one tanh over the 4H columns (``_gate_constants``); W_h^T is formed once, outside the loop.
-    """
-    H = W_h.shape[1]
-    alpha, beta = _gate_constants(H, W_h.dtype)
-    A_x, x_tm = _input_projection(W_x, x, b)                       # (T, B, 4H): one GEMM for all steps
-    A_x = alpha * A_x
-    W_h_T = jnp.transpose(W_h * alpha[:, None])                   # (H, 4H), once: h_{t-1} W_h^T in the loop
+    Residuals: W_x, W_h, x_tm, h0, c0, D (T, B, 4H), (dh_dc, f) (T, B, 2H), hs (T, B, H).
 
-    def step(carry, alpha_a_x):
-        h_prev, c_prev = carry
-        gate = alpha * jnp.tanh(alpha_a_x + _matmul(h_prev, W_h_T)) + beta     # (i, f, g, o) at once
+    The gates are one tanh over the 4H columns (``_gate_constants``), with alpha folded into W_x, W_h^T and b
+    once, outside the loop; b is added inside the loop, fused with the gates.  ONE (T, B, 4H) buffer carries
+    A_x = X (alpha W_x)^T into the forward loop, which overwrites row t with D_t once it has read it; the backward
+    loop reads D_t and overwrites it with delta_t (``_lstm_deltas``).  XLA updates that buffer in place, so no
+    zero-filled (T, B, 4H) stack is allocated for D or for delta.
+    """
+    H, T = W_h.shape[1], x.shape[1]
+    alpha, beta = _gate_constants(H, W_h.dtype)
+    A_x, x_tm = _input_projection(W_x * alpha[:, None], x)        # alpha W_x x_t for all t: one GEMM, (T, B, 4H)
+    W_h_T = jnp.transpose(W_h * alpha[:, None])                   # (H, 4H), once: h_{t-1} W_h^T in the loop
+    alpha_b = alpha * b
+
+    def step(carry, t):
+        h_prev, c_prev, buf = carry                                # buf row t: alpha W_x x_t; rows < t: D
+        alpha_a = lax.dynamic_index_in_dim(buf, t, keepdims=False) + alpha_b + _matmul(h_prev, W_h_T)
+        gate = alpha * jnp.tanh(alpha_a) + beta                    # (i, f, g, o) at once
         i, f, g, o = gate[:, :H], gate[:, H:2 * H], gate[:, 2 * H:3 * H], gate[:, 3 * H:]
         c = f * c_prev + i * g
-        h = o * jnp.tanh(c)
-        return (h, c), (gate, c, h)
-    (_, c_T), (gates, cs, hs_tm) = lax.scan(step, (h0, c0), A_x)
-    return (jnp.swapaxes(hs_tm, 0, 1), c_T), (W_x, W_h, x_tm, h0, c0, gates, cs, hs_tm)
+        tanh_c = jnp.tanh(c)
+        h = o * tanh_c
+        # gate'(a) column by column: i (1 - i), f (1 - f), 1 - g^2, o (1 - o) = alpha^2 - (gate - beta)^2
+        D = jnp.concatenate([g, c_prev, i, tanh_c], axis=1) * (alpha * alpha - (gate - beta) ** 2)
+        buf = lax.dynamic_update_index_in_dim(buf, D, t, 0)
+        return (h, c, buf), (jnp.concatenate([o * (1 - tanh_c * tanh_c), f], axis=1), h)
+    (_, c_T, D), (dh_dc_f, hs_tm) = lax.scan(step, (h0, c0, A_x), jnp.arange(T))
+    return (jnp.swapaxes(hs_tm, 0, 1), c_T), (W_x, W_h, x_tm, h0, c0, D, dh_dc_f, hs_tm)
 
 
 def _lstm_deltas(res, cts):
-    """BPTT's reverse scan: (delta (T, B, 4H) time-major, grad h_0, grad c_0)."""
-    W_x, W_h, x_tm, h0, c0, gates, cs, hs_tm = res
+    """BPTT's reverse scan: (delta (T, B, 4H) time-major, grad h_0, grad c_0); delta_t overwrites D_t in D's
+    buffer (see ``_lstm_fwd``)."""
+    W_x, W_h, x_tm, h0, c0, D, dh_dc_f, hs_tm = res
     g_hs, g_cT = cts
-    H = W_h.shape[1]
-    alpha, beta = _gate_constants(H, W_h.dtype)
-    c_prev_tm = _shifted(c0, cs)
+    H, T = W_h.shape[1], D.shape[0]
 
     def step(carry, inputs):
-        grad_h_next, grad_c = carry                                # W_h^T delta_{t+1}, grad_{c_t} E from t+1
-        grad_out, gate, c, c_prev = inputs
-        i, f, g, o = gate[:, :H], gate[:, H:2 * H], gate[:, 2 * H:3 * H], gate[:, 3 * H:]
+        grad_h_next, grad_c, buf = carry                           # W_h^T delta_{t+1}, f_{t+1} grad_{c_{t+1}} E
+        grad_out, dh_dc_f_t, t = inputs
         grad_h = grad_out + grad_h_next
-        tanh_c = jnp.tanh(c)
-        grad_c = grad_c + grad_h * o * (1 - tanh_c * tanh_c)
-        grad_gate = jnp.concatenate([grad_c * g, grad_c * c_prev, grad_c * i, grad_h * tanh_c], axis=1)
-        # gate'(a) column by column: i (1 - i), f (1 - f), 1 - g^2, o (1 - o) = alpha^2 - (gate - beta)^2
-        delta = grad_gate * (alpha * alpha - (gate - beta) ** 2)   # (delta^i, delta^f, delta^g, delta^o)
-        return (_matmul(delta, W_h), grad_c * f), delta
-    (grad_h0, grad_c0), delta = lax.scan(step, (jnp.zeros_like(h0), g_cT),
-                                         (jnp.swapaxes(g_hs, 0, 1), gates, cs, c_prev_tm), reverse=True)
+        grad_c = grad_c + grad_h * dh_dc_f_t[:, :H]
+        D_t = lax.dynamic_index_in_dim(buf, t, keepdims=False)
+        delta = jnp.concatenate([grad_c, grad_c, grad_c, grad_h], axis=1) * D_t   # (delta^i, delta^f, delta^g, delta^o)
+        buf = lax.dynamic_update_index_in_dim(buf, delta, t, 0)
+        return (_matmul(delta, W_h), grad_c * dh_dc_f_t[:, H:], buf), None
+    (grad_h0, grad_c0, delta), _ = lax.scan(step, (jnp.zeros_like(h0), g_cT, D),
+                                            (jnp.swapaxes(g_hs, 0, 1), dh_dc_f, jnp.arange(T)), reverse=True)
     return delta, grad_h0, grad_c0
 
 
@@ -300,9 +317,10 @@ def _gru_fwd(W_x, W_h, b_x, b_h, x, h0):
     Returns hs (B, T, H).  Residuals: W_x, W_h, x_tm, h0, the gates r, z, n and v^n (T, B, 4H), hs.
     """
     H = W_h.shape[1]
-    U, x_tm = _input_projection(W_x, x, b_x)                       # (T, B, 3H): one GEMM for all steps
+    U, x_tm = _input_projection(W_x, x)                            # (T, B, 3H): one GEMM for all steps
 
     def step(h_prev, u):
+        u = u + b_x                                                # b_x added here, fused with the gates
         v = _matmul_T(h_prev, W_h) + b_h
         rz = _sigmoid(u[:, :2 * H] + v[:, :2 * H])
         r, z = rz[:, :H], rz[:, H:]

@@ -217,6 +217,17 @@ def test_compiled_gradient_hoists_the_big_products_out_of_the_loops(cell):
     assert (kH, n_in) in inside_ref and (kH, H) in inside_ref, inside_ref
 
 
+def test_compiled_lstm_gradient_zero_fills_no_time_by_4H_stack():
+    # the LSTM's forward writes D_t over A_x's row t and its backward writes delta_t over D_t (one buffer, updated
+    # in place), so no (T, B, 4H) array is filled from a scalar as a stacked scan output would be
+    B, T, n_in, H = 3, 7, 5, 11
+    hlo = _compiled_gradient("lstm", B, T, n_in, H)
+    fills = {tuple(int(n) for n in m) for m in re.findall(
+        r"= \w+\[(\d+),(\d+),(\d+)\]\{[\d,]*\} broadcast\([^)]*\), dimensions=\{\}", hlo)}
+    assert (T, B, H) in fills, fills                        # the stack of h_t is one: the pattern does match
+    assert (T, B, 4 * H) not in fills, fills
+
+
 # --- float32, errors -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cell", slow_except(sorted(CELLS), "elman"))
 def test_float32_close_to_the_plain_scan(cell):
