@@ -651,7 +651,7 @@ def test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both():
 
 # --- the text_run case (fnbp.bench.text_run: fnbp train --data shakespeare --model lstm vs PyTorch's nn.LSTM) ---
 TINY_TEXT_FLAGS = ["--hidden", "12", "--embed", "6", "--batch-size", "8", "--seq-len", "16", "--steps-per-epoch", "5",
-                   "--epochs", "2", "--lr-decay", "0.1", "--clip", "0.3"]     # decay and clipping at work in 10 steps
+                   "--epochs", "2", "--lr-decay", "0.1", "--clip", "0.1"]     # decay and clipping at work in 10 steps
 
 
 def _small_corpus():
@@ -731,7 +731,7 @@ def test_text_run_torch_child_is_the_same_model_from_the_same_weights():
 def test_text_run_reports_both_sides_and_they_train_alike():
     """A 2-epoch run of 5 steps on a tiny LSTM: both sides' rows and curves; where a torch Python exists
     (FNBP_TORCH_PYTHON), the same chunks (each epoch's offset), clipping, Adam and learning-rate decay give the
-    same training and validation losses epoch by epoch (float32, <= 1e-4 relative); a budget of 1e-9 s stops
+    same training and validation losses epoch by epoch (float32, <= 1e-5 relative); a budget of 1e-9 s stops
     each side after its first step.  Without one, the PyTorch row is skipped with the reason."""
     from fnbp.bench import lenet_run, text_run
     python, why = lenet_run.torch_python()
@@ -751,7 +751,7 @@ def test_text_run_reports_both_sides_and_they_train_alike():
     assert [e["steps"] for e in t["epochs"]] == [5, 5] and t["chars_per_s"] > 0 and "chars_per_s_ratio" in sec
     assert sec["initial_valid_rel_diff"] <= 1e-5
     for key in ("loss", "valid_loss", "grad_norm", "learning_rate"):
-        np.testing.assert_allclose([e[key] for e in t["epochs"]], [e[key] for e in f["epochs"]], rtol=1e-4,
+        np.testing.assert_allclose([e[key] for e in t["epochs"]], [e[key] for e in f["epochs"]], rtol=1e-5,
                                    err_msg=key)
     assert "| PyTorch nn.LSTM (eager) | 2 | 10 |" in text
     sec = text_run.bench_text_run(1e-9, flags=TINY_TEXT_FLAGS, corpus=corpus, python=python, threads=1)
