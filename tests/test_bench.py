@@ -546,8 +546,9 @@ def test_torch_lenet_matches_fnbp_and_learns():
 
 def test_quick_run_covers_every_case_but_the_one_tested_elsewhere():
     """A new case is in the quick run unless it is added here on purpose (lenet_run: two epochs of a 28 x 28 LeNet
-    run by ``test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both``)."""
-    assert set(QUICK_CASES.split(",")) | {"per_example_rules", "lenet_run"} == set(registry.load_cases())
+    run by ``test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both``; text_run: an LSTM trained on
+    Shakespeare, run tiny by ``test_text_run_reports_both_sides_and_they_train_alike``)."""
+    assert set(QUICK_CASES.split(",")) | {"per_example_rules", "lenet_run", "text_run"} == set(registry.load_cases())
 
 
 # --- the per-example benchmark case (fnbp.bench.per_example_rules; moved from tests/test_per_example.py) ---
@@ -646,3 +647,113 @@ def test_lenet_run_torch_loop_is_the_same_model_and_the_run_reports_both():
                                model=model)
     np.testing.assert_allclose(got["test_loss"], float(loss), rtol=1e-5)
     assert got["test_accuracy"] == pytest.approx(float(acc), abs=1e-9)
+
+
+# --- the text_run case (fnbp.bench.text_run: fnbp train --data shakespeare --model lstm vs PyTorch's nn.LSTM) ---
+TINY_TEXT_FLAGS = ["--hidden", "12", "--embed", "6", "--batch-size", "8", "--seq-len", "16", "--steps-per-epoch", "5",
+                   "--epochs", "2", "--lr-decay", "0.1", "--clip", "0.1"]     # decay and clipping at work in 10 steps
+
+
+def _small_corpus():
+    from fnbp import text
+    corpus = text.load_shakespeare()
+    return corpus._replace(train=corpus.train[:20000], validation=corpus.validation[:6000])
+
+
+def test_text_run_section_of_a_known_result():
+    from fnbp.bench import text_run
+    side = {"epochs": [{"seconds": 100.0}, {"seconds": 110.0}], "curve": [[100.0, 1.9], [210.0, 1.7]],
+            "train_seconds": 210.0, "steps": 500, "chars": 2048000, "chars_per_s": 9752.4, "final_valid_loss": 1.7,
+            "final_valid_bits": 1.7 / math.log(2)}
+    torch_side = dict(side, curve=[[120.0, 1.95]], epochs=[{"seconds": 120.0}], train_seconds=120.0, steps=250,
+                      chars=1024000, chars_per_s=8533.3, final_valid_loss=1.95, final_valid_bits=1.95 / math.log(2))
+    recipe = {"hidden": 256, "embed": 64, "batch_size": 64, "seq_len": 64, "lr": 2e-3, "lr_schedule": "exponential",
+              "lr_decay": 3e-4, "clip": 1.0, "optimizer": "adam", "epochs": 20, "steps_per_epoch": 0, "seed": 0}
+    sec = {"command": "fnbp train --data shakespeare --model lstm --time-budget 210", "recipe": recipe,
+           "seconds": 210.0, "data": "shakespeare", "n_train": 1059140, "n_valid": 117683, "vocab_size": 67,
+           "compile_s": 3.0, "initial_valid_loss": {"fnbp": 4.2, "torch": 4.2000001}, "ln_V": math.log(67),
+           "fnbp": side, "torch": torch_side, "initial_valid_rel_diff": 2.4e-8, "chars_per_s_ratio": 1.1428,
+           "valid_loss_diff": -0.25}
+    lines = text_run.render(sec)
+    assert lines[0].startswith("## Whole run: `fnbp train --data shakespeare --model lstm` vs PyTorch's `nn.LSTM`")
+    assert "| fnbp train (the CLI's loop) | 2 | 500 | 210.0 | 9,752 | 1.7000 | 2.4526 |" in lines
+    assert "| PyTorch nn.LSTM (eager) | 1 | 250 | 120.0 | 8,533 | 1.9500 | 2.8133 |" in lines
+    assert "| 1 | 100.0 | 1.9000 | 120.0 | 1.9500 |" in lines and "| 2 | 210.0 | 1.7000 |  |  |" in lines
+    assert any("over the whole run: 1.14. fnbp − PyTorch final validation loss: -0.2500" in ln for ln in lines)
+    assert any("relative difference 2.4e-08" in ln for ln in lines)
+    assert text_run.summary(sec) == ["text_run: fnbp 1.7000 nats/char after 210 s (9,752 chars/s), PyTorch 1.9500 "
+                                     "after 120 s (8,533 chars/s), chars/s fnbp / PyTorch 1.14"]
+    skipped = {k: v for k, v in sec.items() if k not in ("chars_per_s_ratio", "valid_loss_diff",
+                                                         "initial_valid_rel_diff")}
+    skipped.update(torch={"skipped": "--no-torch"}, initial_valid_loss={"fnbp": 4.2})
+    text = "\n".join(text_run.render(skipped))
+    assert "| PyTorch nn.LSTM (eager) | skipped: --no-torch | | | | | |" in text and "| 2 | 210.0 | 1.7000 |" in text
+
+
+def test_text_run_takes_the_cli_defaults_and_refuses_what_torch_does_not_run():
+    from fnbp._cli_text import TEXT_FLAGS
+    from fnbp._cli_model import TEXT_DEFAULTS
+    from fnbp.bench import text_run
+    args = text_run.cli_args()
+    assert (args.model, args.optimizer, args.lr_decay) == ("lstm", "adam", 3e-4)
+    assert all(getattr(args, k) == v for k, v in TEXT_FLAGS.items())
+    assert all(getattr(args, k) == TEXT_DEFAULTS[k] for k in ("epochs", "batch_size", "lr", "lr_schedule"))
+    for flags, what in ((["--model", "gru"], "--model gru"), (["--optimizer", "momentum"], "--optimizer momentum")):
+        with pytest.raises(ValueError, match=f"fnbp.bench.text_run: .*{what}"):
+            text_run.cli_args(flags)
+
+
+@pytest.mark.slow
+def test_text_run_torch_child_is_the_same_model_from_the_same_weights():
+    """From fnbp's initial weights (the CLI's init: every bias nonzero), the PyTorch child's first evaluation
+    (before training) is fnbp's validation loss over the whole validation stream (gate order, the bias mapping
+    b_ih = b and b_hh = 0, the Linear layer, the validation chunks and carried state); without a torch Python
+    (FNBP_TORCH_PYTHON) the reason names it."""
+    from fnbp import _cli_text, charlm
+    from fnbp.bench import lenet_run, text_run
+    python, why = lenet_run.torch_python()
+    if python is None:
+        assert "FNBP_TORCH_PYTHON" in why
+        pytest.skip(why)
+    corpus, args = _small_corpus(), text_run.cli_args(TINY_TEXT_FLAGS)
+    params, _, _, _, k_train = text_run.initial_state(args, corpus)
+    ours = charlm.evaluate(params, corpus.validation, _cli_text.EVAL_ROWS, args.seq_len, "lstm")
+    peer = text_run.TorchTextRun(python, corpus, params, args, text_run.epoch_offsets(k_train, 2, args.seq_len), 10.0,
+                                 threads=1)
+    try:
+        theirs = peer.evaluate()["valid_loss"]
+    finally:
+        peer.close()
+    assert abs(theirs - ours) <= 1e-5 * abs(ours), (theirs, ours)
+
+
+@pytest.mark.slow
+def test_text_run_reports_both_sides_and_they_train_alike():
+    """A 2-epoch run of 5 steps on a tiny LSTM: both sides' rows and curves; where a torch Python exists
+    (FNBP_TORCH_PYTHON), the same chunks (each epoch's offset), clipping, Adam and learning-rate decay give the
+    same training and validation losses epoch by epoch (float32, <= 1e-5 relative); a budget of 1e-9 s stops
+    each side after its first step.  Without one, the PyTorch row is skipped with the reason."""
+    from fnbp.bench import lenet_run, text_run
+    python, why = lenet_run.torch_python()
+    corpus = _small_corpus()
+    assert list(text_run.epoch_offsets(text_run.initial_state(text_run.cli_args(TINY_TEXT_FLAGS), corpus)[4], 2,
+                                       16)) != [0, 0]                 # the offsets matter
+    sec = text_run.bench_text_run(60.0, flags=TINY_TEXT_FLAGS, corpus=corpus, python=python, threads=1,
+                                  skip_reason=why)
+    f = sec["fnbp"]
+    assert [e["steps"] for e in f["epochs"]] == [5, 5] and f["chars"] == 10 * 8 * 16 and f["chars_per_s"] > 0
+    assert [c[1] for c in f["curve"]] == [e["valid_loss"] for e in f["epochs"]]
+    text = "\n".join(text_run.render(sec))
+    if python is None:
+        assert sec["torch"] == {"skipped": why} and f"| PyTorch nn.LSTM (eager) | skipped: {why} |" in text
+        return
+    t = sec["torch"]
+    assert [e["steps"] for e in t["epochs"]] == [5, 5] and t["chars_per_s"] > 0 and "chars_per_s_ratio" in sec
+    assert sec["initial_valid_rel_diff"] <= 1e-5
+    for key in ("loss", "valid_loss", "grad_norm", "learning_rate"):
+        np.testing.assert_allclose([e[key] for e in t["epochs"]], [e[key] for e in f["epochs"]], rtol=1e-5,
+                                   err_msg=key)
+    assert "| PyTorch nn.LSTM (eager) | 2 | 10 |" in text
+    sec = text_run.bench_text_run(1e-9, flags=TINY_TEXT_FLAGS, corpus=corpus, python=python, threads=1)
+    assert [(e["steps"], e["stopped"]) for e in sec["fnbp"]["epochs"]] == [(1, True)]
+    assert [(e["steps"], e["stopped"]) for e in sec["torch"]["epochs"]] == [(1, True)]

@@ -34,7 +34,9 @@ step, weight-gradient layouts, the optimizer alone, per-example gradients), ``si
 processes), ``per_example_rules`` (per-example norms and DP-SGD), ``lenet`` (the LeNet step of
 issue #13: fnbp's rules in fnbp's scan loop vs ``jax.grad`` through ``lax`` convolutions, jit per
 step and in scan, vs PyTorch eager), ``lenet_run`` (whole-run images/s of ``fnbp train --data mnist --model
-lenet`` vs a plain PyTorch loop in a child process, ``_torch_lenet_run.py``), ``report`` (markdown and stdout),
+lenet`` vs a plain PyTorch loop in a child process, ``_torch_lenet_run.py``), ``text_run`` (``fnbp train --data
+shakespeare --model lstm`` vs PyTorch's ``nn.LSTM`` in a child process, ``_torch_text_run.py``: validation loss
+at the same training time, ``--text-seconds``), ``report`` (markdown and stdout),
 ``registry`` (the case registry), ``run`` (the command line).
 
 Adding a case (a section of the report: e.g. more per-example or data-parallel rows; see

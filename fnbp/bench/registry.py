@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 CASE_MODULES = ["fnbp.bench.cases", "fnbp.bench.simulated", "fnbp.bench.multiprocess", "fnbp.bench.per_example_rules",
-                "fnbp.bench.lenet", "fnbp.bench.lenet_run"]
+                "fnbp.bench.lenet", "fnbp.bench.lenet_run", "fnbp.bench.text_run"]
 """Modules whose import registers cases, in report order."""
 
 
@@ -36,6 +36,8 @@ class Context:
     torch_skip_reason: str = "torch not installed"
     no_torch: bool = False
     run_epochs: int = 3
+    text_seconds: Any = None
+    text_train_flags: Any = None
     per_example_batch: int = 128
     simulated_devices: int = 8
     machine: dict = field(default_factory=dict)

@@ -54,6 +54,13 @@ def build_parser(prog="fnbp bench", results_dir=None):
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
     p.add_argument("--run-epochs", type=int, default=3,
                    help="epochs of the lenet_run case (whole-run throughput; the first is a warm-up), >= 2")
+    p.add_argument("--text-seconds", type=float, default=None,
+                   help="training seconds of each side of the text_run case (fnbp train --data shakespeare --model "
+                        "lstm vs PyTorch's nn.LSTM) (default: 600; quick 5)")
+    p.add_argument("--text-train-flags", default=None, metavar="'FLAGS'",
+                   help="extra fnbp train flags of the text_run case, one quoted string, e.g. "
+                        "--text-train-flags='--hidden 512' (default: none, the CLI's defaults; quick "
+                        "'--hidden 16 --embed 8 --steps-per-epoch 4 --epochs 2')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None,
                    help=f"write the JSON report here (full run default: {where}; none for --quick)")
@@ -128,6 +135,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
                   torch_skip_reason="--no-torch" if args.no_torch else "torch not installed",
                   per_example_batch=args.per_example_batch, simulated_devices=args.simulated_devices,
                   no_torch=args.no_torch, run_epochs=args.run_epochs,
+                  text_seconds=args.text_seconds, text_train_flags=args.text_train_flags,
                   machine=machine, results=result, log=log)
     for case in cases:
         result[case.name] = case.run(ctx)
