@@ -9,6 +9,7 @@ from fnbp import cnn, losses, optim, train
 from fnbp.objective import objective
 from fnbp import reference as R
 from vjp_oracle import compile_fast, max_rel
+from marks import slow_except
 
 
 def test_lenet_sizes_for_mnist_and_digits():
@@ -23,6 +24,7 @@ def test_lenet_sizes_for_mnist_and_digits():
     assert sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(p)) == 32 * 26 + 64 * (800 + 1) + 128 * 1025 + 10 * 129
 
 
+@pytest.mark.slow
 def test_he_initialisation_uses_the_conv_fan_in():
     arch = cnn.LeNet(image_shape=(12, 12, 3), channels=(64, 64), kernel=3, hidden=(8,))
     init = jax.jit(lambda k: cnn.init(k, arch))
@@ -38,7 +40,7 @@ def test_he_initialisation_uses_the_conv_fan_in():
     assert not np.array_equal(p["conv"][0]["W"], r["conv"][0]["W"])
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("padding", slow_except(["SAME", "VALID"], "VALID"))
 def test_gradient_through_the_rules_equals_autodiff_of_lax_ops(padding):
     arch = cnn.LeNet(image_shape=(10, 11, 2), channels=(3, 4), kernel=3, padding=padding, hidden=(5,), n_classes=3)
     params = cnn.init(jax.random.key(0), arch, dtype=jnp.float64)
@@ -55,6 +57,7 @@ def test_gradient_through_the_rules_equals_autodiff_of_lax_ops(padding):
         assert max_rel(a, b) <= 1e-10
 
 
+@pytest.mark.slow
 def test_explicit_walker_and_autodiff_give_the_same_gradients():
     # batch norm (per channel and dense), dropout and shifts: every kind of node of the LeNet graph
     from fnbp import graph

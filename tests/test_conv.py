@@ -45,6 +45,7 @@ def test_conv2d_vjp_matches_autodiff_of_lax_and_finite_differences():
     assert_within_tolerances(vjp_check(checks))
 
 
+@pytest.mark.slow
 def test_naive_conv2d_matches_the_fast_one():
     # the readable loops-over-offsets version and the im2col + GEMM one: same forward, same VJP
     # (and two of MORE_CASES against lax's autodiff as well)
@@ -96,6 +97,7 @@ def test_xla_conv2d_promotes_mixed_dtypes_as_conv2d():
             assert g_xla.dtype == g.dtype and max_rel(g_xla, g) <= 1e-6
 
 
+@pytest.mark.slow
 def test_xla_conv2d_runs_xla_convolutions_and_keeps_the_per_example_extension():
     # the compiled gradient calls XLA's convolution (forward, grad_x); conv2d's has none.  Per-example gradients
     # of a LeNet whose conv nodes use conv2d_xla equal those with conv2d (the extension recomputes the patches)

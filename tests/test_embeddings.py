@@ -67,6 +67,7 @@ def test_softmax_cross_entropy_on_sequences_averages_over_tokens():
     assert res["ad"][0] <= 1e-12 and res["fd"][0] <= FD_RTOL
 
 
+@pytest.mark.slow        # the fast loop checks ln V in test_nn_recurrent
 @pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
 def test_first_loss_of_a_fresh_character_model_is_ln_V(cell):
     # a fresh model's logits are small, so it predicts every one of V characters about equally: E ~ ln V nats/char
@@ -79,6 +80,7 @@ def test_first_loss_of_a_fresh_character_model_is_ln_V(cell):
     assert abs(float(E) - math.log(V)) <= 0.01 * math.log(V), (float(E), math.log(V))
 
 
+@pytest.mark.slow
 def test_char_model_gradient_matches_autodiff_of_the_plain_model():
     # the whole model (embedding, LSTM, dense on every step, token-averaged loss) vs jax.grad of plain jnp
     V, B, T, H = 11, 3, 6, 5

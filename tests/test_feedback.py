@@ -44,6 +44,7 @@ def test_dense_fa_forward_is_dense_and_backward_sends_delta_through_B():
         fb.dense_fa(W, b, h, Bm.T)
 
 
+@pytest.mark.slow
 def test_fa_output_layer_update_is_backprops_and_hidden_ones_differ():
     params, feedback, x, d = small_net()
     _, bp = fnbp.backprop(params, x, d, loss=CE)
@@ -83,6 +84,7 @@ def train_digits(grad_fn, *, seed, epochs=10, batch=32, lr=0.05, sizes=(64, 128,
     return float(jnp.mean(jnp.argmax(fnbp.mlp.apply(params, jnp.asarray(data.x_test)), -1) == data.y_test))
 
 
+@pytest.mark.slow
 def test_feedback_alignment_trains_digits():
     """Measured 94-95 % test accuracy over seeds 0-2 (64-128-10, 10 epochs, SGD+momentum); asserts >= 90 %."""
     acc = train_digits(lambda p, B, x, y: fb.backprop(p, B, x, y, loss=CE)[1], seed=0)

@@ -137,6 +137,7 @@ SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(models())
 def test_drawn_models_walker_equals_autodiff_and_the_plain_reference(drawn):
@@ -193,6 +194,7 @@ def test_drawn_models_per_example_quantities_equal_vmap_grad(drawn):
     np.testing.assert_allclose(got_norms, norms, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_a_wrong_rule_in_a_model_is_caught_by_the_reference():
     """Negative control: a softplus whose backward forgets the sigmoid factor fails the same comparison."""
     wrong = fnbp.rule(_softplus_fwd, lambda a, g: (g,), name="wrong_softplus")
@@ -207,6 +209,7 @@ def test_a_wrong_rule_in_a_model_is_caught_by_the_reference():
 
 
 # --- the model object -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mlp_preset_draws_fnbp_mlp_init_parameters_and_the_same_dropout_masks():
     sizes = (6, 5, 4, 3)
     model = nn.mlp(sizes, fnbp.tanh, dropout=0.4)

@@ -13,6 +13,7 @@ import pytest
 import fnbp
 from fnbp.graph import Input, Param
 from fnbp.objective import objective
+from marks import slow_except
 
 jax.config.update("jax_enable_x64", True)
 
@@ -39,7 +40,7 @@ def _by_hand(params, x, d, lam, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("lam", [0.0, 0.3])
+@pytest.mark.parametrize("lam", [pytest.param(0.0, marks=pytest.mark.slow), 0.3])
 def test_objective_value_and_walker_gradients_equal_the_formula(reduction, lam):
     net, params, x, d = _net_and_data()
     loss = functools.partial(fnbp.losses.softmax_cross_entropy, reduction=reduction)

@@ -144,6 +144,7 @@ def test_no_module_imports_a_higher_layer_and_no_cycle():
     assert "nn.model" in graph["nn.describe"] and "per_example" in graph["dp"] and "parallel" in graph["cli_train"]
 
 
+@pytest.mark.slow
 def test_an_injected_upward_import_or_cycle_fails():
     """The test above can fail: a lazy upward import in an op, a new cycle inside a layer."""
     sources = _package_sources()
