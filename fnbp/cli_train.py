@@ -414,6 +414,17 @@ def _save_checkpoint(ckpt, result, key, run_args, segments, model_record, histor
                                "model": model_record, "history": history})
 
 
+def _start_or_resume(args, out, ckpt, skipped, params, opt_state, state, k_train):
+    """The run's settings (what its checkpoints record) and where it starts: epoch 0 from the given parameters,
+    optimizer state, model state and key, or under --resume the checkpoint's, with its history and segments.
+    Returns (run_args, params, opt_state, state, k_train, start_epoch, start_step, history, segments)."""
+    run_args = {k: v for k, v in vars(args).items() if k != "func" and k not in skipped}
+    run_args["out"] = str(out)
+    if args.resume:
+        return (run_args,) + tuple(_resume(args, ckpt, run_args, skipped, params, opt_state, state))
+    return run_args, params, opt_state, state, k_train, 0, 0, [], [{"from_epoch": 1, "args": _settings(run_args)}]
+
+
 def _train_text_run(args, corpus, out, ckpt, skipped):
     import jax
     from . import checkpoint, train as training
@@ -422,13 +433,8 @@ def _train_text_run(args, corpus, out, ckpt, skipped):
     lr = _learning_rate(args)
     params, opt, model_record = _cli_text.build(args, k_init, corpus, lr)
     opt_state = opt.init(params)
-    run_args = {k: v for k, v in vars(args).items() if k != "func" and k not in skipped}
-    run_args["out"] = str(out)
-    start_epoch = start_step = 0
-    history, segments = [], [{"from_epoch": 1, "args": _settings(run_args)}]
-    if args.resume:
-        (params, opt_state, _, k_train, start_epoch, start_step, history,
-         segments) = _resume(args, ckpt, run_args, skipped, params, opt_state, None)
+    (run_args, params, opt_state, _, k_train, start_epoch, start_step, history,
+     segments) = _start_or_resume(args, out, ckpt, skipped, params, opt_state, None, k_train)
     for stale in checkpoint.clean_stale_temp_files(ckpt):
         print(f"removed {stale} (a temporary file left by an interrupted save)", flush=True)
     saved = {"epoch": start_epoch, "step": start_step, "history": history}     # the last checkpoint written
@@ -489,13 +495,8 @@ def _train_run(args, ds, out, ckpt, skipped, writer, process, n_processes):
     lr = _learning_rate(args)
     opt = getattr(optim, args.optimizer)(lr)
     opt_state, state = opt.init(params), training.resolve_model(cfg, model).init_state(params)
-    run_args = {k: v for k, v in vars(args).items() if k != "func" and k not in skipped}
-    run_args["out"] = str(out)
-    start_epoch = start_step = 0
-    history, segments = [], [{"from_epoch": 1, "args": _settings(run_args)}]
-    if args.resume:
-        (params, opt_state, state, k_train, start_epoch, start_step, history,
-         segments) = _resume(args, ckpt, run_args, skipped, params, opt_state, state)
+    (run_args, params, opt_state, state, k_train, start_epoch, start_step, history,
+     segments) = _start_or_resume(args, out, ckpt, skipped, params, opt_state, state, k_train)
     if writer:                              # under the lock of --out: no other fnbp train saves there
         for stale in checkpoint.clean_stale_temp_files(ckpt):
             print(f"removed {stale} (a temporary file left by an interrupted save)", flush=True)

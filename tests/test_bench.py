@@ -344,7 +344,9 @@ QUICK_CASES = "gemm,train_step,grad_w_layouts,optimizer,per_example,simulated_de
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    # no device-count flag of the user's (the bench sets its own); conftest's optimisation level stays
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if f.startswith("--xla_backend_optimization_level"))
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "fnbp", "bench", "--quick", "--batch-sizes", str(TINY_B),

@@ -234,6 +234,7 @@ def test_batch_norm_and_dropout_explicit_equals_autodiff(bn_position):
     assert np.any(np.asarray(g[0]["gamma"]) != 0)
 
 
+@pytest.mark.slow
 def test_twenty_training_steps_backprop_equals_autodiff_with_batch_norm_and_dropout():
     params, _, _ = bn_case(1)
     rng = np.random.default_rng(2)

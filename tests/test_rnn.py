@@ -201,7 +201,7 @@ def _compiled_gradient(cell, B, T, n_in, H, reference=False):
     return jax.jit(loss).lower(*args).compile().as_text()
 
 
-@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+@pytest.mark.parametrize("cell", slow_except(["elman", "lstm", "gru"], "lstm"))
 def test_compiled_gradient_hoists_the_big_products_out_of_the_loops(cell):
     # distinct sizes, so every product is recognisable by its shape: B = 3, T = 7 (T B = 21 rows), n_in = 5, H = 11
     B, T, n_in, H = 3, 7, 5, 11
@@ -412,8 +412,7 @@ def _rule_case(cell, rng, B=3, T=4, n_in=2, H=3):
     return rule, args, cts, ref
 
 
-@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("cell, T", slow_except([(c, T) for c in ("elman", "lstm", "gru") for T in (1, 4)], ("lstm", 4)))
 def test_rule_views_give_each_examples_weight_and_bias_gradients(cell, T):
     """The registered views at rule level (lstm's with a cotangent on c_T too, h0/c0 given): example n's
     delta_n^T P_n and sum_t delta_{n,t} per (W, b) pair equal vmap(grad) of the plain scan; their sum is the rule's
@@ -443,7 +442,8 @@ def _wrong_gru_view(args, options, g, res):
     return rnn._recurrent_rows(res[2], rnn._shifted(res[3], res[5]), delta_u, delta_u)
 
 
-@pytest.mark.parametrize("cell, view", [("elman", _wrong_h_view), ("gru", _wrong_gru_view)])
+@pytest.mark.parametrize("cell, view", [("elman", _wrong_h_view),
+                                        pytest.param("gru", _wrong_gru_view, marks=pytest.mark.slow)])
 def test_a_wrong_view_is_caught_by_the_oracle(cell, view, monkeypatch):
     rule = getattr(rnn, cell)
     monkeypatch.setitem(fnbp.extensions._PER_EXAMPLE, rule.rule, fnbp.extensions.per_example(rule)._replace(view=view))
