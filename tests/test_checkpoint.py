@@ -119,6 +119,7 @@ def _train(params, opt_state, key, n, opt):
     return params, opt_state, key
 
 
+@pytest.mark.slow
 def test_resumed_training_is_bit_identical(tmp_path):
     opt = optax.adam(0.05)
     p0 = {"w": jnp.zeros((1, 1), jnp.float32), "b": jnp.zeros((1,), jnp.float32)}

@@ -80,6 +80,7 @@ def test_noise_draw_is_jax_random_normal_bit_for_bit(dtype):
     np.testing.assert_array_equal(dp._normal(rbg, (4, 3), dtype), jax.random.normal(rbg, (4, 3), dtype))
 
 
+@pytest.mark.slow
 def test_gaussian_noise_transformation_chains_with_an_optimizer():
     act, _, loss, _, params, x, d = make_case("relu-half_sse", seed=7)
     clip, sigma, key = 1.0, 0.8, jax.random.key(3)

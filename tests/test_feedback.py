@@ -109,6 +109,7 @@ def test_sign_ste_backward_is_the_surrogates_derivative():
         fb.sign_ste(a, 0.0)
 
 
+@pytest.mark.slow
 def test_ste_in_the_explicit_loop_and_jax_grad_agree_and_reach_the_first_layer():
     params, _, x, d = small_net(seed=2)
     for act in (fb.sign_ste, functools.partial(fb.step_ste, window=math.inf)):

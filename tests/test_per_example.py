@@ -51,6 +51,7 @@ def test_per_example_gradients_sum_to_the_batch_gradient_under_jit():
     assert max_abs_diff(jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), got), batch) <= 1e-12
 
 
+@pytest.mark.slow
 def test_dropout_uses_one_mask_per_example_from_its_own_key():
     act, _, loss, _, params, x, d = make_case("relu-half_sse", seed=3)
     p, key = 0.4, jax.random.key(7)
@@ -238,6 +239,7 @@ def test_cnn_dropout_uses_one_mask_per_example_from_its_own_key():
     assert max_abs_diff(got, without) > 1e-3
 
 
+@pytest.mark.slow
 def test_cnn_refusals_name_the_function_and_what_came():
     params, x, d = make_cnn_case()
     bn_arch = fnbp.cnn.LeNet(**{**LENET.__dict__, "batch_norm": True})

@@ -442,8 +442,8 @@ def _wrong_gru_view(args, options, g, res):
     return rnn._recurrent_rows(res[2], rnn._shifted(res[3], res[5]), delta_u, delta_u)
 
 
-@pytest.mark.parametrize("cell, view", [("elman", _wrong_h_view),
-                                        pytest.param("gru", _wrong_gru_view, marks=pytest.mark.slow)])
+@pytest.mark.slow          # negative controls of the per-example views (the fast loop keeps the views' checks)
+@pytest.mark.parametrize("cell, view", [("elman", _wrong_h_view), ("gru", _wrong_gru_view)])
 def test_a_wrong_view_is_caught_by_the_oracle(cell, view, monkeypatch):
     rule = getattr(rnn, cell)
     monkeypatch.setitem(fnbp.extensions._PER_EXAMPLE, rule.rule, fnbp.extensions.per_example(rule)._replace(view=view))

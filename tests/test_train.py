@@ -161,7 +161,7 @@ def test_evaluation_in_chunks_equals_one_forward(loss):
         np.testing.assert_allclose(got, whole, rtol=1e-12, err_msg=str(chunk))
 
 
-@pytest.mark.parametrize("grad", ["autodiff", "backprop"])
+@pytest.mark.parametrize("grad", [pytest.param("autodiff", marks=pytest.mark.slow), "backprop"])
 def test_lenet_step_computes_no_input_gradient_for_the_data(grad):
     """The first conv's input is the data: its input gradient (conv2d_xla's transposed convolution) is dead code,
     and the compiled step has no convolution making it, while the second conv's (a hidden layer's input) is there."""
