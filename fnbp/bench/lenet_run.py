@@ -60,22 +60,24 @@ def mnist_images():
     return ds._replace(x_train=ds.x_train.reshape(-1, side, side, 1), x_test=ds.x_test.reshape(-1, side, side, 1))
 
 
-class TorchRun:
-    """The PyTorch loop as a child process, one epoch per ``epoch()`` call."""
+class TorchChild:
+    """A PyTorch loop as a child process (``child``, run by ``python``), one JSON line per command on its stdin:
+    ``epoch`` (one epoch), ``eval`` (the current weights, no training), ``quit``.  ``arrays`` (the data, the
+    initial weights, the recipe) reach it as one .npz file in a temporary directory; ``name`` is the bench case
+    the errors name."""
 
-    def __init__(self, python, ds, params, seed, threads):
-        self.dir = tempfile.TemporaryDirectory(prefix="fnbp-lenet-run-")
+    def __init__(self, name, python, child, arrays, threads=None):
+        self.name = name
+        self.dir = tempfile.TemporaryDirectory(prefix=f"fnbp-{name.replace('_', '-')}-")
         path = Path(self.dir.name) / "data.npz"
-        arrays = {f"{k}{i}": np.asarray(layer[k]) for i, layer in enumerate(params) for k in ("W", "b")}
-        np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test, seed=seed,
-                 **{k: np.asarray(v) for k, v in RECIPE.items()}, **arrays)
-        cmd = [python, str(CHILD), str(path)] + (["--threads", str(threads)] if threads else [])
+        np.savez(path, **arrays)
+        cmd = [python, str(child), str(path)] + (["--threads", str(threads)] if threads else [])
         env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline().strip()
         if line != "ready":
             self.close()
-            raise RuntimeError(f"fnbp.bench.lenet_run: the PyTorch loop ({' '.join(cmd)}) did not start "
+            raise RuntimeError(f"fnbp.bench.{name}: the PyTorch loop ({' '.join(cmd)}) did not start "
                                f"(said {line!r}, exit code {self.proc.poll()})")
 
     def _ask(self, command):
@@ -83,15 +85,15 @@ class TorchRun:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"fnbp.bench.lenet_run: the PyTorch loop ended (exit code {self.proc.wait()})")
+            raise RuntimeError(f"fnbp.bench.{self.name}: the PyTorch loop ended (exit code {self.proc.wait()})")
         return json.loads(line)
 
     def epoch(self):
-        """One epoch: {"seconds", "train_seconds", "loss", "test_loss", "test_accuracy", "train_accuracy"}."""
+        """One epoch of training and its evaluation: the child's JSON record."""
         return self._ask("epoch")
 
     def evaluate(self):
-        """{"test_loss", "test_accuracy"} of the current weights (the model check of the tests)."""
+        """The evaluation of the current weights, no training (the model check of the tests)."""
         return self._ask("eval")
 
     def close(self):
@@ -103,6 +105,17 @@ class TorchRun:
                 pass
             self.proc.wait(timeout=60)
         self.dir.cleanup()
+
+
+class TorchRun(TorchChild):
+    """The LeNet's PyTorch loop (``_torch_lenet_run.py``).  ``epoch()``: {"seconds", "train_seconds", "loss",
+    "test_loss", "test_accuracy", "train_accuracy"}; ``evaluate()``: {"test_loss", "test_accuracy"}."""
+
+    def __init__(self, python, ds, params, seed, threads):
+        weights = {f"{k}{i}": np.asarray(layer[k]) for i, layer in enumerate(params) for k in ("W", "b")}
+        super().__init__("lenet_run", python, CHILD, dict(
+            x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test, seed=seed,
+            **{k: np.asarray(v) for k, v in RECIPE.items()}, **weights), threads)
 
 
 def bench_lenet_run(ds, epochs, *, seed=0, python=None, threads=None, skip_reason=None, log=lambda msg: None):

@@ -23,18 +23,14 @@ then PyTorch's epoch e), so a shared machine's drift hits both alike; when one s
 on alone.  Before training, both evaluate the initial weights: the same validation loss (to float32 rounding)
 shows that the two are the same model on the same data.
 """
-import json
 import math
-import os
 import shlex
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .lenet_run import torch_python
+from .lenet_run import TorchChild, torch_python
 from .registry import register
 
 CHILD = Path(__file__).with_name("_torch_text_run.py")
@@ -69,54 +65,20 @@ def epoch_offsets(key, epochs, seq_len):
     return np.asarray([text._offset(jax.random.fold_in(key, e), seq_len) for e in range(epochs)], np.int64)
 
 
-class TorchTextRun:
-    """The PyTorch loop as a child process, one epoch per ``epoch()`` call."""
+class TorchTextRun(TorchChild):
+    """The text model's PyTorch loop (``_torch_text_run.py``).  ``epoch()``: {"epoch", "seconds", "eval_seconds",
+    "loss", "valid_loss", "steps", "grad_norm", "learning_rate", "chars_per_s", "stopped"}; ``evaluate()``:
+    {"valid_loss"} of the current weights, nats/char over the whole validation stream."""
 
     def __init__(self, python, corpus, params, args, offsets, seconds, threads=None):
         from .._cli_text import EVAL_ROWS
-        self.dir = tempfile.TemporaryDirectory(prefix="fnbp-text-run-")
-        path = Path(self.dir.name) / "data.npz"
         recipe = {"batch_size": args.batch_size, "seq_len": args.seq_len, "eval_rows": EVAL_ROWS, "lr": args.lr,
                   "lr_schedule": args.lr_schedule, "lr_decay": args.lr_decay, "clip": args.clip,
                   "steps_per_epoch": args.steps_per_epoch, "seconds": seconds}
-        np.savez(path, train=np.asarray(corpus.train, np.int32), validation=np.asarray(corpus.validation, np.int32),
-                 offsets=np.asarray(offsets, np.int64), **{k: np.asarray(v) for k, v in recipe.items()},
-                 **{k: np.asarray(v, np.float32) for k, v in params.items()})
-        cmd = [python, str(CHILD), str(path)] + (["--threads", str(threads)] if threads else [])
-        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        line = self.proc.stdout.readline().strip()
-        if line != "ready":
-            self.close()
-            raise RuntimeError(f"fnbp.bench.text_run: the PyTorch loop ({' '.join(cmd)}) did not start "
-                               f"(said {line!r}, exit code {self.proc.poll()})")
-
-    def _ask(self, command):
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"fnbp.bench.text_run: the PyTorch loop ended (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def epoch(self):
-        """The next epoch: {"epoch", "seconds", "eval_seconds", "loss", "valid_loss", "steps", "grad_norm",
-        "learning_rate", "chars_per_s", "stopped"} (see ``_torch_text_run.py``)."""
-        return self._ask("epoch")
-
-    def evaluate(self):
-        """{"valid_loss"} of the current weights, nats/char over the whole validation stream (no training)."""
-        return self._ask("eval")
-
-    def close(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            self.proc.wait(timeout=60)
-        self.dir.cleanup()
+        super().__init__("text_run", python, CHILD, dict(
+            train=np.asarray(corpus.train, np.int32), validation=np.asarray(corpus.validation, np.int32),
+            offsets=np.asarray(offsets, np.int64), **{k: np.asarray(v) for k, v in recipe.items()},
+            **{k: np.asarray(v, np.float32) for k, v in params.items()}), threads)
 
 
 def initial_state(args, corpus):
