@@ -344,9 +344,9 @@ QUICK_CASES = "gemm,train_step,grad_w_layouts,optimizer,per_example,simulated_de
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ)
-    # no device-count flag of the user's (the bench sets its own); conftest's optimisation level stays
+    # no device-count flag of the user's (the bench sets its own); conftest's compile-speed flags stay
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if f.startswith("--xla_backend_optimization_level"))
+                                if f.startswith(("--xla_backend_optimization_level", "--xla_cpu_use_fusion_emitters")))
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "fnbp", "bench", "--quick", "--batch-sizes", str(TINY_B),

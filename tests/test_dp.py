@@ -156,8 +156,10 @@ def test_bad_arguments_are_named():
         dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=None)
     with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: clip must be a finite number > 0 .*got '1'"):
         dp.clipped_grad_sum(params, x, d, clip="1")
-    g_np = dp.private_grad(params, x, d, jax.random.key(0), clip=np.float64(1.0), noise_multiplier=jnp.float32(1.0))
-    g_py = dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=1.0)
+    # (jit-ed: one program each instead of some 250 one-op programs run eagerly)
+    g_np = jax.jit(lambda p: dp.private_grad(p, x, d, jax.random.key(0), clip=np.float64(1.0),
+                                             noise_multiplier=jnp.float32(1.0)))(params)
+    g_py = jax.jit(lambda p: dp.private_grad(p, x, d, jax.random.key(0), clip=1.0, noise_multiplier=1.0))(params)
     assert max_abs_diff(g_np, g_py) == 0.0
     with pytest.raises(ValueError, match=r"fnbp\.dp\.private_grad: noise_multiplier must be a finite number >= 0"):
         dp.private_grad(params, x, d, jax.random.key(0), clip=1.0, noise_multiplier=-1.0)
