@@ -157,8 +157,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"fnbp\.dp\.clipped_grad_sum: clip must be a finite number > 0 .*got '1'"):
         dp.clipped_grad_sum(params, x, d, clip="1")
     # (jit-ed: one program each instead of some 250 one-op programs run eagerly)
-    g_np = jax.jit(lambda p: dp.private_grad(p, x, d, jax.random.key(0), clip=np.float64(1.0),
-                                             noise_multiplier=jnp.float32(1.0)))(params)
+    clip_np, sigma_jnp = np.float64(1.0), jnp.float32(1.0)       # concrete scalars, made outside the trace
+    g_np = jax.jit(lambda p: dp.private_grad(p, x, d, jax.random.key(0), clip=clip_np,
+                                             noise_multiplier=sigma_jnp))(params)
     g_py = jax.jit(lambda p: dp.private_grad(p, x, d, jax.random.key(0), clip=1.0, noise_multiplier=1.0))(params)
     assert max_abs_diff(g_np, g_py) == 0.0
     with pytest.raises(ValueError, match=r"fnbp\.dp\.private_grad: noise_multiplier must be a finite number >= 0"):
