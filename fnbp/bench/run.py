@@ -146,7 +146,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
                         "took the cores from the interleaved JAX steps and from the other jobs on this shared "
                         "machine, and PyTorch itself ran several times slower)" if omp_policy_set else
                         " (from the environment)"))
-    else:
+    elif any(case.name in report.MLP_CASES + ("lenet",) for case in cases):
         notes.append("PyTorch rows skipped: " + ("--no-torch given." if args.no_torch else "torch is not installed."))
     result["notes"] = notes
     result["targets"] = targets(result) if "train_step" in result else []
