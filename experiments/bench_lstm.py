@@ -107,6 +107,13 @@ def step_flops(B, T, n_in, H, V):
     return 3 * 2 * B * T * (4 * H * (n_in + H) + V * H)
 
 
+def load_label(load_1min):
+    """How the timings were taken, from the 1-minute load average read before the benchmark's own work."""
+    if load_1min < 0.5:
+        return f"measured on a quiet machine: load average {load_1min:.2f} at the start"
+    return f"measured on a loaded machine: load average {load_1min:.2f} at the start"
+
+
 def main(argv=None):
     def add(p):
         p.add_argument("--hidden", type=int, default=256)
@@ -117,10 +124,13 @@ def main(argv=None):
         p.add_argument("--min-time", type=float, default=5.0, help="seconds of samples per variant")
         p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
         p.add_argument("--torch-threads", type=int, default=2)
-        p.add_argument("--label", default="measured on a loaded machine",
-                       help="how the timings were taken (shown with them)")
+        p.add_argument("--label", default=None,
+                       help="how the timings were taken (shown with them; default: from the 1-minute load average "
+                            "when the script starts, before its own work)")
     args = common.parse_args("LSTM training step: fnbp's BPTT rule vs jax.grad through lax.scan", argv,
                              add_arguments=add)
+    if args.label is None:
+        args.label = load_label(os.getloadavg()[0])
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # before torch loads (see fnbp.bench.run)
     if args.quick:
         args.hidden, args.batch, args.seq_len, args.embed, args.steps, args.min_time = 32, 8, 16, 8, 2, 0.2

@@ -38,7 +38,12 @@ def test_bench_lstm_quick(tmp_path):
     # (and "torch eager" where torch is installed)
     assert set(summary) - {"torch eager"} == {"fnbp step", "autodiff step", "fnbp scan", "autodiff scan"}
     assert data["gradient_agreement"] <= 1e-4 and ratios["step"]["median"] > 0
-    assert "measured on a loaded machine" in (tmp_path / "bench_lstm.md").read_text()
+    assert "measured on a " in (tmp_path / "bench_lstm.md").read_text()      # quiet or loaded: from the load average
+
+
+def test_bench_lstm_label_comes_from_the_load_average_before_its_own_work():
+    assert bench_lstm.load_label(0.12) == "measured on a quiet machine: load average 0.12 at the start"
+    assert bench_lstm.load_label(2.5) == "measured on a loaded machine: load average 2.50 at the start"
 
 
 def test_bench_lstm_per_step_times_divide_only_the_scan_variants():
