@@ -76,6 +76,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
     when --json/--md are not given (None: nowhere). Returns the exit status."""
     from . import report
     from .cases import targets
+    from .harness import keep_freed_memory
     from .simulated import simulated_child
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -101,6 +102,9 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
         return 0
 
     t_start = time.perf_counter()
+    # for every variant alike (see its docstring); not where PyTorch runs in a child process (lenet_run, text_run),
+    # whose malloc this process does not set
+    malloc = {} if any(case.name in ("lenet_run", "text_run") for case in cases) else keep_freed_memory()
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
@@ -125,6 +129,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
         "schema": 1, "quick": quick, "command": f"{prog} " + " ".join(argv),
         "machine": machine, "min_time_s": min_time, "torch_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") if use_torch else None,
+        "malloc": malloc,
         "torch_skipped": None if use_torch else ("--no-torch given" if args.no_torch else "torch is not installed"),
         "network": {"sizes": list(sizes), "P": P, "P1": P1, "flop_formula": FLOP_FORMULA,
                     "activation": "relu", "loss": "softmax cross-entropy (mean)", "dtype": "float32",
@@ -148,6 +153,11 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
                         " (from the environment)"))
     elif any(case.name in report.MLP_CASES + ("lenet",) for case in cases):
         notes.append("PyTorch rows skipped: " + ("--no-torch given." if args.no_torch else "torch is not installed."))
+    notes.append("glibc malloc keeps freed memory (mallopt " + ", ".join(f"{k} {v}" for k, v in malloc.items())
+                 + "): each call of a compiled program, and each PyTorch step, reuses it instead of page-faulting "
+                 "fresh temporaries in (FNBP_BENCH_MALLOC=default: glibc's defaults)" if malloc else
+                 "malloc: the platform's defaults (FNBP_BENCH_MALLOC=default, not glibc, or a case whose PyTorch "
+                 "side is a child process)")
     result["notes"] = notes
     result["targets"] = targets(result) if "train_step" in result else []
     result["seconds"] = time.perf_counter() - t_start
