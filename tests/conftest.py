@@ -7,7 +7,7 @@ or two in the fast loop and marks the rest slow (``tests/marks.py``).
 XLA's persistent compilation cache is on for the whole run, the subprocesses included (the CLI, experiments,
 multi-process runs): many tests compile the same training programs, and a cache hit skips XLA's compile, never
 the tracing, so what a test checks is unchanged.  Every program is cached, the one-op programs of eager jnp
-calls too (the fast loop, 2 cores: 60 s with a warm cache, 115 s cold).  The cache lives in the temporary
+calls too (the fast loop, 2 cores: 56 s with a warm cache, 96 s cold).  The cache lives in the temporary
 directory, keyed by user and jax version (the whole suite writes ~100 MB; jax's size cap needs filelock, not
 a dependency); set JAX_COMPILATION_CACHE_DIR to choose another, or to "" to turn it off.
 
@@ -37,27 +37,29 @@ def _cache_dir():
     return os.path.join(tempfile.gettempdir(), f"fnbp-tests-jax-cache-{user}-{importlib.metadata.version('jaxlib')}")
 
 
-def _xla_knows(flag):
-    """Whether this jaxlib's XLA has ``flag`` (XLA aborts the process on an unknown flag in XLA_FLAGS, so a flag
-    a later jaxlib drops must not be set): its name is looked up in jaxlib's shared libraries (~10 ms)."""
+def _xla_knows(flags):
+    """The names in ``flags`` that this jaxlib's XLA has (XLA aborts the process on an unknown flag in XLA_FLAGS, so
+    a flag a later jaxlib drops must not be set): looked up in jaxlib's shared libraries, each read once (~10 ms)."""
     import glob
     import mmap
     spec = importlib.util.find_spec("jaxlib")
+    known = set()
     for path in glob.glob(os.path.join(os.path.dirname(spec.origin), "*.so")):
         if os.path.getsize(path) == 0:
             continue
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            if m.find(flag.encode()) >= 0:
-                return True
-    return False
+            known.update(name for name in flags if name not in known and m.find(name.encode()) >= 0)
+    return known
 
 
 def _fast_compile_flags():
     """The XLA flags for compile speed (see the module docstring), those this XLA knows and XLA_FLAGS lacks."""
     have = os.environ.get("XLA_FLAGS", "")
-    wanted = [("xla_backend_optimization_level", "0"),     # no LLVM optimisation passes
-              ("xla_cpu_use_fusion_emitters", "false")]   # the elemental IR emitters, not the MLIR ones
-    return [f"--{name}={value}" for name, value in wanted if f"--{name}" not in have and _xla_knows(name)]
+    wanted = {"xla_backend_optimization_level": "0",     # no LLVM optimisation passes
+              "xla_cpu_use_fusion_emitters": "false"}     # the elemental IR emitters, not the MLIR ones
+    missing = [name for name in wanted if f"--{name}" not in have]
+    known = _xla_knows(missing) if missing else set()
+    return [f"--{name}={wanted[name]}" for name in missing if name in known]
 
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache_dir())

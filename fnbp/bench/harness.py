@@ -117,7 +117,8 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 def keep_freed_memory():
     """Make this process's glibc malloc keep freed memory for reuse (``mallopt``: blocks under 2 GiB from the heap,
-    not ``mmap``; the heap's top never trimmed; the heap grown 256 MiB at a time), for every variant alike -- fnbp's, the autodiff reference's, PyTorch's.
+    not ``mmap``; the heap's top never trimmed; the heap grown 256 MiB at a time), for every variant alike --
+    fnbp's, the autodiff reference's, PyTorch's.
 
     Why: each call of a compiled XLA:CPU program allocates its temporaries afresh, and glibc serves blocks over
     its mmap threshold with a new ``mmap``, returned to the kernel on ``free``: every call then page-faults its
@@ -131,7 +132,8 @@ def keep_freed_memory():
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return {}
-    settings = {"M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, 2 ** 31 - 1), "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
+    settings = {"M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, 2 ** 31 - 1),
+                "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
                 "M_TOP_PAD": (_M_TOP_PAD, 2 ** 28)}
     return {name: value for name, (param, value) in settings.items() if mallopt(param, value) == 1}
 
