@@ -9,7 +9,11 @@ only the gradient differs), float32.  Variants:
   ``fnbp.losses.softmax_cross_entropy``: every backward hand-written), jit per step;
 * ``autodiff step``: the same model written in plain jnp (``fnbp.reference_rnn.lstm``: the cell in a
   ``lax.scan``), differentiated by ``jax.grad``, jit per step;
-* ``... scan``: both, ``--steps`` optimizer steps inside one compiled ``lax.scan`` (the epoch loop's shape).
+* ``flax step`` / ``flax scan`` (when Flax is installed; not a dependency of fnbp): the same model as Flax users
+  write it, ``nn.Embed`` -> ``nn.RNN(nn.OptimizedLSTMCell(H))`` -> ``nn.Dense``, differentiated by ``jax.grad``,
+  with the same optimizer; Flax's own initialisation, so only the timings compare;
+* ``... scan``: each, ``--steps`` optimizer steps inside one compiled ``lax.scan`` (the epoch loop's shape);
+* ``torch eager``: PyTorch's ``nn.LSTM`` on the CPU, in this process, when torch is installed.
 
 Reported: median ms per optimizer step, GFLOP/s (the step's matrix products, 3x the forward's), and the paired
 ratio fnbp / autodiff (median over rounds).  Timings from a shared machine are labelled as such.
@@ -30,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
 from fnbp import charlm, losses, optim, reference, reference_rnn  # noqa: E402
+from fnbp._malloc import keep_freed_memory  # noqa: E402
 from fnbp.bench.harness import interleaved, machine_description, paired_ratio, summarize  # noqa: E402
 
 
@@ -43,6 +48,32 @@ def plain_loss(params, ids, targets, state):
 
 def fnbp_loss(params, ids, targets, state):
     return charlm.loss(params, ids, targets, state, "lstm")
+
+
+def flax_model(key, V, d, H, B, T):
+    """(params, loss, initial state) of the model in Flax (``flax.linen``), or None where Flax is not installed:
+    ``nn.Embed(V, d)`` -> ``nn.RNN(nn.OptimizedLSTMCell(H))`` (state carried in and out, Flax's (c, h)) ->
+    ``nn.Dense(V)``, the mean token cross-entropy."""
+    try:
+        import flax.linen as nn
+    except ImportError:
+        return None
+
+    class CharLSTM(nn.Module):
+        @nn.compact
+        def __call__(self, ids, carry):
+            x = nn.Embed(V, d)(ids)
+            carry, hs = nn.RNN(nn.OptimizedLSTMCell(H), return_carry=True)(x, initial_carry=carry)
+            return nn.Dense(V)(hs), carry
+
+    model = CharLSTM()
+    state = (jnp.zeros((B, H), jnp.float32), jnp.zeros((B, H), jnp.float32))
+    params = model.init(key, jnp.zeros((B, T), jnp.int32), state)
+
+    def loss(params, ids, targets, state):
+        logits, carry = model.apply(params, ids, state)
+        return reference.softmax_cross_entropy(logits, targets), carry
+    return params, loss, state
 
 
 def make_step(loss_fn, opt):
@@ -96,6 +127,11 @@ class TorchStep:
         return float(loss.detach())
 
 
+def _flax_version():
+    import flax
+    return flax.__version__
+
+
 def steps_per_call(variant, steps):
     """Optimizer steps one timed call of ``variant`` runs: ``steps`` for the "... scan" variants, 1 for the
     others ("... step" and "torch eager", which runs one step per call)."""
@@ -107,13 +143,6 @@ def step_flops(B, T, n_in, H, V):
     return 3 * 2 * B * T * (4 * H * (n_in + H) + V * H)
 
 
-def load_label(load_1min):
-    """How the timings were taken, from the 1-minute load average read before the benchmark's own work."""
-    if load_1min < 0.5:
-        return f"measured on a quiet machine: load average {load_1min:.2f} at the start"
-    return f"measured on a loaded machine: load average {load_1min:.2f} at the start"
-
-
 def main(argv=None):
     def add(p):
         p.add_argument("--hidden", type=int, default=256)
@@ -123,6 +152,7 @@ def main(argv=None):
         p.add_argument("--steps", type=int, default=4, help="optimizer steps per call of the scan variants")
         p.add_argument("--min-time", type=float, default=5.0, help="seconds of samples per variant")
         p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
+        p.add_argument("--no-flax", action="store_true", help="skip Flax even when it is installed")
         p.add_argument("--torch-threads", type=int, default=2)
         p.add_argument("--label", default=None,
                        help="how the timings were taken (shown with them; default: from the 1-minute load average "
@@ -130,7 +160,8 @@ def main(argv=None):
     args = common.parse_args("LSTM training step: fnbp's BPTT rule vs jax.grad through lax.scan", argv,
                              add_arguments=add)
     if args.label is None:
-        args.label = load_label(os.getloadavg()[0])
+        args.label = common.load_label(os.getloadavg()[0])
+    malloc = keep_freed_memory()                              # for every variant alike, as fnbp train does
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # before torch loads (see fnbp.bench.run)
     if args.quick:
         args.hidden, args.batch, args.seq_len, args.embed, args.steps, args.min_time = 32, 8, 16, 8, 2, 0.2
@@ -157,6 +188,13 @@ def main(argv=None):
         return lambda: jax.block_until_ready(fn(*a))
     fns = {f"{n} step": call(jitted[n], params, opt_state, state, xs[0], ys[0]) for n in steps}
     fns.update({f"{n} scan": call(scans[n], params, opt_state, state, xs, ys) for n in steps})
+    flax = None if args.no_flax else flax_model(jax.random.fold_in(key, 1), V, d, H, B, T)
+    if flax is not None:
+        flax_params, flax_loss, flax_state = flax
+        flax_opt_state = opt.init(flax_params)
+        flax_step = make_step(flax_loss, opt)
+        fns["flax step"] = call(jax.jit(flax_step), flax_params, flax_opt_state, flax_state, xs[0], ys[0])
+        fns["flax scan"] = call(make_scan(flax_step), flax_params, flax_opt_state, flax_state, xs, ys)
     from fnbp.bench.steps import torch_available
     if torch_available() and not args.no_torch:
         fns["torch eager"] = TorchStep(params, xs[0], ys[0], args.torch_threads)
@@ -173,21 +211,28 @@ def main(argv=None):
         rows.append([n, f"{summary[n]['ms_median']:.1f}", f"{summary[n]['ms_q1']:.1f}-{summary[n]['ms_q3']:.1f}",
                      f"{summary[n]['gflops']:.1f}", summary[n]["n_samples"]])
     ratios = {kind: paired_ratio(samples[f"fnbp {kind}"], samples[f"autodiff {kind}"]) for kind in ("step", "scan")}
+    if flax is not None:
+        ratios["step vs flax"] = paired_ratio(samples["fnbp step"], samples["flax step"])
+        ratios["scan vs flax"] = paired_ratio(samples["fnbp scan"], samples["flax scan"])
     if "torch eager" in fns:
         ratios["step vs torch"] = paired_ratio(samples["fnbp step"], samples["torch eager"])
         ratios["scan vs torch"] = paired_ratio(samples["fnbp scan"], samples["torch eager"])
     md = [f"# LSTM training step: fnbp's BPTT rule vs jax.grad through lax.scan ({args.label})", "",
           f"H = {H}, B = {B}, T = {T}, V = {V}, embedding {d}, Adam, float32; {flops / 1e9:.2f} GFLOP per step "
           f"(matrix products); scan variants: {args.steps} steps per call.  Gradients agree to {agree:.1e} "
-          f"(max relative, float32).", "",
+          f"(max relative, float32)." + (f"  Flax {_flax_version()}: its own initialisation (same shapes), so its "
+                                         f"row compares timings only." if flax is not None else ""), "",
           common.md_table(["variant", "ms / step (median)", "IQR", "GFLOP/s", "samples"], rows), "",
-          "Paired ratios fnbp / autodiff (and fnbp / torch eager when present; median over rounds, IQR): " + "; ".join(
+          "Paired ratios fnbp / autodiff (and fnbp / Flax, fnbp / torch eager when present; median over rounds, "
+          "IQR): " + "; ".join(
               f"{k} {r['median']:.2f} ({r['q1']:.2f}-{r['q3']:.2f}, {r['rounds']} rounds)" for k, r in ratios.items()),
           "", f"Timings {args.label}: read the ratios, not the absolute times."]
     common.write_results(args.out, "bench_lstm", "\n".join(md),
                          {"settings": {"H": H, "B": B, "T": T, "V": V, "embed": d, "steps": args.steps,
-                                       "label": args.label},
-                          "machine": machine_description(), "torch": "torch eager" in fns, "gradient_agreement": agree, "summary": summary,
+                                       "label": args.label, "malloc": malloc},
+                          "machine": machine_description(), "torch": "torch eager" in fns,
+                          "flax": _flax_version() if flax is not None else None, "gradient_agreement": agree,
+                          "summary": summary,
                           "ratios": ratios}, args=args, seconds=timer.seconds)
     print("\n".join(md))
     return summary, ratios

@@ -19,6 +19,7 @@ after training.
     python experiments/char_rnn.py --quick --out /tmp/x
 """
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ import optax  # noqa: E402
 import fnbp  # noqa: E402
 from experiments import common  # noqa: E402
 from fnbp import charlm, optim, text  # noqa: E402
+from fnbp._malloc import keep_freed_memory  # noqa: E402
 
 CELLS = ("elman", "gru", "lstm")
 
@@ -126,6 +128,8 @@ def main(argv=None):
         p.add_argument("--sample-length", type=int, default=400)
     args = common.parse_args("Elman vs GRU vs LSTM on character-level Shakespeare (hand-derived BPTT)", argv,
                              add_arguments=add)
+    label = common.load_label(os.getloadavg()[0])
+    keep_freed_memory()                                       # as fnbp train does: each cell's steps alike
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     bad = [c for c in cells if c not in CELLS]
     if bad or not cells:
@@ -162,7 +166,7 @@ def main(argv=None):
             for cell, r in results.items()]
     md = ["# Character-level Shakespeare: Elman vs GRU vs LSTM (hand-derived BPTT)", "",
           f"H = {args.hidden}, embedding {args.embed}, B = {args.batch}, T = {args.seq_len}, stateful truncated "
-          f"BPTT, clip 1 + Adam {args.lr}, {args.seconds:.0f} s per cell (measured on a loaded machine); "
+          f"BPTT, clip 1 + Adam {args.lr}, {args.seconds:.0f} s per cell ({label}); "
           f"ln V = {math.log(V):.3f}.", "",
           common.md_table(["cell", "first loss", "steps", "train s", "valid nats/char", "valid bits/char",
                            "|g_x1| / |g_xT| trained"], rows), "",

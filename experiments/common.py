@@ -233,6 +233,13 @@ def load_dataset(name, *, seed, data_dir=None, n_train=None):
     return ds, split
 
 
+def load_label(load_1min):
+    """How the timings were taken, from the 1-minute load average read before the experiment's own work."""
+    if load_1min < 0.5:
+        return f"measured on a quiet machine: load average {load_1min:.2f} at the start"
+    return f"measured on a loaded machine: load average {load_1min:.2f} at the start"
+
+
 def log(msg):
     print(msg, flush=True)
     sys.stdout.flush()

@@ -38,7 +38,6 @@ REFUSED = {
     "init": (lambda v: v is None, "the text models are initialised as PyTorch's (fnbp.charlm.init)"),
     "slope": (lambda v: v is None, "it is leaky_relu's slope"),
     "batch_norm": (lambda v: not v, "the text models have no batch norm"),
-    "dropout": (lambda v: v is UNSET, "the text models have no dropout"),
     "augment": (lambda v: v is UNSET, "it shifts images"),
     "standardize": (lambda v: v is UNSET, "it standardises image features"),
     "l2": (lambda v: v is UNSET, "the text models' step has no L2 penalty"),
@@ -202,7 +201,10 @@ def train(args, corpus, params, opt, opt_state, key, *, start_epoch, start_step,
     t0 = time.perf_counter()
     state0 = charlm.zero_state(params, B, cell)
     chunk = np.zeros((B, T), np.int32)
-    step_fn = charlm.make_train_step(opt, cell).lower(params, opt_state, state0, chunk, chunk).compile()
+    dropout = args.dropout or 0.0
+    step_key = dropout_key(key, 0, 0) if dropout else None
+    step_fn = charlm.make_train_step(opt, cell, dropout).lower(params, opt_state, state0, chunk, chunk,
+                                                               step_key).compile()
     compile_seconds = time.perf_counter() - t0
     bar = training._progress_bar(progress, args.epochs - start_epoch)
     history, step, trained, stopped = [], start_step, 0.0, None
@@ -212,8 +214,9 @@ def train(args, corpus, params, opt, opt_state, key, *, start_epoch, start_step,
         chunks = text.sequential_batches(corpus.train, B, T, key=jax.random.fold_in(key, epoch))
         losses, norms = [], []
         t = time.perf_counter()
-        for x, y in itertools.islice(chunks, args.steps_per_epoch or None):
-            params, opt_state, state, E, g = step_fn(params, opt_state, state, x, y)
+        for i, (x, y) in enumerate(itertools.islice(chunks, args.steps_per_epoch or None)):
+            step_key = dropout_key(key, epoch, i) if dropout else None
+            params, opt_state, state, E, g = step_fn(params, opt_state, state, x, y, step_key)
             losses.append(E)
             norms.append(g)
             if args.time_budget:
@@ -246,6 +249,23 @@ def train(args, corpus, params, opt, opt_state, key, *, start_epoch, start_step,
     if bar is not None:
         bar.close()
     return result
+
+
+def _dropout_key(run_key, epoch, i):
+    from . import keys
+    return keys.dropout(keys.step(keys.epoch(run_key, epoch), i), 0)
+
+
+_DROPOUT_KEY = []
+
+
+def dropout_key(run_key, epoch, i):
+    """The dropout mask's key of step ``i`` of epoch ``epoch`` (``fnbp.keys``: the epoch's key, the step's, dropout
+    layer 0), from one compiled program (a step's key costs one dispatch, not three)."""
+    if not _DROPOUT_KEY:
+        import jax
+        _DROPOUT_KEY.append(jax.jit(_dropout_key))
+    return _DROPOUT_KEY[0](run_key, epoch, i)
 
 
 def epoch_lines(h):

@@ -1,7 +1,11 @@
 """A character-level language model from fnbp's rules: embedding -> recurrent layer -> dense on every step.
 
-    ids (B, T) --embedding--> x (B, T, d) --elman/lstm/gru--> hs (B, T, H) --dense--> logits (B, T, V)
+    ids (B, T) --embedding--> x (B, T, d) --elman/lstm/gru--> hs (B, T, H) [--dropout-->] --dense--> logits (B, T, V)
     E = softmax_cross_entropy(logits, targets), averaged over the B T tokens (nats per character)
+
+Dropout (training only, ``dropout=p`` with a ``key``): inverted dropout (``fnbp.dropout``) on hs, the recurrent
+layer's outputs on their way to the dense layer -- the non-recurrent connection, as Zaremba et al. (2014) regularise
+an LSTM; the state carried to the next step and the next chunk is the undropped h_t.
 
 A plain functional model (params a dict of arrays), used by ``experiments/char_rnn.py``, the LSTM
 benchmark and the tests; every gradient in it is one of fnbp's hand-written rules.  The state
@@ -15,7 +19,7 @@ first loss is about ln V nats per character.
 import jax
 import jax.numpy as jnp
 
-from . import layers, losses, rnn
+from . import layers, losses, regularization, rnn
 from .embeddings import embedding
 
 __all__ = ["CELLS", "init", "zero_state", "apply", "loss", "detach", "make_train_step", "evaluate", "sample"]
@@ -54,8 +58,9 @@ def zero_state(params, batch, cell="lstm"):
     return (h0, h0) if cell == "lstm" else h0
 
 
-def apply(params, ids, state, cell="lstm"):
-    """logits (B, T, V) and the final state, from integer ids (B, T) and the initial state."""
+def apply(params, ids, state, cell="lstm", *, dropout=0.0, key=None):
+    """logits (B, T, V) and the final state, from integer ids (B, T) and the initial state.  ``dropout`` > 0:
+    inverted dropout with that drop probability on hs before the dense layer, its mask from ``key``."""
     _check_cell(cell)
     x = embedding(params["E"], ids)
     if cell == "lstm":
@@ -68,13 +73,15 @@ def apply(params, ids, state, cell="lstm"):
     else:
         hs = rnn.elman(params["W_x"], params["W_h"], params["b"], x, state)
         new_state = hs[:, -1]
+    if dropout:
+        hs = regularization.dropout(hs, dropout, key)
     return layers.dense(params["W_out"], params["b_out"], hs), new_state
 
 
-def loss(params, ids, targets, state, cell="lstm"):
+def loss(params, ids, targets, state, cell="lstm", *, dropout=0.0, key=None):
     """(mean cross-entropy in nats per character, final state): the quantity to differentiate
-    (``jax.value_and_grad(loss, has_aux=True)``)."""
-    logits, new_state = apply(params, ids, state, cell)
+    (``jax.value_and_grad(loss, has_aux=True)``); ``dropout``, ``key``: as ``apply``'s."""
+    logits, new_state = apply(params, ids, state, cell, dropout=dropout, key=key)
     return losses.softmax_cross_entropy(logits, targets), new_state
 
 
@@ -83,15 +90,17 @@ def detach(state):
     return jax.tree_util.tree_map(jax.lax.stop_gradient, state)
 
 
-def make_train_step(opt, cell="lstm"):
-    """A jit-compiled truncated-BPTT step ``step(params, opt_state, state, x, y) -> (params, opt_state,
+def make_train_step(opt, cell="lstm", dropout=0.0):
+    """A jit-compiled truncated-BPTT step ``step(params, opt_state, state, x, y, key=None) -> (params, opt_state,
     state, loss, grad_norm)`` for an optax-style ``opt`` (e.g. ``optax.chain(fnbp.optim.clip_by_global_norm(1),
     fnbp.optim.adam(2e-3))``): the gradient of the chunk's mean loss, starting from ``state`` (already
-    detached), and the chunk's final state detached for the next chunk.  ``grad_norm`` is before clipping."""
+    detached), and the chunk's final state detached for the next chunk.  ``grad_norm`` is before clipping.
+    ``dropout`` > 0: ``apply``'s dropout, its mask from the step's ``key`` (required then)."""
     from .optim import apply_updates, global_norm
 
-    def step(params, opt_state, state, x, y):
-        (E, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y, state, cell)
+    def step(params, opt_state, state, x, y, key=None):
+        (E, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y, state, cell, dropout=dropout,
+                                                                         key=key)
         updates, opt_state = opt.update(grads, opt_state, params)
         return apply_updates(params, updates), opt_state, detach(new_state), E, global_norm(grads)
     return jax.jit(step)

@@ -367,7 +367,9 @@ def _open_out(args, out, ckpt):
 
 
 def _cmd_train(args):
-    from . import parallel
+    from . import _malloc, parallel
+
+    _malloc.keep_freed_memory()    # one compiled step per chunk otherwise page-faults its temporaries in every step
 
     not_text = _cli_text.check_flags(args, UsageError)       # --model's default; model and data; text-only flags
     process, n_processes = parallel.initialize_from_args(args, UsageError)   # before anything uses a device
@@ -635,7 +637,8 @@ def add_parser(sub):
                    help="--model mlp: weight initialiser (default: glorot)")
     t.add_argument("--batch-norm", action="store_true", help="batch norm before each hidden activation")
     t.add_argument("--dropout", type=_float_arg("--dropout", 0.0, 1.0), default=_cli_model.UNSET,
-                   help="dropout probability in [0, 1): mlp between hidden layers, lenet on each dense layer's input"
+                   help="dropout probability in [0, 1): mlp between hidden layers, lenet on each dense layer's input, "
+                        "elman/lstm/gru on the cell's outputs"
                         + _cli_model.default_help("dropout"))
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="fnbp.optim optimizer")
     t.add_argument("--lr", type=_float_arg("--lr", 0.0, lo_open=True), default=_cli_model.UNSET,

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import activations, keys, losses
+from . import _threefry, activations, keys, losses
 from .per_example import METHODS, as_params_tree, rows_norms_and_clipped_sums, walk
 
 __all__ = ["clipped_grad_sum", "loss_and_clipped_grad_sum", "clipped_objective", "private_grad", "gaussian_noise",
@@ -138,28 +138,9 @@ def example_scale(spec, batch_size):
     return 1.0 / batch_size if spec.reduction == "mean" else 1.0
 
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k1, k2, x1, x2):
-    """The Threefry-2x32 block cipher (Salmon et al. 2011; 20 rounds), as ``jax.random``'s threefry2x32 computes
-    it, written out round by round: XLA fuses it into ONE elementwise loop.  (JAX lowers it on the CPU as a rolled
-    loop of 5 iterations, each a pass over memory: about 4x slower for the DP noise of a 670k-parameter MLP.)"""
-    u32 = jnp.uint32
-    ks = (k1, k2, k1 ^ k2 ^ u32(0x1BD11BDA))
-    x1, x2 = x1 + ks[0], x2 + ks[1]
-    for i in range(5):
-        for r in _THREEFRY_ROTATIONS[i % 2]:
-            x1 = x1 + x2
-            x2 = jax.lax.shift_left(x2, u32(r)) | jax.lax.shift_right_logical(x2, u32(32 - r))
-            x2 = x1 ^ x2
-        x1, x2 = x1 + ks[(i + 1) % 3], x2 + ks[(i + 2) % 3] + u32(i + 1)
-    return x1, x2
-
-
 def _normal(key, shape, dtype):
     """``jax.random.normal(key, shape, dtype)``, bit for bit, for a threefry2x32 key (JAX's default, with
-    ``jax_threefry_partitionable``, JAX's default since 0.5), with the cipher unrolled (``_threefry2x32``):
+    ``jax_threefry_partitionable``, JAX's default since 0.5), with the cipher unrolled (``fnbp._threefry``):
     counter i = the flat index, bits = (hi ^ lo) (32-bit) or hi << 32 | lo (64-bit), u uniform in (-1, 1) from the
     mantissa bits, z = sqrt(2) erfinv(u).  Any other key, dtype or size: ``jax.random.normal`` itself.
 
@@ -173,24 +154,11 @@ def _normal(key, shape, dtype):
     bit for bit.  None is a big win, so the noise stays ``jax.random.normal``'s numbers, bit for bit: same key,
     same noise, across releases and across this function and JAX's."""
     dtype = jnp.dtype(dtype)
-    typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
-    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
-    size = math.prod(shape)
-    if ("threefry2x32" not in impl or not jax.config.jax_threefry_partitionable or size == 0 or size >= 2 ** 32
-            or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)) or jnp.ndim(key) != (0 if typed else 1)):
+    words = _threefry.key_words(key, shape, dtype)
+    if words is None:
         return jax.random.normal(key, shape, dtype)
-    data = jax.random.key_data(key) if typed else jnp.asarray(key, jnp.uint32)
-    lo = jax.lax.broadcasted_iota(jnp.uint32, (size,), 0).reshape(shape)
-    hi, lo = _threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), lo)
-    finfo = jnp.finfo(dtype)
-    if finfo.bits == 32:
-        bits, uint = hi ^ lo, jnp.uint32
-    else:
-        uint = jnp.uint64
-        bits = jax.lax.shift_left(hi.astype(uint), uint(32)) | lo.astype(uint)
+    floats = _threefry.uniform01(words, shape, dtype)
     one = np.array(1.0, dtype)
-    float_bits = jax.lax.shift_right_logical(bits, uint(finfo.bits - finfo.nmant)) | jnp.asarray(one.view(uint))
-    floats = jax.lax.bitcast_convert_type(float_bits, dtype) - one
     low, high = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype)), one
     u = jax.lax.max(jnp.asarray(low), floats * (high - low) + low)
     return np.array(np.sqrt(2), dtype) * jax.lax.erf_inv(u)

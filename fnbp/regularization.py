@@ -15,6 +15,7 @@ J = L + lambda Omega (notes 003), is ``fnbp.losses.l2_penalty``.
 import jax
 import jax.numpy as jnp
 
+from . import _threefry
 from .check_cases import register as register_check
 from .rules import rule
 
@@ -31,7 +32,7 @@ def _concrete_scalar(p):
 
 def _dropout_fwd(x, p, key):
     """Inverted dropout with the mask drawn from ``key`` (see ``dropout``).  Backward: grad_x = grad_y m / (1 - p)."""
-    keep = jax.random.bernoulli(key, 1.0 - p, jnp.shape(x))
+    keep = _threefry.bernoulli(key, 1.0 - p, jnp.shape(x))    # jax.random.bernoulli's mask, bit for bit
     scale = 1.0 / (1.0 - p)                                  # inverted dropout: E[y] = x
     return jnp.where(keep, x * scale, 0).astype(x.dtype), (keep, scale)
 

@@ -778,10 +778,14 @@ def test_header_describes_the_mlp_only_where_an_mlp_case_ran():
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
 def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
     # a 64 MB block (glibc's malloc) freed and allocated again: with glibc's defaults a fresh mmap each time
-    # (~16,000 minor page faults when touched); after keep_freed_memory() the second allocation reuses the heap (under 1,000)
+    # (~16,000 minor page faults when touched); after keep_freed_memory() the second allocation reuses the heap (under
+    # 1,000), and so it does in a child given fnbp._malloc.child_env() (--torch-malloc same); FNBP_MALLOC=default
+    # leaves glibc's defaults
     code = """if True:
         import ctypes, resource, sys
         from fnbp.bench.harness import keep_freed_memory
+        if sys.argv[1] == "off":
+            assert keep_freed_memory() == {}
         if sys.argv[1] == "keep":
             assert keep_freed_memory() == {"M_MMAP_THRESHOLD": 2 ** 31 - 1, "M_TRIM_THRESHOLD": 2 ** 31 - 1,
                                            "M_TOP_PAD": 2 ** 28}
@@ -792,11 +796,17 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
         block = libc.malloc(n); ctypes.memset(block, 1, n); libc.free(block)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("FNBP_BENCH_MALLOC", None)
+    from fnbp import _malloc
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("FNBP_BENCH_MALLOC",
+                                                                                            "FNBP_MALLOC")}
+    env["PYTHONPATH"] = str(ROOT)
+    envs = {"default": env, "keep": env, "env": dict(env, **_malloc.child_env()),
+            "off": dict(env, FNBP_MALLOC="default")}
     faults = {}
-    for mode in ("default", "keep"):
-        proc = subprocess.run([sys.executable, "-c", code, mode], env=env, capture_output=True, text=True, timeout=120)
+    for mode, mode_env in envs.items():
+        proc = subprocess.run([sys.executable, "-c", code, mode], env=mode_env, capture_output=True, text=True,
+                              timeout=120)
         assert proc.returncode == 0, proc.stderr
         faults[mode] = int(proc.stdout.split()[-1])
-    assert faults["default"] > 10_000 and faults["keep"] < 1_000, faults
+    assert faults["default"] > 10_000 and faults["off"] > 10_000, faults
+    assert faults["keep"] < 1_000 and faults["env"] < 1_000, faults

@@ -106,8 +106,8 @@ def test_help_shows_each_default_once_and_no_python_reprs(capsys, monkeypatch):
     assert "(default: None)" not in text and "[64, 32, 10]" not in text
     assert ("(default: 64,32,10)" in text and "(default: mlp 16, lenet 64; elman/lstm/gru 64)" in text
             and "runs/<data>-mlp" in text and "(default: mlp; lstm on shakespeare)" in text)
-    assert ("(default: mlp 40, lenet 10; lenet on digits 40; elman/lstm/gru 20)" in text
-            and "(default: mlp on, lenet off)" in text)
+    assert ("(default: mlp 40, lenet 10; lenet on digits 40; elman/lstm/gru 25)" in text
+            and "(default: mlp on, lenet off)" in text and "(default: mlp off, lenet 0.25; elman/lstm/gru 0.25)" in text)
     assert "(default: 256)" in text and "(default: one whole pass over the training text)" in text
     assert text.count("(default: $FNBP_MNIST_DIR") == 1 and "default: True" not in text
     assert "model's default" not in text and "_Unset" not in text
@@ -595,7 +595,8 @@ def test_text_model_trains_prints_nats_bits_and_a_sample_and_resumes_bit_identic
     assert model == {"kind": "charlm", "cell": "lstm", "vocab": fnbp_text.load_shakespeare().vocab, "vocab_size": 67,
                      "hidden": 16, "embed": 8, "data": "shakespeare"}
     assert stored["args"]["model"] == "lstm" and stored["args"]["seq_len"] == 8
-    assert not {"layers", "activation", "dropout", "augment", "standardize", "l2", "dp_clip"} & set(stored["args"])
+    assert not {"layers", "activation", "augment", "standardize", "l2", "dp_clip"} & set(stored["args"])
+    assert stored["args"]["dropout"] == 0.25                   # the text models' default, on the cell's outputs
 
 
 @pytest.mark.slow
@@ -632,6 +633,17 @@ def test_time_budget_ends_the_epoch_in_progress_and_checkpoints_it(capsys, tmp_p
     assert checkpoint.read_metadata(out / "checkpoint.npz")["epoch"] == 1
 
 
+def test_train_keeps_freed_memory_for_its_own_process(capsys, tmp_path, monkeypatch):
+    # fnbp train sets glibc's malloc to keep freed memory (fnbp._malloc) before training: a compiled step called
+    # once per chunk otherwise page-faults its temporaries in at every call
+    from fnbp import _malloc
+    calls = []
+    monkeypatch.setattr(_malloc, "keep_freed_memory", lambda: calls.append(1) or {})
+    rc, _, err = _main(capsys, *XOR, "--epochs", "1", "--quiet", "--out", str(tmp_path / "run"))
+    assert rc == 0, err
+    assert calls == [1]
+
+
 @pytest.mark.slow
 def test_gru_trains_and_samples(capsys, tmp_path):
     out = tmp_path / "gru"
@@ -644,8 +656,6 @@ def test_gru_trains_and_samples(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "2,3"], "--layers does not apply to --data shakespeare --model lstm"),
-    (["--dropout", "0.1"], "--dropout does not apply to --data shakespeare --model lstm (the text models have no "
-                           "dropout): drop --dropout"),
     (["--augment", "1"], "--augment does not apply"),
     (["--l2", "0"], "--l2 does not apply"),
     (["--batch-norm"], "--batch-norm does not apply"),

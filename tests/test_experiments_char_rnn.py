@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments import bench_lstm, char_rnn  # noqa: E402
+from experiments import bench_lstm, char_rnn, common  # noqa: E402
 
 
 @pytest.mark.slow
@@ -42,11 +42,25 @@ def test_bench_lstm_quick(tmp_path):
 
 
 def test_bench_lstm_label_comes_from_the_load_average_before_its_own_work():
-    assert bench_lstm.load_label(0.12) == "measured on a quiet machine: load average 0.12 at the start"
-    assert bench_lstm.load_label(2.5) == "measured on a loaded machine: load average 2.50 at the start"
+    assert common.load_label(0.12) == "measured on a quiet machine: load average 0.12 at the start"
+    assert common.load_label(2.5) == "measured on a loaded machine: load average 2.50 at the start"
 
 
 def test_bench_lstm_per_step_times_divide_only_the_scan_variants():
     # a "... scan" call runs --steps optimizer steps; every other variant (torch eager included) runs one
     assert [bench_lstm.steps_per_call(n, 4) for n in ("fnbp scan", "autodiff scan")] == [4, 4]
     assert [bench_lstm.steps_per_call(n, 4) for n in ("fnbp step", "autodiff step", "torch eager")] == [1, 1, 1]
+
+
+def test_bench_lstm_has_no_flax_rows_without_flax(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flax.linen", None)          # import flax.linen raises ImportError
+    assert bench_lstm.flax_model(None, 67, 8, 16, 2, 4) is None
+
+
+@pytest.mark.slow
+def test_bench_lstm_times_flax_where_it_is_installed(tmp_path):
+    pytest.importorskip("flax")
+    summary, ratios = bench_lstm.main(["--quick", "--no-torch", "--out", str(tmp_path)])
+    assert {"flax step", "flax scan"} <= set(summary)
+    assert ratios["step vs flax"]["median"] > 0 and ratios["scan vs flax"]["median"] > 0
+    assert json.loads((tmp_path / "bench_lstm.json").read_text())["flax"]

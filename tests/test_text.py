@@ -136,3 +136,35 @@ def test_training_steps_on_shakespeare_lower_the_loss_from_ln_V(corpus):
     assert np.mean(losses[-10:]) < 0.85 * math.log(V), losses[-10:]
     out = charlm.sample(params, jax.random.key(0), text.encode("ROMEO:", corpus.vocab), 20, temperature=0.8)
     assert out.shape == (20,) and len(text.decode(out, corpus.vocab)) == 20
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_on_the_cell_outputs_equals_the_plain_jnp_model(cell):
+    # charlm's dropout: the reference's inverted dropout (same key, same mask) on hs before the dense layer; the
+    # carried state is the undropped h_T; value and gradients equal autodiff of the plain-jnp model (float64)
+    from fnbp import reference, reference_rnn
+    V, B, T, H, p = 9, 3, 5, 4, 0.3
+    with jax.enable_x64(True):
+        params = charlm.init(jax.random.key(4), V, H, embed=3, cell=cell, dtype=jnp.float64)
+        ids = np.random.default_rng(4).integers(0, V, (B, T + 1))
+        x, y, key, state = ids[:, :-1], ids[:, 1:], jax.random.key(5), charlm.zero_state(params, B, cell)
+
+        def plain(q):
+            xe = q["E"][x]
+            if cell == "lstm":
+                hs, _ = reference_rnn.lstm(q["W_x"], q["W_h"], q["b"], xe, *state)
+            else:
+                hs = reference_rnn.gru(q["W_x"], q["W_h"], q["b"], q["b_h"], xe, state)
+            logits = reference.dropout(hs, p, key) @ q["W_out"].T + q["b_out"]
+            return reference.softmax_cross_entropy(logits, y), hs[:, -1]
+
+        (E, new_state), grads = jax.value_and_grad(
+            lambda q: charlm.loss(q, x, y, state, cell, dropout=p, key=key), has_aux=True)(params)
+        (E_ref, h_T), grads_ref = jax.value_and_grad(plain, has_aux=True)(params)
+        assert abs(float(E - E_ref)) <= 1e-12 and float(E) != float(charlm.loss(params, x, y, state, cell)[0])
+        np.testing.assert_allclose(new_state[0] if cell == "lstm" else new_state, h_T, rtol=0, atol=1e-14)
+        for name in params:
+            np.testing.assert_allclose(grads[name], grads_ref[name], rtol=0, atol=1e-12, err_msg=name)
+        step = charlm.make_train_step(optim.sgd(0.1), cell, dropout=p)
+        with pytest.raises(ValueError, match="needs an explicit jax.random key"):
+            step(params, optim.sgd(0.1).init(params), state, x, y)

@@ -6,8 +6,10 @@ has torch: it imports numpy and torch only, never fnbp or jax).
 DATA.npz holds what fnbp's run uses: the token ids ``train`` and ``validation`` (int32), fnbp's initial weights
 E (V, d), W_x (4H, d), W_h (4H, H), b (4H,), W_out (V, H), b_out (V,) (float32), and the recipe of ``fnbp train
 --data shakespeare --model lstm``: batch_size B, seq_len T, eval_rows, lr, lr_schedule (constant, inverse or
-exponential), lr_decay, clip (0 = none), steps_per_epoch (0 = a whole pass), seconds (the training-time budget)
-and ``offsets`` (epoch e reads the training stream from offsets[e], the offset fnbp's epoch e drew).
+exponential), lr_decay, clip (0 = none), steps_per_epoch (0 = a whole pass), seconds (the training-time budget),
+dropout (the drop probability on the LSTM's outputs, training only; 0 = none), seed (``torch.manual_seed``: the
+dropout masks are PyTorch's own draws, not fnbp's) and ``offsets`` (epoch e reads the training stream from
+offsets[e], the offset fnbp's epoch e drew).
 
 The model: ``nn.Embedding(V, d)`` -> ``nn.LSTM(d, H, batch_first=True)`` -> ``nn.Linear(H, V)`` on every step,
 weight_ih = W_x, weight_hh = W_h (PyTorch's gate order i, f, g, o is fnbp's), bias_ih = b and bias_hh = 0 held
@@ -70,6 +72,8 @@ def main(argv=None):
     B, T, eval_rows = int(z["batch_size"]), int(z["seq_len"]), int(z["eval_rows"])
     lr0, schedule, decay, clip = float(z["lr"]), str(z["lr_schedule"]), float(z["lr_decay"]), float(z["clip"])
     steps_per_epoch, budget = int(z["steps_per_epoch"]), float(z["seconds"])
+    dropout = float(z["dropout"]) if "dropout" in z else 0.0
+    torch.manual_seed(int(z["seed"]) if "seed" in z else 0)
     V, d = z["E"].shape
     H = z["W_h"].shape[1]
     emb = torch.nn.Embedding(V, d)
@@ -91,8 +95,10 @@ def main(argv=None):
         h = torch.zeros(1, rows, H)
         return h, h.clone()
 
-    def chunk_loss(x, y, state):
+    def chunk_loss(x, y, state, train=False):
         hs, state = lstm(emb(torch.from_numpy(x)), state)
+        if train and dropout:
+            hs = F.dropout(hs, dropout, training=True)        # inverted dropout, as fnbp.dropout
         logits = out(hs)
         return F.cross_entropy(logits.reshape(-1, V), torch.from_numpy(y).reshape(-1)), state
 
@@ -122,7 +128,7 @@ def main(argv=None):
             for group in opt.param_groups:
                 group["lr"] = learning_rate(schedule, lr0, decay, step)
             opt.zero_grad(set_to_none=True)
-            E, state = chunk_loss(x, y, state)
+            E, state = chunk_loss(x, y, state, train=True)
             state = (state[0].detach(), state[1].detach())
             E.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip else

@@ -111,31 +111,11 @@ def paired_ratio(num, den, kind="wall"):
     return {"median": float(med), "q1": float(q1), "q3": float(q3), "rounds": int(rat.size)}
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
 def keep_freed_memory():
-    """Make this process's glibc malloc keep freed memory for reuse (``mallopt``: blocks under 2 GiB from the heap,
-    not ``mmap``; the heap's top never trimmed; the heap grown 256 MiB at a time), for every variant alike --
-    fnbp's, the autodiff reference's, PyTorch's.
-
-    Why: each call of a compiled XLA:CPU program allocates its temporaries afresh, and glibc serves blocks over
-    its mmap threshold with a new ``mmap``, returned to the kernel on ``free``: every call then page-faults its
-    temporaries in again (the LeNet step at B = 64: ~10,000 minor faults, 22-26 ms of kernel time per call on a
-    2-core AMD EPYC), which a ``lax.scan`` of many steps pays once per call and a program run once per step pays
-    every step.  Returns what was set ({} where this is not glibc, or FNBP_BENCH_MALLOC=default)."""
-    if os.environ.get("FNBP_BENCH_MALLOC") == "default" or platform.system() != "Linux":
-        return {}
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return {}
-    settings = {"M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, 2 ** 31 - 1),
-                "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
-                "M_TOP_PAD": (_M_TOP_PAD, 2 ** 28)}
-    return {name: value for name, (param, value) in settings.items() if mallopt(param, value) == 1}
+    """``fnbp._malloc.keep_freed_memory``: glibc keeps freed memory for reuse, for every variant alike -- fnbp's,
+    the autodiff reference's, in-process PyTorch's -- as ``fnbp train`` does for its own process."""
+    from .._malloc import keep_freed_memory as keep
+    return keep()
 
 
 def machine_description():

@@ -10,7 +10,8 @@ The two alternate epoch by epoch (fnbp's epoch e, then PyTorch's epoch e, ...), 
 hits both alike.  An epoch's time is everything the run does for it: gathering the shuffled batches, the
 augmentation, the steps and the evaluation; fnbp's first epoch also compiles the evaluation, PyTorch's warms up,
 so the medians and the paired ratio are over epochs 2.. (all epochs are recorded).  Images/s = training
-images / epoch seconds.
+images / epoch seconds.  Memory: as in ``text_run``, this process keeps freed memory (``fnbp._malloc``, as
+``fnbp train`` does) and the PyTorch child has glibc's defaults unless ``--torch-malloc same``.
 """
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _malloc
 from .registry import register
 
 CHILD = Path(__file__).with_name("_torch_lenet_run.py")
@@ -64,15 +66,18 @@ class TorchChild:
     """A PyTorch loop as a child process (``child``, run by ``python``), one JSON line per command on its stdin:
     ``epoch`` (one epoch), ``eval`` (the current weights, no training), ``quit``.  ``arrays`` (the data, the
     initial weights, the recipe) reach it as one .npz file in a temporary directory; ``name`` is the bench case
-    the errors name."""
+    the errors name.  ``malloc="same"``: the child's glibc malloc keeps freed memory as this process's does
+    (``fnbp._malloc.child_env``); "default": the environment as it is."""
 
-    def __init__(self, name, python, child, arrays, threads=None):
+    def __init__(self, name, python, child, arrays, threads=None, malloc="default"):
         self.name = name
         self.dir = tempfile.TemporaryDirectory(prefix=f"fnbp-{name.replace('_', '-')}-")
         path = Path(self.dir.name) / "data.npz"
         np.savez(path, **arrays)
         cmd = [python, str(child), str(path)] + (["--threads", str(threads)] if threads else [])
         env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        if malloc == "same":                             # else the environment's (glibc's defaults)
+            env.update(_malloc.child_env())
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline().strip()
         if line != "ready":
@@ -111,14 +116,15 @@ class TorchRun(TorchChild):
     """The LeNet's PyTorch loop (``_torch_lenet_run.py``).  ``epoch()``: {"seconds", "train_seconds", "loss",
     "test_loss", "test_accuracy", "train_accuracy"}; ``evaluate()``: {"test_loss", "test_accuracy"}."""
 
-    def __init__(self, python, ds, params, seed, threads):
+    def __init__(self, python, ds, params, seed, threads, malloc="default"):
         weights = {f"{k}{i}": np.asarray(layer[k]) for i, layer in enumerate(params) for k in ("W", "b")}
         super().__init__("lenet_run", python, CHILD, dict(
             x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test, seed=seed,
-            **{k: np.asarray(v) for k, v in RECIPE.items()}, **weights), threads)
+            **{k: np.asarray(v) for k, v in RECIPE.items()}, **weights), threads, malloc)
 
 
-def bench_lenet_run(ds, epochs, *, seed=0, python=None, threads=None, skip_reason=None, log=lambda msg: None):
+def bench_lenet_run(ds, epochs, *, seed=0, python=None, threads=None, skip_reason=None, torch_malloc="default",
+                    log=lambda msg: None):
     """Train fnbp's LeNet for ``epochs`` epochs on ``ds`` (images (N, H, W, 1)) as ``fnbp train`` does, each
     epoch followed by one of the PyTorch loop (``python``: a Python with torch; None: fnbp alone); returns
     the report section."""
@@ -134,7 +140,7 @@ def bench_lenet_run(ds, epochs, *, seed=0, python=None, threads=None, skip_reaso
     cfg = train.Config(augment=RECIPE["augment"])
     B, n = RECIPE["batch_size"], ds.x_train.shape[0]
     images = (n // B) * B                                        # the remainder is dropped by both
-    peer = TorchRun(python, ds, params, seed, threads) if python else None
+    peer = TorchRun(python, ds, params, seed, threads, torch_malloc) if python else None
     fnbp_epochs, torch_epochs, mark = [], [], {}
     try:
         def on_epoch(result):
@@ -171,11 +177,25 @@ def bench_lenet_run(ds, epochs, *, seed=0, python=None, threads=None, skip_reaso
         return sec
     sec["torch"] = rows([e["seconds"] for e in torch_epochs], [e["train_seconds"] for e in torch_epochs],
                         [e["test_accuracy"] for e in torch_epochs])
+    sec["torch_malloc"] = torch_malloc
     f = {"wall": sec["fnbp"]["epoch_s"][warm], "round": list(range(epochs - 1))}
     t = {"wall": sec["torch"]["epoch_s"][warm], "round": list(range(epochs - 1))}
     r = paired_ratio(t, f)                                       # torch time / fnbp time = fnbp images/s / torch's
     sec["speed_ratio_paired"] = r
     return sec
+
+
+def malloc_line(sec, result):
+    """The sentence on each side's glibc malloc (``fnbp._malloc``), or None for a record without it."""
+    if "torch_malloc" not in sec:
+        return None
+    kept = bool((result or {}).get("malloc"))
+    return ("Memory: fnbp's process " + ("keeps freed memory for reuse (glibc mallopt, as `fnbp train` does)"
+                                         if kept else "uses glibc's default malloc")
+            + "; the PyTorch loop's process " + ("uses the same settings (`--torch-malloc same`)"
+                                                 if sec["torch_malloc"] == "same" else
+                                                 "uses glibc's defaults, as a plain PyTorch loop does "
+                                                 "(`--torch-malloc same` gives it fnbp's)") + ".")
 
 
 def render(sec, result=None):
@@ -199,6 +219,8 @@ def render(sec, result=None):
         r = sec["speed_ratio_paired"]
         L += ["", f"fnbp images/s / PyTorch images/s, paired by epoch: {r['median']:.3g} "
                   f"[{r['q1']:.3g}–{r['q3']:.3g}] over {r['rounds']} epochs (target ≥ 1.0)."]
+    if malloc_line(sec, result):
+        L += ["", malloc_line(sec, result)]
     return L + [""]
 
 
@@ -218,7 +240,7 @@ def _run(ctx):
         ds, epochs = mnist_images(), ctx.run_epochs
     ctx.log(f"whole-run LeNet throughput: {epochs} epochs, fnbp then {'PyTorch' if python else 'no PyTorch'} ...")
     return bench_lenet_run(ds, epochs, seed=ctx.seed, python=python, threads=ctx.cores, skip_reason=why,
-                           log=ctx.log)
+                           torch_malloc=ctx.torch_malloc, log=ctx.log)
 
 
 register("lenet_run", run=_run, render=render, summary=summary,

@@ -35,6 +35,7 @@ class Context:
     threads: Any = None
     torch_skip_reason: str = "torch not installed"
     no_torch: bool = False
+    torch_malloc: str = "default"
     run_epochs: int = 3
     text_seconds: Any = None
     text_train_flags: Any = None

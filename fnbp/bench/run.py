@@ -52,6 +52,10 @@ def build_parser(prog="fnbp bench", results_dir=None):
     p.add_argument("--simulated-devices", type=int, default=8,
                    help="N simulated CPU devices for the data-parallel row (0: skip)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
+    p.add_argument("--torch-malloc", choices=("default", "same"), default="default",
+                   help="glibc malloc of the PyTorch child process of lenet_run and text_run: 'default' (glibc's "
+                        "defaults, as a plain PyTorch loop runs) or 'same' (the settings fnbp train and this "
+                        "process use, fnbp._malloc)")
     p.add_argument("--run-epochs", type=int, default=3,
                    help="epochs of the lenet_run case (whole-run throughput; the first is a warm-up), >= 2")
     p.add_argument("--text-seconds", type=float, default=None,
@@ -102,9 +106,9 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
         return 0
 
     t_start = time.perf_counter()
-    # for every variant alike (see its docstring); not where PyTorch runs in a child process (lenet_run, text_run),
-    # whose malloc this process does not set
-    malloc = {} if any(case.name in ("lenet_run", "text_run") for case in cases) else keep_freed_memory()
+    # for every variant alike (see its docstring), as fnbp train does; the PyTorch child process of lenet_run and
+    # text_run gets glibc's defaults unless --torch-malloc same
+    malloc = keep_freed_memory()
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
@@ -139,7 +143,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
                   quick=quick, cores=cores, use_torch=use_torch, threads=threads,
                   torch_skip_reason="--no-torch" if args.no_torch else "torch not installed",
                   per_example_batch=args.per_example_batch, simulated_devices=args.simulated_devices,
-                  no_torch=args.no_torch, run_epochs=args.run_epochs,
+                  no_torch=args.no_torch, torch_malloc=args.torch_malloc, run_epochs=args.run_epochs,
                   text_seconds=args.text_seconds, text_train_flags=args.text_train_flags,
                   machine=machine, results=result, log=log)
     for case in cases:
@@ -155,9 +159,8 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
         notes.append("PyTorch rows skipped: " + ("--no-torch given." if args.no_torch else "torch is not installed."))
     notes.append("glibc malloc keeps freed memory (mallopt " + ", ".join(f"{k} {v}" for k, v in malloc.items())
                  + "): each call of a compiled program, and each PyTorch step, reuses it instead of page-faulting "
-                 "fresh temporaries in (FNBP_BENCH_MALLOC=default: glibc's defaults)" if malloc else
-                 "malloc: the platform's defaults (FNBP_BENCH_MALLOC=default, not glibc, or a case whose PyTorch "
-                 "side is a child process)")
+                 "fresh temporaries in (FNBP_MALLOC=default: glibc's defaults)" if malloc else
+                 "malloc: the platform's defaults (FNBP_MALLOC=default or not glibc)")
     result["notes"] = notes
     result["targets"] = targets(result) if "train_step" in result else []
     result["seconds"] = time.perf_counter() - t_start

@@ -22,6 +22,9 @@ first; the epoch in progress ends there and is evaluated.  The two alternate epo
 then PyTorch's epoch e), so a shared machine's drift hits both alike; when one side has stopped, the other goes
 on alone.  Before training, both evaluate the initial weights: the same validation loss (to float32 rounding)
 shows that the two are the same model on the same data.
+
+Memory: this process keeps freed memory for reuse (``fnbp._malloc``), as ``fnbp train`` does for its own; the
+PyTorch child runs with glibc's defaults, as a plain PyTorch loop does, unless ``--torch-malloc same``.
 """
 import math
 import shlex
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lenet_run import TorchChild, torch_python
+from .lenet_run import TorchChild, malloc_line, torch_python
 from .registry import register
 
 CHILD = Path(__file__).with_name("_torch_text_run.py")
@@ -70,15 +73,16 @@ class TorchTextRun(TorchChild):
     "loss", "valid_loss", "steps", "grad_norm", "learning_rate", "chars_per_s", "stopped"}; ``evaluate()``:
     {"valid_loss"} of the current weights, nats/char over the whole validation stream."""
 
-    def __init__(self, python, corpus, params, args, offsets, seconds, threads=None):
+    def __init__(self, python, corpus, params, args, offsets, seconds, threads=None, malloc="default"):
         from .._cli_text import EVAL_ROWS
         recipe = {"batch_size": args.batch_size, "seq_len": args.seq_len, "eval_rows": EVAL_ROWS, "lr": args.lr,
                   "lr_schedule": args.lr_schedule, "lr_decay": args.lr_decay, "clip": args.clip,
-                  "steps_per_epoch": args.steps_per_epoch, "seconds": seconds}
+                  "steps_per_epoch": args.steps_per_epoch, "seconds": seconds, "dropout": args.dropout,
+                  "seed": args.seed}
         super().__init__("text_run", python, CHILD, dict(
             train=np.asarray(corpus.train, np.int32), validation=np.asarray(corpus.validation, np.int32),
             offsets=np.asarray(offsets, np.int64), **{k: np.asarray(v) for k, v in recipe.items()},
-            **{k: np.asarray(v, np.float32) for k, v in params.items()}), threads)
+            **{k: np.asarray(v, np.float32) for k, v in params.items()}), threads, malloc)
 
 
 def initial_state(args, corpus):
@@ -105,7 +109,7 @@ def _side(epochs, B, T):
 
 
 def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=None, threads=None, skip_reason=None,
-                   log=lambda msg: None):
+                   torch_malloc="default", log=lambda msg: None):
     """Train ``fnbp train --data shakespeare --model lstm *flags`` for ``seconds`` of training time, each epoch
     followed by one of the PyTorch loop (``python``: a Python with torch; None: fnbp alone); returns the report
     section.  ``corpus``: a ``fnbp.text.CharCorpus`` (default: the CLI's, ``load_shakespeare()``)."""
@@ -120,8 +124,8 @@ def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=Non
     B, T = args.batch_size, args.seq_len
     params, opt, opt_state, schedule, k_train = initial_state(args, corpus)
     initial = {"fnbp": charlm.evaluate(params, corpus.validation, _cli_text.EVAL_ROWS, T, args.model)}
-    peer = (TorchTextRun(python, corpus, params, args, epoch_offsets(k_train, args.epochs, T), seconds, threads)
-            if python else None)
+    peer = (TorchTextRun(python, corpus, params, args, epoch_offsets(k_train, args.epochs, T), seconds, threads,
+                         torch_malloc) if python else None)
     fnbp_epochs, torch_epochs = [], []
 
     def torch_epoch():
@@ -153,7 +157,8 @@ def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=Non
         if peer is not None:
             peer.close()
     recipe = {k: getattr(args, k) for k in ("hidden", "embed", "batch_size", "seq_len", "lr", "lr_schedule",
-                                            "lr_decay", "clip", "optimizer", "epochs", "steps_per_epoch", "seed")}
+                                            "lr_decay", "clip", "dropout", "optimizer", "epochs", "steps_per_epoch",
+                                            "seed")}
     sec = {"command": "fnbp train --data shakespeare --model lstm " + " ".join([*flags, "--time-budget",
                                                                                 f"{seconds:g}", "--sample-length",
                                                                                 "0"]),
@@ -164,6 +169,7 @@ def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=Non
         sec["torch"] = {"skipped": skip_reason or "no torch python"}
         return sec
     sec["torch"] = _side(torch_epochs, B, T)
+    sec["torch_malloc"] = torch_malloc
     sec["initial_valid_rel_diff"] = abs(initial["torch"] - initial["fnbp"]) / abs(initial["fnbp"])
     f, t = sec["fnbp"], sec["torch"]
     sec["chars_per_s_ratio"] = f["chars_per_s"] / t["chars_per_s"]
@@ -184,7 +190,9 @@ def render(sec, result=None):
     L = ["## Whole run: `fnbp train --data shakespeare --model lstm` vs PyTorch's `nn.LSTM` (issue #26)", "",
          f"{sec['data']}: {sec['n_train']:,} training / {sec['n_valid']:,} validation characters, {sec['vocab_size']} "
          f"symbols. Embedding {rc['embed']} → LSTM H = {rc['hidden']} → dense, B = {rc['batch_size']} rows of "
-         f"T = {rc['seq_len']}, state carried across chunks (gradient cut), clip {rc['clip']:g}, Adam "
+         f"T = {rc['seq_len']}, state carried across chunks (gradient cut)"
+         + (f", dropout {rc['dropout']:g} on the LSTM's outputs (each side draws its own masks)"
+            if rc.get("dropout") else "") + f", clip {rc['clip']:g}, Adam "
          f"{rc['lr']:g} ({rc['lr_schedule']}, decay {rc['lr_decay']:g}/step), at most {rc['epochs']} epochs; each "
          f"side stops when its training time (steps only) reaches {sec['seconds']:g} s. Epochs alternate fnbp, "
          f"PyTorch. fnbp's side is `{sec['command']}`.", ""]
@@ -208,6 +216,8 @@ def render(sec, result=None):
                  f"[{sec['speed_ratio_paired']['q1']:.3g}–{sec['speed_ratio_paired']['q3']:.3g}] over "
                  f"{sec['speed_ratio_paired']['rounds']} epochs" if "speed_ratio_paired" in sec else "")
               + f". fnbp − PyTorch final validation loss: {sec['valid_loss_diff']:+.4f} nats/char (target ≤ 0)."]
+    if malloc_line(sec, result):
+        L += ["", malloc_line(sec, result)]
     sides = [n for n in ("fnbp", "torch") if "skipped" not in sec[n]]
     L += ["", "Validation loss (nats/char) against cumulative training seconds:", "",
           "| epoch | " + " | ".join(f"{n} s | {n} validation" for n in sides) + " |",
@@ -244,7 +254,8 @@ def _run(ctx):
                          f"above)") from None
     ctx.log(f"text run: fnbp train --data shakespeare --model lstm {' '.join(flags)} for {seconds:g} s of "
             f"training (at most {args.epochs} epochs), then {'PyTorch' if python else 'no PyTorch'} ...")
-    return bench_text_run(seconds, flags=flags, python=python, threads=ctx.cores, skip_reason=why, log=ctx.log)
+    return bench_text_run(seconds, flags=flags, python=python, threads=ctx.cores, skip_reason=why,
+                          torch_malloc=ctx.torch_malloc, log=ctx.log)
 
 
 register("text_run", run=_run, render=render, summary=summary,
