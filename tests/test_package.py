@@ -20,7 +20,7 @@ RULES, OPS, WALKER, MODELS, QUANTITIES, TRAINING, FRONT = range(7)
 IMPORTS = {RULES: {RULES}, OPS: {RULES, OPS}, WALKER: {RULES, WALKER}, MODELS: {RULES, OPS, WALKER, MODELS},
            QUANTITIES: set(range(QUANTITIES + 1)), TRAINING: set(range(TRAINING + 1)), FRONT: set(range(FRONT + 1))}
 LAYERS = {
-    RULES: ["rules", "check_cases", "keys"],
+    RULES: ["rules", "check_cases", "keys", "_threefry"],            # _threefry: jax.random's draws, unrolled
     OPS: ["activations", "layers", "losses", "norm", "regularization", "conv", "pool", "ops", "reference",
           "extensions", "rnn", "rnn_steps", "reference_rnn", "embeddings"],                                    # extensions: each rule's per-example extension
     WALKER: ["graph"],
@@ -29,7 +29,7 @@ LAYERS = {
     TRAINING: ["train", "train_checks", "optim", "optim.*", "data", "idx", "checkpoint", "_checkpoint_format",
                "parallel", "text", "charlm"],                 # charlm: a char model's training step
     FRONT: ["", "__main__", "cli", "cli_train", "_cli_model", "_cli_args", "_cli_text", "bench", "bench.*", "crosscheck",
-            "checklist"],                                   # "": the package's facade, fnbp/__init__.py
+            "checklist", "_malloc"],                        # "": the package's facade, fnbp/__init__.py
 }
 # Known violations, each (importer, imported): none.  (Wave 2's -- cnn -> train, the per_example <->
 # per_example_conv cycle, optim._base <-> gradient_descent, graph -> losses/ops, nn.model <-> nn.layers -- are gone:
