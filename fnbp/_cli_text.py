@@ -13,6 +13,7 @@ stream (read as ``EVAL_ROWS`` rows, state carried; E / ln 2 bits per character) 
 the other models); this module holds the text models' flags, their checks, the epoch loop and ``fnbp sample``.
 """
 import argparse
+import functools
 import itertools
 import math
 import time
@@ -251,21 +252,17 @@ def train(args, corpus, params, opt, opt_state, key, *, start_epoch, start_step,
     return result
 
 
-def _dropout_key(run_key, epoch, i):
+@functools.cache
+def _dropout_key_program():
+    import jax
     from . import keys
-    return keys.dropout(keys.step(keys.epoch(run_key, epoch), i), 0)
-
-
-_DROPOUT_KEY = []
+    return jax.jit(lambda run_key, epoch, i: keys.dropout(keys.step(keys.epoch(run_key, epoch), i), 0))
 
 
 def dropout_key(run_key, epoch, i):
     """The dropout mask's key of step ``i`` of epoch ``epoch`` (``fnbp.keys``: the epoch's key, the step's, dropout
     layer 0), from one compiled program (a step's key costs one dispatch, not three)."""
-    if not _DROPOUT_KEY:
-        import jax
-        _DROPOUT_KEY.append(jax.jit(_dropout_key))
-    return _DROPOUT_KEY[0](run_key, epoch, i)
+    return _dropout_key_program()(run_key, epoch, i)
 
 
 def epoch_lines(h):

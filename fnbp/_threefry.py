@@ -66,8 +66,10 @@ def uniform01(words, shape, dtype):
 def bernoulli(key, p, shape):
     """``jax.random.bernoulli(key, p, shape)`` (a Python float p: the default float dtype), bit for bit: the
     unrolled cipher where ``key_words`` allows, else ``jax.random.bernoulli`` itself."""
-    dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if isinstance(p, float) else jnp.result_type(p)
+    if not isinstance(p, float):
+        return jax.random.bernoulli(key, p, shape)
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)           # jax.random.bernoulli's dtype for a Python float
     words = key_words(key, shape, dtype)
-    if words is None or not isinstance(p, float):
+    if words is None:
         return jax.random.bernoulli(key, p, shape)
     return uniform01(words, shape, dtype) < np.array(p, dtype)

@@ -783,7 +783,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
     # leaves glibc's defaults
     code = """if True:
         import ctypes, resource, sys
-        from fnbp.bench.harness import keep_freed_memory
+        from fnbp._malloc import keep_freed_memory
         if sys.argv[1] == "off":
             assert keep_freed_memory() == {}
         if sys.argv[1] == "keep":

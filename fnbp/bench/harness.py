@@ -111,13 +111,6 @@ def paired_ratio(num, den, kind="wall"):
     return {"median": float(med), "q1": float(q1), "q3": float(q3), "rounds": int(rat.size)}
 
 
-def keep_freed_memory():
-    """``fnbp._malloc.keep_freed_memory``: glibc keeps freed memory for reuse, for every variant alike -- fnbp's,
-    the autodiff reference's, in-process PyTorch's -- as ``fnbp train`` does for its own process."""
-    from .._malloc import keep_freed_memory as keep
-    return keep()
-
-
 def machine_description():
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_model": None, "cpu_flags_simd": [], "logical_cores": os.cpu_count()}

@@ -80,7 +80,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
     when --json/--md are not given (None: nowhere). Returns the exit status."""
     from . import report
     from .cases import targets
-    from .harness import keep_freed_memory
+    from .._malloc import keep_freed_memory
     from .simulated import simulated_child
 
     argv = list(sys.argv[1:] if argv is None else argv)
