@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common  # noqa: E402
+from fnbp._malloc import keep_freed_memory  # noqa: E402
 from fnbp.bench import lenet  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def main(argv=None):
         p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
     args = common.parse_args("LeNet step: fnbp rules vs jax.grad through lax conv (jit, scan) vs torch",
                              argv, add_arguments=add)
+    malloc = keep_freed_memory()                              # for every variant alike, as fnbp train does
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # before torch loads (see fnbp.bench.run)
     from fnbp import cnn
     from fnbp.bench.harness import machine_description
@@ -45,7 +47,8 @@ def main(argv=None):
                             use_torch=use_torch, threads=cores if use_torch else None, cores=cores,
                             torch_skip_reason="--no-torch" if args.no_torch else "torch not installed",
                             log=common.log)
-    md = "\n".join(lenet.render(res)).replace("## LeNet", "# LeNet", 1)
+    res["malloc"] = malloc
+    md = "\n".join(lenet.render(res) + [common.malloc_line(malloc)]).replace("## LeNet", "# LeNet", 1)
     common.write_results(args.out, "bench_cnn", md, res, args=args, seconds=time.perf_counter() - t0)
     print(md)
     return res

@@ -160,7 +160,7 @@ def main(argv=None):
     args = common.parse_args("LSTM training step: fnbp's BPTT rule vs jax.grad through lax.scan", argv,
                              add_arguments=add)
     if args.label is None:
-        args.label = common.load_label(os.getloadavg()[0])
+        args.label = common.load_label(os.getloadavg()[0], common.busy_cores())
     malloc = keep_freed_memory()                              # for every variant alike, as fnbp train does
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # before torch loads (see fnbp.bench.run)
     if args.quick:

@@ -16,6 +16,7 @@ if __package__ in (None, ""):
 
 from experiments import common  # noqa: E402
 import fnbp  # noqa: E402
+from fnbp._malloc import keep_freed_memory  # noqa: E402
 from fnbp.bench.per_example_rules import bench_per_example_lenet, bench_per_example_rules, render  # noqa: E402
 
 
@@ -28,13 +29,15 @@ def main(argv=None):
     args = common.parse_args("per-example norms and DP-SGD step: fnbp rules vs vmap(grad)", argv, add_arguments=add)
     sizes = tuple(int(v) for v in args.sizes.split(","))
     min_time = min(args.min_time, 0.05) if args.quick else args.min_time
+    malloc = keep_freed_memory()                              # for every variant alike, as fnbp train does
     t0 = time.perf_counter()
     res = bench_per_example_rules(sizes, args.batch, min_time=min_time, seed=args.seed)
     if args.lenet_batch:        # the LeNet of issue #13 (28 x 28 x 1); --quick: a tiny 8 x 8 one
         arch = (fnbp.cnn.LeNet(image_shape=(8, 8, 1), channels=(4, 6), kernel=3, padding="SAME", hidden=(8,))
                 if args.quick else fnbp.cnn.lenet((28, 28, 1)))
         res["lenet"] = bench_per_example_lenet(arch, args.lenet_batch, min_time=min_time, seed=args.seed)
-    md = "\n".join(render(res)).replace("## Per-example", "# Per-example", 1)
+    res["malloc"] = malloc
+    md = "\n".join(render(res) + [common.malloc_line(malloc)]).replace("## Per-example", "# Per-example", 1)
     common.write_results(args.out, "bench_per_example", md, res, args=args, seconds=time.perf_counter() - t0)
     print(md)
     return res

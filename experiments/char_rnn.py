@@ -128,7 +128,7 @@ def main(argv=None):
         p.add_argument("--sample-length", type=int, default=400)
     args = common.parse_args("Elman vs GRU vs LSTM on character-level Shakespeare (hand-derived BPTT)", argv,
                              add_arguments=add)
-    label = common.load_label(os.getloadavg()[0])
+    label = common.load_label(os.getloadavg()[0], common.busy_cores())
     keep_freed_memory()                                       # as fnbp train does: each cell's steps alike
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     bad = [c for c in cells if c not in CELLS]

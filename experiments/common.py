@@ -127,6 +127,15 @@ def command_line(name, args):
     return " ".join(parts)
 
 
+def malloc_line(malloc):
+    """The report's line on memory: ``fnbp._malloc.keep_freed_memory()``'s settings (empty: the platform's
+    defaults)."""
+    if malloc:
+        return ("\nMemory: glibc malloc keeps freed memory for reuse (mallopt " + ", ".join(f"{k} {v}" for k, v in
+                malloc.items()) + "), for every variant alike, as `fnbp train` does.")
+    return "\nMemory: the platform's malloc defaults (FNBP_MALLOC=default, or not glibc)."
+
+
 def write_results(out, name, markdown, data, *, args=None, seconds=None):
     """Write ``out/NAME.md`` (``markdown`` plus a footer) and ``out/NAME.json`` (``data`` plus metadata).
 
@@ -233,8 +242,31 @@ def load_dataset(name, *, seed, data_dir=None, n_train=None):
     return ds, split
 
 
-def load_label(load_1min):
-    """How the timings were taken, from the 1-minute load average read before the experiment's own work."""
+def busy_cores(seconds=1.0):
+    """How many cores other work kept busy over the next ``seconds`` (Linux ``/proc/stat``: the non-idle share of
+    all cores' time, times the cores), read while this process waits; None where there is no /proc/stat.  Unlike
+    the 1-minute load average it does not lag: a job that ended a minute ago does not count."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)       # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def load_label(load_1min, busy=None):
+    """How the timings were taken: from ``busy`` (``busy_cores()``, read just before the experiment's own work)
+    where given, else from the 1-minute load average."""
+    if busy is not None:
+        return (f"measured on a {'quiet' if busy < 0.25 else 'loaded'} machine: other work kept {busy:.2f} cores "
+                f"busy in the second before the start (1-minute load average {load_1min:.2f}, which lags)")
     if load_1min < 0.5:
         return f"measured on a quiet machine: load average {load_1min:.2f} at the start"
     return f"measured on a loaded machine: load average {load_1min:.2f} at the start"

@@ -676,17 +676,30 @@ def test_text_run_section_of_a_known_result():
            "compile_s": 3.0, "initial_valid_loss": {"fnbp": 4.2, "torch": 4.2000001}, "ln_V": math.log(67),
            "fnbp": side, "torch": torch_side, "initial_valid_rel_diff": 2.4e-8, "chars_per_s_ratio": 1.1428,
            "valid_loss_diff": -0.25}
+    # equal training time: PyTorch finished first (120 s); fnbp read between (100, 1.9) and (210, 1.7) there
+    st = text_run.same_time(sec)
+    assert st["first_done"] == "torch" and st["seconds"] == 120.0 and st["torch"] == 1.95
+    assert st["fnbp"] == pytest.approx(1.9 - 0.2 * 20 / 110, abs=1e-12)
+    assert [g["seconds"] for g in st["grid"]] == [60.0, 120.0, 180.0]
+    assert st["grid"][0]["fnbp"] == pytest.approx(4.2 - 2.3 * 0.6, abs=1e-12)          # from (0, initial)
+    assert st["grid"][0]["torch"] == pytest.approx(4.2000001 - 2.2500001 * 0.5, abs=1e-12)
+    assert st["grid"][2]["torch"] == 1.95                                                 # done: its final value
+    sec["same_time"] = dict(st, diff=st["fnbp"] - st["torch"])
     lines = text_run.render(sec)
     assert lines[0].startswith("## Whole run: `fnbp train --data shakespeare --model lstm` vs PyTorch's `nn.LSTM`")
+    assert any(ln.startswith("At equal training time, 120.0 s, when PyTorch finished its run: fnbp 1.8636, "
+                             "PyTorch 1.9500 nats/char, fnbp − PyTorch -0.0864 (target ≤ 0") for ln in lines)
+    assert "| 60 | 2.8200 | 3.0750 | -0.2550 |" in lines and "| 180 | 1.7545 | 1.9500 | -0.1955 |" in lines
     assert "| fnbp train (the CLI's loop) | 2 | 500 | 210.0 | 9,752 | 1.7000 | 2.4526 |" in lines
     assert "| PyTorch nn.LSTM (eager) | 1 | 250 | 120.0 | 8,533 | 1.9500 | 2.8133 |" in lines
     assert "| 1 | 100.0 | 1.9000 | 120.0 | 1.9500 |" in lines and "| 2 | 210.0 | 1.7000 |  |  |" in lines
     assert any("over the whole run: 1.14. fnbp − PyTorch final validation loss: -0.2500" in ln for ln in lines)
     assert any("relative difference 2.4e-08" in ln for ln in lines)
     assert text_run.summary(sec) == ["text_run: fnbp 1.7000 nats/char after 210 s (9,752 chars/s), PyTorch 1.9500 "
-                                     "after 120 s (8,533 chars/s), chars/s fnbp / PyTorch 1.14"]
+                                     "after 120 s (8,533 chars/s), chars/s fnbp / PyTorch 1.14; at equal training "
+                                     "time (120 s) fnbp 1.8636, PyTorch 1.9500"]
     skipped = {k: v for k, v in sec.items() if k not in ("chars_per_s_ratio", "valid_loss_diff",
-                                                         "initial_valid_rel_diff")}
+                                                         "initial_valid_rel_diff", "same_time")}
     skipped.update(torch={"skipped": "--no-torch"}, initial_valid_loss={"fnbp": 4.2})
     text = "\n".join(text_run.render(skipped))
     assert "| PyTorch nn.LSTM (eager) | skipped: --no-torch | | | | | |" in text and "| 2 | 210.0 | 1.7000 |" in text

@@ -200,3 +200,33 @@ def test_common_helpers(tmp_path):
     md, js = common.write_results(tmp_path, "demo", "# demo", {"x": np.float32(1.5), "v": np.arange(3)})
     assert json.loads(js.read_text())["x"] == 1.5 and json.loads(js.read_text())["v"] == [0, 1, 2]
     assert "Do not edit by hand" in md.read_text()
+
+
+# ----------------------------------------------------------------------------- the benchmark scripts' memory line
+def test_bench_scripts_keep_freed_memory_and_say_so(tmp_path, monkeypatch):
+    """bench_cnn and bench_per_example time every variant with freed memory kept (``fnbp._malloc``, as ``fnbp
+    train`` does) and record it: the settings in the JSON and a "Memory:" line in the report; with
+    FNBP_MALLOC=default the line says the platform's defaults."""
+    from experiments import bench_cnn, bench_per_example
+    from fnbp import _malloc
+    bench_cnn.main(["--quick", "--no-torch", "--out", str(tmp_path)])
+    bench_per_example.main(["--quick", "--sizes", "16,8,8,4", "--batch", "8", "--lenet-batch", "0", "--out",
+                            str(tmp_path)])
+    for name in ("bench_cnn", "bench_per_example"):
+        malloc = _load(tmp_path, name)["malloc"]
+        md = (tmp_path / f"{name}.md").read_text()
+        if malloc:                                        # Linux with glibc: what mallopt accepted
+            assert malloc == {k: v for k, v in _malloc.SETTINGS.items() if k in malloc}
+            assert "Memory: glibc malloc keeps freed memory for reuse (mallopt M_" in md
+        else:
+            assert "Memory: the platform's malloc defaults" in md
+    monkeypatch.setenv("FNBP_MALLOC", "default")                 # glibc's defaults asked for: none set, and said so
+    bench_per_example.main(["--quick", "--sizes", "16,8,8,4", "--batch", "8", "--lenet-batch", "0", "--out",
+                            str(tmp_path)])
+    assert _load(tmp_path, "bench_per_example")["malloc"] == {}
+    assert "Memory: the platform's malloc defaults" in (tmp_path / "bench_per_example.md").read_text()
+    assert common.malloc_line({}).strip() == ("Memory: the platform's malloc defaults (FNBP_MALLOC=default, or not "
+                                              "glibc).")
+    assert common.malloc_line({"M_TOP_PAD": 7}).strip() == ("Memory: glibc malloc keeps freed memory for reuse "
+                                                            "(mallopt M_TOP_PAD 7), for every variant alike, as "
+                                                            "`fnbp train` does.")

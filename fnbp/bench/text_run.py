@@ -1,6 +1,7 @@
 """Bench case ``text_run``: ``fnbp train --data shakespeare --model lstm`` against a plain PyTorch ``nn.LSTM``
-loop trained with the same recipe for the same training time (issue #26): both validation losses at the same
-time budget, their curves, and the ratio of characters per second.
+loop trained with the same recipe for the same training time (issue #26): both validation losses at equal
+training time (``same_time``: when the first side finished its run, and on a grid), each side's final one, their
+curves, and the ratio of characters per second.
 
 fnbp: the CLI's own code -- the arguments of ``fnbp train --data shakespeare --model lstm --time-budget SECONDS
 --sample-length 0`` (plus ``--text-train-flags``) parsed and defaulted by the CLI's parser, its initialisation and
@@ -110,6 +111,30 @@ def _side(epochs, B, T):
             "final_valid_bits": epochs[-1]["valid_loss"] / math.log(2) if epochs else None}
 
 
+def valid_at(curve, t, initial):
+    """A side's validation loss at training time ``t``: linear between its epoch ends ``curve`` ([seconds,
+    validation] pairs, cumulative training seconds) with (0, ``initial``) before the first; at or past its last
+    epoch end, its final value (the run is over: the model a user holds is the final one)."""
+    points = [(0.0, initial), *((float(s), float(v)) for s, v in curve)]
+    if t >= points[-1][0]:
+        return points[-1][1]
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if t <= s1:
+            return v0 + (v1 - v0) * (t - s0) / (s1 - s0)
+
+
+def same_time(sec, step=60.0):
+    """Both validation losses at equal training time (``valid_at``): at the moment the first side finished its
+    run (its last epoch's end), and every ``step`` seconds up to the later end."""
+    f, t, init = sec["fnbp"], sec["torch"], sec["initial_valid_loss"]
+    first = min(f["train_seconds"], t["train_seconds"])
+    at = lambda s: {"seconds": s, "fnbp": valid_at(f["curve"], s, init["fnbp"]),          # noqa: E731
+                    "torch": valid_at(t["curve"], s, init["torch"])}
+    grid = [at(step * k) for k in range(1, int(max(f["train_seconds"], t["train_seconds"]) // step) + 1)]
+    return {"first_done": "fnbp" if f["train_seconds"] <= t["train_seconds"] else "torch", **at(first),
+            "grid": grid}
+
+
 def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=None, threads=None, skip_reason=None,
                    torch_malloc="default", log=lambda msg: None):
     """Train ``fnbp train --data shakespeare --model lstm *flags`` for ``seconds`` of training time, each epoch
@@ -176,6 +201,8 @@ def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=Non
     f, t = sec["fnbp"], sec["torch"]
     sec["chars_per_s_ratio"] = f["chars_per_s"] / t["chars_per_s"]
     sec["valid_loss_diff"] = f["final_valid_loss"] - t["final_valid_loss"]      # <= 0: fnbp no worse
+    sec["same_time"] = same_time(sec)
+    sec["same_time"]["diff"] = sec["same_time"]["fnbp"] - sec["same_time"]["torch"]     # <= 0: fnbp no worse
     # per epoch, epochs 2.. that both ran whole: seconds per character, PyTorch's / fnbp's = fnbp chars/s / PyTorch's
     rounds = [i for i in range(1, min(len(fnbp_epochs), len(torch_epochs)))
               if not fnbp_epochs[i]["stopped"] and not torch_epochs[i]["stopped"]]
@@ -217,7 +244,17 @@ def render(sec, result=None):
               + (f"; paired by epoch (epochs 2.. run whole by both): {sec['speed_ratio_paired']['median']:.3g} "
                  f"[{sec['speed_ratio_paired']['q1']:.3g}–{sec['speed_ratio_paired']['q3']:.3g}] over "
                  f"{sec['speed_ratio_paired']['rounds']} epochs" if "speed_ratio_paired" in sec else "")
-              + f". fnbp − PyTorch final validation loss: {sec['valid_loss_diff']:+.4f} nats/char (target ≤ 0)."]
+              + f". fnbp − PyTorch final validation loss: {sec['valid_loss_diff']:+.4f} nats/char."]
+    if "same_time" in sec:
+        st, who = sec["same_time"], {"fnbp": "fnbp", "torch": "PyTorch"}
+        L += ["", f"At equal training time, {st['seconds']:.1f} s, when {who[st['first_done']]} finished its run: "
+                  f"fnbp {st['fnbp']:.4f}, PyTorch {st['torch']:.4f} nats/char, fnbp − PyTorch {st['diff']:+.4f} "
+                  f"(target ≤ 0; the side still training read linearly between its epoch ends).", "",
+              "| training s | fnbp validation | PyTorch validation | fnbp − PyTorch |", "|---|---|---|---|"]
+        L += [f"| {g['seconds']:.0f} | {g['fnbp']:.4f} | {g['torch']:.4f} | {g['fnbp'] - g['torch']:+.4f} |"
+              for g in st["grid"]]
+        L += ["", "(Between epoch ends each side's value is read linearly; past its last epoch a side keeps its "
+                  "final value.)"]
     if malloc_line(sec, result):
         L += ["", malloc_line(sec, result)]
     sides = [n for n in ("fnbp", "torch") if "skipped" not in sec[n]]
@@ -239,6 +276,10 @@ def summary(sec):
         t = sec["torch"]
         out[0] += (f", PyTorch {t['final_valid_loss']:.4f} after {t['train_seconds']:.0f} s "
                    f"({t['chars_per_s']:,.0f} chars/s), chars/s fnbp / PyTorch {sec['chars_per_s_ratio']:.3g}")
+        if "same_time" in sec:
+            st = sec["same_time"]
+            out[0] += (f"; at equal training time ({st['seconds']:.0f} s) fnbp {st['fnbp']:.4f}, PyTorch "
+                       f"{st['torch']:.4f}")
     return out
 
 
