@@ -769,6 +769,11 @@ def test_text_run_reports_both_sides_and_they_train_alike():
         np.testing.assert_allclose([e[key] for e in t["epochs"]], [e[key] for e in f["epochs"]], rtol=1e-5,
                                    err_msg=key)
     assert "| PyTorch nn.LSTM (eager) | 2 | 10 |" in text
+    st = sec["same_time"]                          # equal training time: when the first side finished its run
+    first = min(("fnbp", "torch"), key=lambda n: sec[n]["train_seconds"])
+    assert st["first_done"] == first and st["seconds"] == sec[first]["train_seconds"]
+    assert st[first] == sec[first]["final_valid_loss"] and st["diff"] == st["fnbp"] - st["torch"]
+    assert f"At equal training time, {st['seconds']:.1f} s" in text
     sec = text_run.bench_text_run(1e-9, flags=TINY_TEXT_FLAGS, corpus=corpus, python=python, threads=1)
     assert [(e["steps"], e["stopped"]) for e in sec["fnbp"]["epochs"]] == [(1, True)]
     assert [(e["steps"], e["stopped"]) for e in sec["torch"]["epochs"]] == [(1, True)]
