@@ -130,10 +130,8 @@ def command_line(name, args):
 def malloc_line(malloc):
     """The report's line on memory: ``fnbp._malloc.keep_freed_memory()``'s settings (empty: the platform's
     defaults)."""
-    if malloc:
-        return ("\nMemory: glibc malloc keeps freed memory for reuse (mallopt " + ", ".join(f"{k} {v}" for k, v in
-                malloc.items()) + "), for every variant alike, as `fnbp train` does.")
-    return "\nMemory: the platform's malloc defaults (FNBP_MALLOC=default, or not glibc)."
+    from fnbp._malloc import describe
+    return "\nMemory: " + describe(malloc) + (", for every variant alike, as `fnbp train` does." if malloc else ".")
 
 
 def write_results(out, name, markdown, data, *, args=None, seconds=None):

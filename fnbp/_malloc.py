@@ -40,6 +40,15 @@ def keep_freed_memory():
     return {name: value for name, value in SETTINGS.items() if mallopt(_PARAMS[name], value) == 1}
 
 
+def describe(settings):
+    """``keep_freed_memory()``'s result in words, for reports: "mallopt M_... v, ..." or the platform's
+    defaults."""
+    if settings:
+        return "glibc malloc keeps freed memory for reuse (mallopt " + ", ".join(
+            f"{k} {v}" for k, v in settings.items()) + ")"
+    return "malloc: the platform's defaults (FNBP_MALLOC=default, or not glibc)"
+
+
 def child_env():
     """The same settings as glibc's environment variables (``MALLOC_MMAP_THRESHOLD_`` ...), for a child process
     (e.g. the PyTorch loops of ``fnbp bench``'s lenet_run and text_run with ``--torch-malloc same``)."""

@@ -680,11 +680,12 @@ def test_text_run_section_of_a_known_result():
     st = text_run.same_time(sec)
     assert st["first_done"] == "torch" and st["seconds"] == 120.0 and st["torch"] == 1.95
     assert st["fnbp"] == pytest.approx(1.9 - 0.2 * 20 / 110, abs=1e-12)
+    assert st["diff"] == pytest.approx(1.9 - 0.2 * 20 / 110 - 1.95, abs=1e-12)
     assert [g["seconds"] for g in st["grid"]] == [60.0, 120.0, 180.0]
     assert st["grid"][0]["fnbp"] == pytest.approx(4.2 - 2.3 * 0.6, abs=1e-12)          # from (0, initial)
     assert st["grid"][0]["torch"] == pytest.approx(4.2000001 - 2.2500001 * 0.5, abs=1e-12)
     assert st["grid"][2]["torch"] == 1.95                                                 # done: its final value
-    sec["same_time"] = dict(st, diff=st["fnbp"] - st["torch"])
+    sec["same_time"] = st
     lines = text_run.render(sec)
     assert lines[0].startswith("## Whole run: `fnbp train --data shakespeare --model lstm` vs PyTorch's `nn.LSTM`")
     assert any(ln.startswith("At equal training time, 120.0 s, when PyTorch finished its run: fnbp 1.8636, "

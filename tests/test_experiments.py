@@ -219,13 +219,13 @@ def test_bench_scripts_keep_freed_memory_and_say_so(tmp_path, monkeypatch):
             assert malloc == {k: v for k, v in _malloc.SETTINGS.items() if k in malloc}
             assert "Memory: glibc malloc keeps freed memory for reuse (mallopt M_" in md
         else:
-            assert "Memory: the platform's malloc defaults" in md
+            assert "Memory: malloc: the platform's defaults" in md
     monkeypatch.setenv("FNBP_MALLOC", "default")                 # glibc's defaults asked for: none set, and said so
     bench_per_example.main(["--quick", "--sizes", "16,8,8,4", "--batch", "8", "--lenet-batch", "0", "--out",
                             str(tmp_path)])
     assert _load(tmp_path, "bench_per_example")["malloc"] == {}
-    assert "Memory: the platform's malloc defaults" in (tmp_path / "bench_per_example.md").read_text()
-    assert common.malloc_line({}).strip() == ("Memory: the platform's malloc defaults (FNBP_MALLOC=default, or not "
+    assert "Memory: malloc: the platform's defaults" in (tmp_path / "bench_per_example.md").read_text()
+    assert common.malloc_line({}).strip() == ("Memory: malloc: the platform's defaults (FNBP_MALLOC=default, or not "
                                               "glibc).")
     assert common.malloc_line({"M_TOP_PAD": 7}).strip() == ("Memory: glibc malloc keeps freed memory for reuse "
                                                             "(mallopt M_TOP_PAD 7), for every variant alike, as "

@@ -80,7 +80,7 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
     when --json/--md are not given (None: nowhere). Returns the exit status."""
     from . import report
     from .cases import targets
-    from .._malloc import keep_freed_memory
+    from .._malloc import describe, keep_freed_memory
     from .simulated import simulated_child
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -157,10 +157,9 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
                         " (from the environment)"))
     elif any(case.name in report.MLP_CASES + ("lenet",) for case in cases):
         notes.append("PyTorch rows skipped: " + ("--no-torch given." if args.no_torch else "torch is not installed."))
-    notes.append("glibc malloc keeps freed memory (mallopt " + ", ".join(f"{k} {v}" for k, v in malloc.items())
-                 + "): each call of a compiled program, and each PyTorch step, reuses it instead of page-faulting "
-                 "fresh temporaries in (FNBP_MALLOC=default: glibc's defaults)" if malloc else
-                 "malloc: the platform's defaults (FNBP_MALLOC=default or not glibc)")
+    notes.append(describe(malloc) + (": each call of a compiled program, and each PyTorch step, reuses it instead "
+                                     "of page-faulting fresh temporaries in (FNBP_MALLOC=default: glibc's "
+                                     "defaults)" if malloc else ""))
     result["notes"] = notes
     result["targets"] = targets(result) if "train_step" in result else []
     result["seconds"] = time.perf_counter() - t_start

@@ -125,14 +125,16 @@ def valid_at(curve, t, initial):
 
 def same_time(sec, step=60.0):
     """Both validation losses at equal training time (``valid_at``): at the moment the first side finished its
-    run (its last epoch's end), and every ``step`` seconds up to the later end."""
+    run (its last epoch's end), with ``diff`` = fnbp's − PyTorch's (<= 0: fnbp no worse), and every ``step``
+    seconds up to the later end."""
     f, t, init = sec["fnbp"], sec["torch"], sec["initial_valid_loss"]
     first = min(f["train_seconds"], t["train_seconds"])
     at = lambda s: {"seconds": s, "fnbp": valid_at(f["curve"], s, init["fnbp"]),          # noqa: E731
                     "torch": valid_at(t["curve"], s, init["torch"])}
     grid = [at(step * k) for k in range(1, int(max(f["train_seconds"], t["train_seconds"]) // step) + 1)]
-    return {"first_done": "fnbp" if f["train_seconds"] <= t["train_seconds"] else "torch", **at(first),
-            "grid": grid}
+    at_first = at(first)
+    return {"first_done": "fnbp" if f["train_seconds"] <= t["train_seconds"] else "torch", **at_first,
+            "diff": at_first["fnbp"] - at_first["torch"], "grid": grid}
 
 
 def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=None, threads=None, skip_reason=None,
@@ -202,7 +204,6 @@ def bench_text_run(seconds=DEFAULT_SECONDS, *, flags=(), corpus=None, python=Non
     sec["chars_per_s_ratio"] = f["chars_per_s"] / t["chars_per_s"]
     sec["valid_loss_diff"] = f["final_valid_loss"] - t["final_valid_loss"]      # <= 0: fnbp no worse
     sec["same_time"] = same_time(sec)
-    sec["same_time"]["diff"] = sec["same_time"]["fnbp"] - sec["same_time"]["torch"]     # <= 0: fnbp no worse
     # per epoch, epochs 2.. that both ran whole: seconds per character, PyTorch's / fnbp's = fnbp chars/s / PyTorch's
     rounds = [i for i in range(1, min(len(fnbp_epochs), len(torch_epochs)))
               if not fnbp_epochs[i]["stopped"] and not torch_epochs[i]["stopped"]]
