@@ -30,7 +30,7 @@ SAMPLE_TEMPERATURE = 0.8
 SEED_LIMIT = 2 ** 32
 
 # The text models' own flags: name -> default (given on other data, they are refused by name).
-TEXT_FLAGS = {"hidden": 256, "embed": 64, "seq_len": 64, "clip": 1.0, "steps_per_epoch": 0, "time_budget": 0.0,
+TEXT_FLAGS = {"hidden": 384, "embed": 64, "seq_len": 64, "clip": 1.0, "steps_per_epoch": 0, "time_budget": 0.0,
               "sample_length": 200}
 # Flags of the image and MLP models that the text models do not use: name -> (is it left at its default?, why).
 REFUSED = {

@@ -29,9 +29,10 @@ GEMM over all T B rows each (cuDNN's arrangement):
 so only the truly sequential products h_{t-1} W_h^T (forward) and delta_t W_h
 (backward) stay inside the loops.  Inside the rules the time axis leads ((T, B, .) arrays):
 ``lax.scan`` walks the leading axis.  The bias is added inside the forward loop, fused with the
-gates (no extra pass over A_x).  The LSTM also keeps its loops lean (``_lstm_fwd``): its forward
-stores the backward's local derivatives rather than the gates, and one (T, B, 4H) buffer holds
-A_x, then those derivatives, then delta, each loop overwriting row t in place.
+gates (no extra pass over A_x).  The LSTM and the GRU also keep their loops lean (``_lstm_fwd``,
+``_gru_fwd``): the forward stores the backward's local derivatives rather than the gates, and one
+(T, B, kH) buffer holds A_x, then those derivatives, then delta (the GRU's delta^u), each loop
+overwriting row t in place.
 
 ``fnbp.rnn_steps`` has the same equations one step at a time with Python loops (CS231n's
 ``rnn_layers.py``), for reading; the tests check them against the fast rules.  ``fnbp.reference_rnn`` has the plain-jnp
@@ -313,48 +314,61 @@ def _gru_fwd(W_x, W_h, b_x, b_h, x, h0):
         grad W_h = sum_t delta^v_t h_{t-1}^T,  grad b_h = sum_t delta^v_t
         grad h_0 = W_h^T delta^v_1 + z_1 (.) grad_{h_1} E
 
-    Args: W_x (3H, n_in), W_h (3H, H), b_x (3H,), b_h (3H,), x (B, T, n_in), h0 (B, H).
-    Returns hs (B, T, H).  Residuals: W_x, W_h, x_tm, h0, the gates r, z, n and v^n (T, B, 4H), hs.
-    """
-    H = W_h.shape[1]
-    U, x_tm = _input_projection(W_x, x)                            # (T, B, 3H): one GEMM for all steps
+    The forward keeps, per step, the backward's local derivatives, so that the backward step is a few products:
+        D_t = (v^n_t (.) r (1 - r),  (h_{t-1} - n_t) (.) z (1 - z),  (1 - z_t) (.) (1 - n_t^2))    (B, 3H)
+    and (r_t, z_t) (B, 2H); then delta^n = grad_{h_t} E (.) D^n, delta^z = grad_{h_t} E (.) D^z and
+    delta^r = delta^n (.) D^r.  As in ``_lstm_fwd``, ONE (T, B, 3H) buffer carries U = X W_x^T into the forward
+    loop, which overwrites row t with D_t once it has read it, and the backward loop overwrites D_t with delta^u_t,
+    in place.
 
-    def step(h_prev, u):
-        u = u + b_x                                                # b_x added here, fused with the gates
-        v = _matmul_T(h_prev, W_h) + b_h
+    Args: W_x (3H, n_in), W_h (3H, H), b_x (3H,), b_h (3H,), x (B, T, n_in), h0 (B, H).
+    Returns hs (B, T, H).  Residuals: W_x, W_h, x_tm, h0, D (T, B, 3H), (r, z) (T, B, 2H), hs (T, B, H).
+    """
+    H, T = W_h.shape[1], x.shape[1]
+    U, x_tm = _input_projection(W_x, x)                            # (T, B, 3H): one GEMM for all steps
+    W_h_T = jnp.transpose(W_h)                                     # (H, 3H), once: h_{t-1} W_h^T in the loop
+
+    def step(carry, t):
+        h_prev, buf = carry                                        # buf row t: W_x x_t; rows < t: D
+        u = lax.dynamic_index_in_dim(buf, t, keepdims=False) + b_x   # b_x added here, fused with the gates
+        v = _matmul(h_prev, W_h_T) + b_h
         rz = _sigmoid(u[:, :2 * H] + v[:, :2 * H])
         r, z = rz[:, :H], rz[:, H:]
         v_n = v[:, 2 * H:]
         n = jnp.tanh(u[:, 2 * H:] + r * v_n)
         h = n + z * (h_prev - n)                                   # (1 - z) n + z h_{t-1}
-        return h, (jnp.concatenate([r, z, n, v_n], axis=1), h)
-    _, (gates, hs_tm) = lax.scan(step, h0, U)
-    return jnp.swapaxes(hs_tm, 0, 1), (W_x, W_h, x_tm, h0, gates, hs_tm)
+        D = jnp.concatenate([v_n * r * (1 - r), (h_prev - n) * z * (1 - z), (1 - z) * (1 - n * n)], axis=1)
+        buf = lax.dynamic_update_index_in_dim(buf, D, t, 0)
+        return (h, buf), (rz, h)
+    (_, D), (rz, hs_tm) = lax.scan(step, (h0, U), jnp.arange(T))
+    return jnp.swapaxes(hs_tm, 0, 1), (W_x, W_h, x_tm, h0, D, rz, hs_tm)
 
 
 def _gru_deltas(res, g):
-    """BPTT's reverse scan: (delta^u, delta^v (T, B, 3H) time-major, grad h_0)."""
-    W_x, W_h, x_tm, h0, gates, hs_tm = res
-    H = W_h.shape[1]
-    h_prev_tm = _shifted(h0, hs_tm)
+    """BPTT's reverse scan: (delta^u, delta^v (T, B, 3H) time-major, grad h_0); delta^u_t overwrites D_t in D's
+    buffer (see ``_gru_fwd``)."""
+    W_x, W_h, x_tm, h0, D, rz, hs_tm = res
+    H, T = W_h.shape[1], D.shape[0]
 
-    def step(grad_h_next, inputs):                                 # W_h^T delta^v_{t+1} + z_{t+1} grad_{h_{t+1}} E
-        grad_out, gate, h_prev = inputs
-        r, z, n, v_n = gate[:, :H], gate[:, H:2 * H], gate[:, 2 * H:3 * H], gate[:, 3 * H:]
+    def step(carry, inputs):                                       # W_h^T delta^v_{t+1} + z_{t+1} grad_{h_{t+1}} E
+        grad_h_next, buf = carry
+        grad_out, rz_t, t = inputs
+        r, z = rz_t[:, :H], rz_t[:, H:]
         grad_h = grad_out + grad_h_next
-        delta_n = grad_h * (1 - z) * (1 - n * n)
-        delta_z = grad_h * (h_prev - n) * z * (1 - z)
-        delta_r = delta_n * v_n * r * (1 - r)
-        delta_u = jnp.concatenate([delta_r, delta_z, delta_n], axis=1)
+        D_t = lax.dynamic_index_in_dim(buf, t, keepdims=False)
+        delta_n = grad_h * D_t[:, 2 * H:]
+        delta_z = grad_h * D_t[:, H:2 * H]
+        delta_r = delta_n * D_t[:, :H]
+        buf = lax.dynamic_update_index_in_dim(buf, jnp.concatenate([delta_r, delta_z, delta_n], axis=1), t, 0)
         delta_v = jnp.concatenate([delta_r, delta_z, r * delta_n], axis=1)
-        return _matmul(delta_v, W_h) + z * grad_h, (delta_u, delta_v)
-    grad_h0, (delta_u, delta_v) = lax.scan(step, jnp.zeros_like(h0), (jnp.swapaxes(g, 0, 1), gates, h_prev_tm),
+        return (_matmul(delta_v, W_h) + z * grad_h, buf), delta_v
+    (grad_h0, delta_u), delta_v = lax.scan(step, (jnp.zeros_like(h0), D), (jnp.swapaxes(g, 0, 1), rz, jnp.arange(T)),
                                            reverse=True)
     return delta_u, delta_v, grad_h0
 
 
 def _gru_bwd(res, g):
-    W_x, x_tm, h0, hs_tm = res[0], res[2], res[3], res[5]
+    W_x, _, x_tm, h0, _, _, hs_tm = res
     delta_u, delta_v, grad_h0 = _gru_deltas(res, g)
     grad_W_x, grad_W_h, grad_x = _weight_grads(delta_u, delta_v, W_x, x_tm, _shifted(h0, hs_tm))
     return (grad_W_x, grad_W_h, jnp.sum(delta_u, axis=(0, 1)), jnp.sum(delta_v, axis=(0, 1)), grad_x, grad_h0)
@@ -416,8 +430,9 @@ def _gru_rows(args, options, g, res):
     u_t = W_x x_t + b_x); W_h and b_h with rows h_{t-1} and delta^v_t = (delta^r, delta^z, r_t (.) delta^n) (the
     gradient of v_t = W_h h_{t-1} + b_h: v^n enters n_t = tanh(u^n + r_t (.) v^n) through r_t, so the n-block of
     grad_{W_h} E_n is sum_t (r_{n,t} (.) delta^n_{n,t}) h_{n,t-1}^T and that of grad_{b_h} E_n sum_t r (.) delta^n)."""
+    _, _, x_tm, h0, _, _, hs_tm = res
     delta_u, delta_v, _ = _gru_deltas(res, g)
-    return _recurrent_rows(res[2], _shifted(res[3], res[5]), delta_u, delta_v)
+    return _recurrent_rows(x_tm, _shifted(h0, hs_tm), delta_u, delta_v)
 
 
 # args: elman/lstm (W_x, W_h, b, x, h0[, c0]): W_x pairs with b, W_h has no bias of its own;

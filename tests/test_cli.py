@@ -106,9 +106,9 @@ def test_help_shows_each_default_once_and_no_python_reprs(capsys, monkeypatch):
     assert "(default: None)" not in text and "[64, 32, 10]" not in text
     assert ("(default: 64,32,10)" in text and "(default: mlp 16, lenet 64; elman/lstm/gru 64)" in text
             and "runs/<data>-mlp" in text and "(default: mlp; lstm on shakespeare)" in text)
-    assert ("(default: mlp 40, lenet 10; lenet on digits 40; elman/lstm/gru 20)" in text
-            and "(default: mlp on, lenet off)" in text and "(default: mlp off, lenet 0.25; elman/lstm/gru off)" in text)
-    assert "(default: 256)" in text and "(default: one whole pass over the training text)" in text
+    assert ("(default: mlp 40, lenet 10; lenet on digits 40; elman/lstm/gru 12)" in text
+            and "(default: mlp on, lenet off)" in text and "(default: mlp off, lenet 0.25; elman/lstm/gru 0.25)" in text)
+    assert "(default: 384)" in text and "(default: one whole pass over the training text)" in text
     assert text.count("(default: $FNBP_MNIST_DIR") == 1 and "default: True" not in text
     assert "model's default" not in text and "_Unset" not in text
 
@@ -596,7 +596,7 @@ def test_text_model_trains_prints_nats_bits_and_a_sample_and_resumes_bit_identic
                      "hidden": 16, "embed": 8, "data": "shakespeare"}
     assert stored["args"]["model"] == "lstm" and stored["args"]["seq_len"] == 8
     assert not {"layers", "activation", "augment", "standardize", "l2", "dp_clip"} & set(stored["args"])
-    assert stored["args"]["dropout"] == 0.0                    # the text models' default (on the cell's outputs)
+    assert stored["args"]["dropout"] == 0.25                   # the text models' default (on the cell's outputs)
 
 
 @pytest.mark.slow

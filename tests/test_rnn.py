@@ -439,7 +439,8 @@ def _wrong_h_view(args, options, g, res):
 def _wrong_gru_view(args, options, g, res):
     """Mutation: the GRU's W_h paired with delta^u (the n-block without r_t)."""
     delta_u, _, _ = rnn._gru_deltas(res, g)
-    return rnn._recurrent_rows(res[2], rnn._shifted(res[3], res[5]), delta_u, delta_u)
+    x_tm, h0, hs_tm = res[2], res[3], res[-1]                        # residuals: (W_x, W_h, x_tm, h0, ..., hs_tm)
+    return rnn._recurrent_rows(x_tm, rnn._shifted(h0, hs_tm), delta_u, delta_u)
 
 
 @pytest.mark.slow          # negative controls of the per-example views (the fast loop keeps the views' checks)

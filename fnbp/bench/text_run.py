@@ -8,10 +8,9 @@ fnbp: the CLI's own code -- the arguments of ``fnbp train --data shakespeare --m
 optimizer (``fnbp._cli_text.build``: ``fnbp.charlm.init`` from the run's key, clip by global norm then Adam with
 ``--lr-schedule``'s decay), and its epoch loop ``fnbp._cli_text.train`` (``fnbp.text.sequential_batches`` from a
 random offset per epoch, ``fnbp.charlm.make_train_step``'s stateful truncated BPTT, ``fnbp.charlm.evaluate`` over
-the whole validation stream after every epoch).  Embedding 64 -> LSTM H = 256 -> dense V on every step (with
-``--dropout p`` among the flags: dropout on the LSTM's outputs), B = 64 rows of T = 64 characters, clip 1.0, Adam
-2e-3 decayed by exp(-3e-4 k), the 90 / 10 split of
-``fnbp.text.load_shakespeare()``.  The sample the CLI prints after each epoch is off (it is not training).
+the whole validation stream after every epoch).  With the CLI's defaults: embedding 64 -> LSTM H = 384 -> dense V
+on every step with dropout 0.25 on the LSTM's outputs, B = 64 rows of T = 64 characters, clip 1.0, Adam 2e-3
+decayed by exp(-3e-4 k), 12 epochs, the 90 / 10 split of ``fnbp.text.load_shakespeare()``.  The sample the CLI prints after each epoch is off (it is not training).
 
 PyTorch: ``fnbp/bench/_torch_text_run.py``, run by a Python that has torch (``FNBP_TORCH_PYTHON``, else this Python
 when it can import torch; skipped otherwise), from fnbp's initial weights, on the same token ids, reading each
@@ -20,7 +19,7 @@ epoch from the offset fnbp's epoch drew (so both see the same chunks in the same
 dropout (``F.dropout`` at the same place and probability) draws PyTorch's own masks.
 
 Each side stops once its cumulative training time (the steps of its epochs, the evaluation excluded: fnbp's
-``--time-budget``) reaches ``seconds``, or after ``--epochs`` epochs (the CLI's default 20), whichever comes
+``--time-budget``) reaches ``seconds``, or after ``--epochs`` epochs (the CLI's default 12), whichever comes
 first; the epoch in progress ends there and is evaluated.  The two alternate epoch by epoch (fnbp's epoch e,
 then PyTorch's epoch e), so a shared machine's drift hits both alike; when one side has stopped, the other goes
 on alone.  Before training, both evaluate the initial weights: the same validation loss (to float32 rounding)
