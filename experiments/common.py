@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fnbp.bench.harness import QUIET_BUSY_CORES, busy_cores  # noqa: F401  (busy_cores re-exported for the scripts)
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 import matplotlib  # noqa: E402
 
@@ -240,30 +242,11 @@ def load_dataset(name, *, seed, data_dir=None, n_train=None):
     return ds, split
 
 
-def busy_cores(seconds=1.0):
-    """How many cores other work kept busy over the next ``seconds`` (Linux ``/proc/stat``: the non-idle share of
-    all cores' time, times the cores), read while this process waits; None where there is no /proc/stat.  Unlike
-    the 1-minute load average it does not lag: a job that ended a minute ago does not count."""
-    def sample():
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)       # total, idle + iowait
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
-
-
 def load_label(load_1min, busy=None):
     """How the timings were taken: from ``busy`` (``busy_cores()``, read just before the experiment's own work)
     where given, else from the 1-minute load average."""
     if busy is not None:
-        return (f"measured on a {'quiet' if busy < 0.25 else 'loaded'} machine: other work kept {busy:.2f} cores "
+        return (f"measured on a {'quiet' if busy < QUIET_BUSY_CORES else 'loaded'} machine: other work kept {busy:.2f} cores "
                 f"busy in the second before the start (1-minute load average {load_1min:.2f}, which lags)")
     if load_1min < 0.5:
         return f"measured on a quiet machine: load average {load_1min:.2f} at the start"

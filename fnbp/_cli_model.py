@@ -97,11 +97,18 @@ UNSET = _Unset()
 def default_help(name):
     """' (default: mlp X, lenet Y)' for the help text of a model-dependent flag."""
     mlp, lenet = (MODEL_DEFAULTS[m][name] for m in MODELS)
-    shown = {True: "on", False: "off"}
     digits = DATA_DEFAULTS["lenet", "digits"].get(name)
-    text = f"; elman/lstm/gru {shown.get(TEXT_DEFAULTS[name], TEXT_DEFAULTS[name])}" if name in TEXT_SHOWN else ""
-    return (f" (default: mlp {shown.get(mlp, mlp)}, lenet {shown.get(lenet, lenet)}"
+    text = f"; elman/lstm/gru {_shown(TEXT_DEFAULTS[name])}" if name in TEXT_SHOWN else ""
+    return (f" (default: mlp {_shown(mlp)}, lenet {_shown(lenet)}"
             + (f"; lenet on digits {digits}" if digits is not None else "") + text + ")")
+
+
+def _shown(value):
+    """A default as the help shows it: a switch on / off, a zero rate (dropout, l2) off, any other number as is
+    (1 stays 1: a dict lookup would read it as True)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "off" if value == 0 else value
 
 
 def fill_defaults(args):

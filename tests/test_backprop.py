@@ -31,9 +31,6 @@ from fnbp import reference as ref
 
 F64 = jnp.float64
 RTOL = 1e-10
-# The comparisons run as small jit-compiled functions, each compiled once; XLA's backend
-# optimisations cost more compile time than these tiny programs ever run, so switch them off.
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 # name -> (fnbp activation, reference activation taking (a, layer)); leaky_relu's slope is per case.
 ACTIVATIONS = {
@@ -165,7 +162,7 @@ def three_gradients(c, params, x, d):
 
 def run_case(c):
     """The three (E, grads) of case c, computed in one jit-compiled function."""
-    return fast_jit(lambda params, x, d: three_gradients(c, params, x, d))(c["params"], c["x"], c["d"])
+    return jax.jit(lambda params, x, d: three_gradients(c, params, x, d))(c["params"], c["x"], c["d"])
 
 
 def test_cases_cover_every_activation_loss_and_mode():
@@ -253,7 +250,7 @@ def test_l2_penalty_adds_lambda_W_to_weights_only():
     params = numpy_params(2, (4, 5, 3), prelu=True)
     rng = np.random.default_rng(3)
     x, d = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))
-    (E0, g0), (E1, g1) = fast_jit(lambda p, x, d: (fnbp.backprop(p, x, d, activation=fnbp.prelu),
+    (E0, g0), (E1, g1) = jax.jit(lambda p, x, d: (fnbp.backprop(p, x, d, activation=fnbp.prelu),
                                                   fnbp.backprop(p, x, d, activation=fnbp.prelu, l2=0.3)))(
         params, x, d)
     omega = 0.5 * sum(float(np.sum(p["W"] ** 2)) for p in params)          # 1/2 sum_k ||W_k||^2
@@ -349,7 +346,7 @@ def test_backprop_and_jax_grad_take_the_backward_from_rule():
     def through_apply(params, act):
         return jax.grad(lambda p: losses.half_sse(fnbp.mlp.apply(p, x, activation=act), d))(params)
 
-    @fast_jit
+    @jax.jit
     def everything(params):
         g_ref = jax.grad(lambda p: ref.half_sse(reference_network(
             p, x, [lambda a, layer: ref.tanh(a)] * 2 + [lambda a, layer: a]), d))(params)

@@ -7,6 +7,7 @@ benchmark must see JAX's defaults), ``fnbp bench --quick`` on a tiny network and
 outside the source tree, writing JSON and markdown to a temporary directory. Nothing here
 asserts speed: only exact quantities, and that every timed field is positive and finite.
 """
+import io
 import json
 import math
 import os
@@ -570,6 +571,10 @@ def test_bench_case_reports_the_issue_ratios():
     assert "| DP step, temp memory |" in text and "≤ 0.1" in text
     assert "| … its noise draw alone / ordinary step, time |" in text
     assert "| DP step / ordinary step, temp memory |" in text
+    # max_time ends the rounds although no variant could fill a min_time of 10^9 s (else this would never return)
+    capped = per_example_rules.bench_per_example_rules((8, 6, 3), 4, min_time=1e9, max_time=0.2, seed=0)
+    assert capped["max_time"] == 0.2 and all(st["n_samples"] >= 5 for st in capped["stats"].values())
+    assert "min 1000000000.0 s per variant or 0.2 s of rounds." in "\n".join(per_example_rules.render(capped))
 
 
 @pytest.mark.slow
@@ -829,3 +834,27 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
         faults[mode] = int(proc.stdout.split()[-1])
     assert faults["default"] > 10_000 and faults["off"] > 10_000, faults
     assert faults["keep"] < 1_000 and faults["env"] < 1_000, faults
+
+
+def test_busy_cores_reads_the_non_idle_share_of_proc_stat(monkeypatch):
+    # two readings of /proc/stat's first line, 300 jiffies apart of which 200 idle (+ iowait): 1/3 of 2 cores busy
+    lines = iter(["cpu  100 0 100 700 100 0 0 0 0 0\n", "cpu  150 0 150 880 120 0 0 0 0 0\n"])
+    monkeypatch.setattr(harness, "open", lambda path: io.StringIO(next(lines)), raising=False)
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
+    assert harness.busy_cores(seconds=0.0) == pytest.approx(2 / 3, abs=1e-12)
+    monkeypatch.setattr(harness, "open", lambda path: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
+    assert harness.busy_cores(seconds=0.0) is None
+
+
+def test_the_report_calls_a_machine_quiet_or_shared_from_the_busy_cores_before_the_run():
+    m = {"loadavg_at_start": [1.83, 1.7, 1.2], "usable_cores": 2}
+    # the load average lags a job that ended a minute ago; the busy cores in the second before the run do not
+    assert report._load_line({**m, "busy_cores_at_start": 0.04}) == (
+        "- Quiet machine: other work kept 0.04 cores busy in the second before the run (load average 1.8, 1.7, 1.2 "
+        "on 2 cores).")
+    shared = report._load_line({**m, "busy_cores_at_start": 0.9})
+    assert shared.startswith("- Shared machine: other work kept 0.90 cores busy") and "waiting for a core" in shared
+    # older results without the busy cores: from the 1-minute load average
+    assert report._load_line(m).startswith("- Shared machine: load average 1.8, 1.7, 1.2 on 2 cores when the run")
+    assert report._load_line({**m, "loadavg_at_start": [0.2, 0.5, 0.9]}) == (
+        "- Quiet machine: load average 0.2, 0.5, 0.9 on 2 cores when the run started.")

@@ -113,6 +113,12 @@ def test_help_shows_each_default_once_and_no_python_reprs(capsys, monkeypatch):
     assert "model's default" not in text and "_Unset" not in text
 
 
+def test_help_shows_a_default_of_one_as_a_number_not_as_on():
+    from fnbp import _cli_model
+    assert [_cli_model._shown(v) for v in (True, False, 0, 0.0, 1, 1.0, 0.25, 64)] == \
+        ["on", "off", "off", "off", 1, 1.0, 0.25, 64]                   # {True: "on"}.get(1) gave "on"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "argument --batch-size: --batch-size must be an integer >= 1 or 'full'"),
     (["--epochs", "0"], "argument --epochs: --epochs must be an integer >= 1, got 0"),

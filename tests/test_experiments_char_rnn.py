@@ -1,6 +1,5 @@
 """experiments/char_rnn.py and experiments/bench_lstm.py in --quick mode (into a temporary --out, so the committed
 results are never touched): they run, write their files, and their numbers say what the scripts claim."""
-import io
 import json
 import math
 import sys
@@ -49,16 +48,6 @@ def test_bench_lstm_label_comes_from_the_load_before_its_own_work():
     assert common.load_label(2.21, 0.04) == ("measured on a quiet machine: other work kept 0.04 cores busy in the "
                                              "second before the start (1-minute load average 2.21, which lags)")
     assert common.load_label(0.1, 1.5).startswith("measured on a loaded machine: other work kept 1.50 cores busy")
-
-
-def test_busy_cores_reads_the_non_idle_share_of_proc_stat(monkeypatch):
-    # two readings of /proc/stat's first line, 300 jiffies apart of which 200 idle (+ iowait): 1/3 of 2 cores busy
-    lines = iter(["cpu  100 0 100 700 100 0 0 0 0 0\n", "cpu  150 0 150 880 120 0 0 0 0 0\n"])
-    monkeypatch.setattr(common, "open", lambda path: io.StringIO(next(lines)), raising=False)
-    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
-    assert common.busy_cores(seconds=0.0) == pytest.approx(2 / 3, abs=1e-12)
-    monkeypatch.setattr(common, "open", lambda path: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
-    assert common.busy_cores(seconds=0.0) is None
 
 
 def test_bench_lstm_per_step_times_divide_only_the_scan_variants():

@@ -27,7 +27,6 @@ from fnbp import train as T
 from fnbp.graph import Const, Input, Param
 
 F64 = jnp.float64
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 from vjp_oracle import max_rel as rel_err, tree_rel_err          # noqa: E402  (the one relative-error helper)
@@ -174,7 +173,7 @@ def check_dag(spec, seed):
     keys = {f"key{i}": jax.random.fold_in(jax.random.key(7), i) for i in range(len(spec))}
     net_E = objective(net, losses.half_sse)
 
-    @fast_jit
+    @jax.jit
     def both(params, x, d):
         (E, _), g = graph.value_and_grad(net_E, params, {"x": x, "d": d, **keys})
         E_ref, g_ref = jax.value_and_grad(lambda p: ref.half_sse(reference_dag(spec, p, x, keys), d))(params)
@@ -218,7 +217,7 @@ def test_batch_norm_and_dropout_explicit_equals_autodiff(bn_position):
     key = jax.random.key(5)
     loss = losses.softmax_cross_entropy
 
-    @fast_jit
+    @jax.jit
     def both(params, x, d):
         E, g = fnbp.backprop(params, x, d, loss=loss, dropout=0.3, key=key, bn_position=bn_position, l2=0.01)
 
@@ -246,7 +245,7 @@ def test_twenty_training_steps_backprop_equals_autodiff_with_batch_norm_and_drop
         opt = optim.sgd(0.1)
         step = T.make_step(cfg, opt)
 
-        @fast_jit
+        @jax.jit
         def twenty(carry):
             return jax.lax.scan(step, carry, (xs, ds, keys))
 

@@ -4,7 +4,6 @@ The hand-written backward sums the gradients of both paths at h1; it is compared
 through the fnbp layers and with ``jax.grad`` of a plain-jnp reference (``fnbp.reference``), in float64 to
 <= 1e-10 relative per leaf, and dropping either summand is caught.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,6 @@ from vjp_oracle import max_rel as rel_err, tree_rel_err
 
 F64 = jnp.float64
 RTOL = 1e-10
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def skip_reference(params, x, g):
@@ -57,7 +55,7 @@ def skip_gradients(params, x, d, act, ref_act, loss, ref_loss):
 @pytest.mark.parametrize("act_name,loss_name,mode", SKIP_CASES)
 def test_skip_connection_hand_backward(act_name, loss_name, mode):
     params, x, d, act, ref_act, loss, ref_loss = skip_case(act_name, loss_name, mode)
-    (E_hand, g_hand), (E_grad, g_grad), (E_ref, g_ref) = fast_jit(
+    (E_hand, g_hand), (E_grad, g_grad), (E_ref, g_ref) = jax.jit(
         lambda p, x, d: skip_gradients(p, x, d, act, ref_act, loss, ref_loss))(params, x, d)
     assert rel_err(E_hand, E_ref) <= 1e-12 and rel_err(E_grad, E_ref) <= 1e-12
     assert tree_rel_err(g_hand, g_ref) <= RTOL
@@ -72,7 +70,7 @@ def test_skip_connection_dropping_a_summand_is_wrong(monkeypatch, keep):
     """Replace the sum at h1 by one of its two terms: dense1's gradient goes wrong, the rest stays."""
     params, x, d, act, ref_act, loss, ref_loss = skip_case("relu", "half_sse", "batch")
     monkeypatch.setattr(fnbp.graph, "accumulate", lambda *grads: grads[keep])
-    (_, g_wrong), _, (_, g_ref) = fast_jit(
+    (_, g_wrong), _, (_, g_ref) = jax.jit(
         lambda p, x, d: skip_gradients(p, x, d, act, ref_act, loss, ref_loss))(params, x, d)
     assert rel_err(g_wrong["dense1"]["W"], g_ref["dense1"]["W"]) > 1e-2
     assert rel_err(g_wrong["dense1"]["b"], g_ref["dense1"]["b"]) > 1e-2
@@ -81,7 +79,7 @@ def test_skip_connection_dropping_a_summand_is_wrong(monkeypatch, keep):
 
 
 def test_skip_connection_init():
-    params = fast_jit(lambda key: fnbp.skip.skip_connection_init(key, 2, 3, 4, 5, dtype=F64))(
+    params = jax.jit(lambda key: fnbp.skip.skip_connection_init(key, 2, 3, 4, 5, dtype=F64))(
         jax.random.key(3))
     assert set(params) == set(fnbp.skip.SKIP_LAYERS)
     shapes = {name: (layer["W"].shape, layer["b"].shape) for name, layer in params.items()}

@@ -27,6 +27,12 @@ TITLES = {          # name -> page title, in the order of the results index
     "bench": "Benchmark: the MLP training step",
     "bench_cnn": "Benchmark: the LeNet step",
     "bench_per_example": "Benchmark: per-example quantities",
+    "bench_lstm": "Benchmark: the LSTM step",
+    "char_rnn": "Character-level Shakespeare: Elman, GRU, LSTM",
+    "text_run": "Shakespeare LSTM against PyTorch, seed 0",
+    "text_run_seed1": "Shakespeare LSTM against PyTorch, seed 1",
+    "text_run_seed2": "Shakespeare LSTM against PyTorch, seed 2",
+    "text_run_epochs40": "Shakespeare LSTM against PyTorch: 40 epochs, H = 256, no dropout",
 }
 
 

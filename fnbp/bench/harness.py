@@ -111,6 +111,28 @@ def paired_ratio(num, den, kind="wall"):
     return {"median": float(med), "q1": float(q1), "q3": float(q3), "rounds": int(rat.size)}
 
 
+def busy_cores(seconds=1.0):
+    """How many cores other work kept busy over the next ``seconds`` (Linux ``/proc/stat``: the non-idle share of
+    all cores' time, times the cores), read while this process waits; None where there is no /proc/stat.  Unlike
+    the 1-minute load average it does not lag: a job that ended a minute ago does not count."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)       # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+QUIET_BUSY_CORES = 0.25        # other work below this many busy cores: a quiet machine
+
+
 def machine_description():
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_model": None, "cpu_flags_simd": [], "logical_cores": os.cpu_count()}

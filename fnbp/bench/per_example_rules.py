@@ -115,8 +115,10 @@ def _noise(p, x, d, key):
     return fnbp.dp.gaussian(p, key, fnbp.dp.noise_std(CLIP, SIGMA))
 
 
-def _measure(progs, params, x, d, noise_key, batch, min_time):
-    """Compile the seven programs, check the two ways agree, time them interleaved: the section's numbers."""
+def _measure(progs, params, x, d, noise_key, batch, min_time, max_time=None):
+    """Compile the seven programs, check the two ways agree, time them interleaved: the section's numbers.
+    ``max_time``: stop the rounds after that many seconds (``interleaved``'s) even if the fastest variant has not
+    yet filled ``min_time``: the vmap variants run 10-70x longer than the fast ones, every round."""
     compiled, info = {}, {}
     for name, fn in progs.items():
         t0 = time.perf_counter()
@@ -136,7 +138,7 @@ def _measure(progs, params, x, d, noise_key, batch, min_time):
     agree = {"norms_max_rel": float(jnp.max(jnp.abs(n1 - n2) / n2)), "dp_step_max_abs": max_abs(p1, p2),
              "dp_split_max_abs": max_abs(p1, split)}
     fns = {n: (lambda c=c: jax.block_until_ready(c(params, x, d, noise_key))) for n, c in compiled.items()}
-    samples = interleaved(fns, min_time)
+    samples = interleaved(fns, min_time, max_time=max_time)
     stats = {n: dict(summarize(samples[n], batch_size=batch), **info[n]) for n in VARIANTS}
     ratios = {"norms_time": paired_ratio(samples["norms_fnbp"], samples["norms_vmap"]),
               "dp_time": paired_ratio(samples["dp_fnbp"], samples["dp_vmap"]),
@@ -149,17 +151,17 @@ def _measure(progs, params, x, d, noise_key, batch, min_time):
         mem[a.split("_")[0] + "_temp"] = (ta / tb) if ta is not None and tb else None
     ta, tb = info["dp_fnbp"]["temp_bytes"], info["step_plain"]["temp_bytes"]
     mem["dp_vs_plain_temp"] = (ta / tb) if ta is not None and tb else None
-    return {"batch": batch, "min_time": min_time, "stats": stats, "ratios": ratios, "temp_ratios": mem,
-            "agreement_float32": agree}
+    return {"batch": batch, "min_time": min_time, "max_time": max_time, "stats": stats, "ratios": ratios,
+            "temp_ratios": mem, "agreement_float32": agree}
 
 
-def bench_per_example_rules(sizes, batch, *, min_time, seed=0):
+def bench_per_example_rules(sizes, batch, *, min_time, max_time=None, seed=0):
     """Interleaved timing of the seven variants; returns the report section (stats, paired ratios, temp ratios)."""
     key = jax.random.key(seed)
     params = fnbp.mlp.init(key, sizes)
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch, sizes[0]), jnp.float32)
     d = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, sizes[-1])
-    res = _measure(programs(), params, x, d, jax.random.fold_in(key, 3), batch, min_time)
+    res = _measure(programs(), params, x, d, jax.random.fold_in(key, 3), batch, min_time, max_time)
     return {"sizes": list(sizes), "n_params": fnbp.mlp.num_params(sizes), **res}
 
 
@@ -207,7 +209,7 @@ def lenet_programs(arch):
     }
 
 
-def bench_per_example_lenet(arch, batch, *, min_time, seed=0):
+def bench_per_example_lenet(arch, batch, *, min_time, max_time=None, seed=0):
     """The seven variants on a LeNet (``fnbp.cnn.LeNet``), float32; the same fields as ``bench_per_example_rules``
     plus the architecture and each conv layer's norm method."""
     key = jax.random.key(seed)
@@ -218,7 +220,7 @@ def bench_per_example_lenet(arch, batch, *, min_time, seed=0):
         params, x, d, arch=arch, loss=CE)[1]])
     methods = [fnbp.per_example.norm_method(dl.shape[1], dl.shape[2], pt.shape[2]) for dl, pt in shapes]
     clip_methods = [fnbp.per_example.clip_method(dl.shape[1], dl.shape[2], pt.shape[2]) for dl, pt in shapes]
-    res = _measure(lenet_programs(arch), params, x, d, jax.random.fold_in(key, 3), batch, min_time)
+    res = _measure(lenet_programs(arch), params, x, d, jax.random.fold_in(key, 3), batch, min_time, max_time)
     return {"arch": {"image_shape": list(arch.image_shape), "channels": list(arch.channels), "kernel": arch.kernel,
                      "padding": arch.padding, "hidden": list(arch.hidden)},
             "n_params": fnbp.cnn.num_params(params), "conv_norm_methods": methods[:len(arch.channels)],
@@ -258,7 +260,8 @@ def render(res, result=None):
     L = [f"## Per-example norms and DP-SGD: explicit rules vs vmap(grad)", "",
          f"Network {'-'.join(map(str, res['sizes']))} (ReLU, softmax cross-entropy, {res['n_params']:,} parameters), "
          f"B = {res['batch']}, float32, clip C = {CLIP}, sigma = {SIGMA}. One process, interleaved rounds "
-         f"(`fnbp.bench.harness.interleaved`), min {res['min_time']} s per variant. Shared CPU: compare the paired "
+         f"(`fnbp.bench.harness.interleaved`), min {res['min_time']} s per variant"
+         + (f" or {res['max_time']:g} s of rounds" if res.get("max_time") else "") + ". Shared CPU: compare the paired "
          "ratios, not absolute times.", ""] + _tables(res)
     le = res.get("lenet")
     if le:

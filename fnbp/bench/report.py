@@ -4,6 +4,7 @@
 registered case's section through its ``render(section, result)`` (see ``registry``), then the
 notes. Every section renderer returns a list of lines; the case's result is the JSON section.
 """
+from .harness import QUIET_BUSY_CORES
 from .steps import SHORT, STEP_VARIANTS
 
 
@@ -89,6 +90,25 @@ def _render_summary(result):
     return L
 
 
+def _load_line(m):
+    """The machine's load when the run started: quiet or shared, from the cores other work kept busy in the second
+    before it (``busy_cores_at_start``) where recorded, else from the 1-minute load average (which lags a job that
+    ended a minute ago)."""
+    la = m.get("loadavg_at_start") or []
+    load = f"load average {', '.join(f'{x:.1f}' for x in la)} on {m['usable_cores']} cores"
+    busy = m.get("busy_cores_at_start")
+    if busy is not None:
+        quiet = busy < QUIET_BUSY_CORES
+        seen = f"other work kept {busy:.2f} cores busy in the second before the run ({load})"
+    else:
+        quiet, seen = bool(la) and la[0] < 0.5, f"{load} when the run started"
+    if quiet:
+        return f"- Quiet machine: {seen}."
+    return (f"- Shared machine: {seen}: other jobs were running. Wall-clock times therefore include waiting for a "
+            "core; the 'CPU' columns (process CPU time per step, all threads) show what a step costs whatever share "
+            "of the machine it got, and 'CPU share' how much of the cores it got.")
+
+
 def _render_machine(m):
     L = ["## Machine\n"]
     v = m["versions"]
@@ -96,11 +116,7 @@ def _render_machine(m):
              f"SIMD: {', '.join(m['cpu_flags_simd']) or 'unknown'}")
     L.append(f"- **No GPU**: JAX backend `{m['jax_backend']}`, devices {m['jax_devices']}; every number is CPU only."
              if not m["gpu"] else f"- JAX backend `{m['jax_backend']}`, devices {m['jax_devices']}.")
-    la = m.get("loadavg_at_start") or []
-    L.append(f"- Shared machine: load average {', '.join(f'{x:.1f}' for x in la)} on {m['usable_cores']} cores "
-             "when the run started (other jobs running). Wall-clock times therefore include waiting for a core; "
-             "the 'CPU' columns (process CPU time per step, all threads) show what a step costs whatever share "
-             "of the machine it got, and 'CPU share' how much of the cores it got.")
+    L.append(_load_line(m))
     L.append(f"- Versions: python {m['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, "
              f"numpy {v['numpy']}, torch {v['torch'] or 'not installed'}")
     L.append(f"- Platform: {m['platform']}\n")

@@ -119,10 +119,11 @@ def main(argv=None, *, prog="fnbp bench", results_dir=None):
     omp_policy_set = "OMP_WAIT_POLICY" not in os.environ
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import jax
-    from .harness import machine_description
+    from .harness import busy_cores, machine_description
     if jax.config.jax_enable_x64:
         log("note: jax_enable_x64 is on; the benchmark uses float32 arrays explicitly")
     machine = machine_description()
+    machine["busy_cores_at_start"] = busy_cores()              # other work, over 1 s before the first timing
     use_torch = torch_available() and not args.no_torch
     cores = machine["usable_cores"]
     threads = cores if use_torch else None
