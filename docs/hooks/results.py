@@ -32,6 +32,7 @@ TITLES = {          # name -> page title, in the order of the results index
     "text_run": "Shakespeare LSTM against PyTorch, seed 0",
     "text_run_seed1": "Shakespeare LSTM against PyTorch, seed 1",
     "text_run_seed2": "Shakespeare LSTM against PyTorch, seed 2",
+    "text_run_seed1_torch_malloc_same": "Shakespeare LSTM against PyTorch, seed 1, the same malloc settings",
     "text_run_epochs40": "Shakespeare LSTM against PyTorch: 40 epochs, H = 256, no dropout",
 }
 
