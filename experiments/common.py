@@ -58,7 +58,28 @@ def parse_args(description, argv=None, *, add_arguments=None):
     args = parser.parse_args(argv)
     args.out = Path(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.changed_options = _changed_options(parser, args)
     return args
+
+
+def _changed_options(parser, args):
+    """The options given a value other than their default, as command-line words (``--out`` left out: where the
+    files go does not change them), for ``command_line``."""
+    words = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "out"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            words.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            words.append(f"{flag} {value}")
+    return words
 
 
 def fmt(x, digits=4):
@@ -120,12 +141,13 @@ def environment():
 
 
 def command_line(name, args):
-    """The command that reproduces a run (for the markdown header)."""
+    """The command that reproduces a run (for the markdown header): the script and every option given a value other
+    than its default (``parse_args``'s ``changed_options``; --quick and --seed where ``args`` has no record)."""
     parts = [f"python experiments/{name}.py"]
-    if args.quick:
-        parts.append("--quick")
-    if args.seed != 0:
-        parts.append(f"--seed {args.seed}")
+    if hasattr(args, "changed_options"):
+        parts += args.changed_options
+    else:
+        parts += (["--quick"] if args.quick else []) + ([f"--seed {args.seed}"] if args.seed != 0 else [])
     return " ".join(parts)
 
 

@@ -28,6 +28,7 @@ TITLES = {          # name -> page title, in the order of the results index
     "bench_cnn": "Benchmark: the LeNet step",
     "bench_per_example": "Benchmark: per-example quantities",
     "bench_lstm": "Benchmark: the LSTM step",
+    "bench_lstm_h384": "Benchmark: the LSTM step at H = 384 (the text defaults)",
     "char_rnn": "Character-level Shakespeare: Elman, GRU, LSTM",
     "text_run": "Shakespeare LSTM against PyTorch, seed 0",
     "text_run_seed1": "Shakespeare LSTM against PyTorch, seed 1",
