@@ -142,13 +142,8 @@ def environment():
 
 def command_line(name, args):
     """The command that reproduces a run (for the markdown header): the script and every option given a value other
-    than its default (``parse_args``'s ``changed_options``; --quick and --seed where ``args`` has no record)."""
-    parts = [f"python experiments/{name}.py"]
-    if hasattr(args, "changed_options"):
-        parts += args.changed_options
-    else:
-        parts += (["--quick"] if args.quick else []) + ([f"--seed {args.seed}"] if args.seed != 0 else [])
-    return " ".join(parts)
+    than its default (``parse_args``'s ``changed_options``)."""
+    return " ".join([f"python experiments/{name}.py"] + args.changed_options)
 
 
 def malloc_line(malloc):
@@ -268,7 +263,8 @@ def load_label(load_1min, busy=None):
     """How the timings were taken: from ``busy`` (``busy_cores()``, read just before the experiment's own work)
     where given, else from the 1-minute load average."""
     if busy is not None:
-        return (f"measured on a {'quiet' if busy < QUIET_BUSY_CORES else 'loaded'} machine: other work kept {busy:.2f} cores "
+        quiet = busy < QUIET_BUSY_CORES
+        return (f"measured on a {'quiet' if quiet else 'loaded'} machine: other work kept {busy:.2f} cores "
                 f"busy in the second before the start (1-minute load average {load_1min:.2f}, which lags)")
     if load_1min < 0.5:
         return f"measured on a quiet machine: load average {load_1min:.2f} at the start"
